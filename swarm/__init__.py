@@ -1,0 +1,37 @@
+"""swarm: run large models' blocks on volunteers' machines, Petals-style.
+
+Subpackages: ``dht`` (announcements), ``blocks`` (what a block is per model family), ``server``, ``client``,
+``rpc`` (wire protocol), ``compression`` (tensor codecs), ``hub`` (where model files come from).
+"""
+
+__version__ = "0.1.0"
+
+from swarm.blocks.span import BlockSpan  # noqa: E402
+from swarm.client import (  # noqa: E402
+    AutoDistributedModel,
+    AutoDistributedModelForCausalLM,
+    ClientConfig,
+    DistributedModel,
+    DistributedModelForCausalLM,
+    InferenceSession,
+    MissingBlocksError,
+    RemoteSequential,
+)
+from swarm.hub.embedded import EMBEDDED_MODEL  # noqa: E402
+from swarm.hub.source import resolve_model  # noqa: E402
+from swarm.rpc.client import RemoteError  # noqa: E402
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "AutoDistributedModel",
+    "AutoDistributedModelForCausalLM",
+    "BlockSpan",
+    "ClientConfig",
+    "DistributedModel",
+    "DistributedModelForCausalLM",
+    "InferenceSession",
+    "MissingBlocksError",
+    "RemoteError",
+    "RemoteSequential",
+    "resolve_model",
+]

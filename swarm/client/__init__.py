@@ -1,0 +1,32 @@
+"""The client role: models whose blocks run in the swarm.
+
+- model.py: ``AutoDistributedModelForCausalLM`` / ``AutoDistributedModel`` and their classes (drop-in transformers)
+- remote_sequential.py: ``RemoteSequential``: every decoder block as one module computed by servers
+- inference_session.py: ``InferenceSession``: streaming steps over servers' KV caches, replay on failure
+- remote_forward.py: stateless forward/backward through a chain (training), as an autograd function
+- routing.py: ``SequenceManager``: the DHT view, chain choice, banned servers
+- config.py: ``ClientConfig``
+"""
+
+from swarm.client.config import ClientConfig
+from swarm.client.inference_session import InferenceSession
+from swarm.client.model import (
+    AutoDistributedModel,
+    AutoDistributedModelForCausalLM,
+    DistributedModel,
+    DistributedModelForCausalLM,
+)
+from swarm.client.remote_sequential import RemoteSequential
+from swarm.client.routing import MissingBlocksError, RemoteSpan
+
+__all__ = [
+    "AutoDistributedModel",
+    "AutoDistributedModelForCausalLM",
+    "ClientConfig",
+    "DistributedModel",
+    "DistributedModelForCausalLM",
+    "InferenceSession",
+    "MissingBlocksError",
+    "RemoteSequential",
+    "RemoteSpan",
+]

@@ -1,0 +1,18 @@
+"""Client settings: how to reach the swarm and how patiently to wait for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm node
+    model_id: str | None = None  # DHT name of the model (default: derived from the name passed to from_pretrained)
+    host: str = "127.0.0.1"  # where the client's own libp2p daemon listens; a client needs no inbound traffic
+    connect_timeout: float = 10.0  # opening a stream to a server
+    request_timeout: float = 120.0  # one forward/backward/step reply (long prefills on CPU servers take a while)
+    max_retries: int = 3  # other servers tried after a server fails, per request
+    update_period: float = 15.0  # re-read the DHT when the cached view is older than this
+    ban_time: float = 30.0  # a server that failed is avoided for this long
+    max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split

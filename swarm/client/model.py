@@ -1,0 +1,279 @@
+"""Drop-in transformers models whose decoder blocks run in the swarm.
+
+The client keeps the token embeddings (and learned positions, for GPT-2), the final norm and the LM head; servers
+never see token ids. ``DistributedModelForCausalLM`` is a ``PreTrainedModel`` + ``GenerationMixin``: ``generate``
+opens an inference session over the servers' KV caches, ``forward`` with ``labels`` trains local parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from swarm.blocks.checkpoint import Checkpoint
+from swarm.blocks.families import BlockFamily, family_for
+from swarm.blocks.span import build_skeleton, load_config, span_config
+from swarm.client.config import ClientConfig
+from swarm.client.inference_session import InferenceSession
+from swarm.client.remote_sequential import RemoteSequential
+from swarm.client.routing import RemoteSpan
+from swarm.hub.source import ModelSource, default_model_id, resolve_model
+
+
+def _load_local_modules(config: PretrainedConfig, family: BlockFamily, source: ModelSource,
+                        dtype: torch.dtype) -> dict[str, nn.Module | None]:
+    """The parts the client keeps, loaded from just the checkpoint shards that hold them."""
+    skeleton = build_skeleton(span_config(config, 0, 0))  # the model's classes without any decoder layer
+    checkpoint = Checkpoint(source)
+    paths = {"embed_tokens": family.embed_tokens, "position_embeddings": family.position_embeddings,
+             "norm": family.norm, "lm_head": family.lm_head}
+    modules: dict[str, nn.Module | None] = {}
+    for role, path in paths.items():
+        if path is None:
+            modules[role] = None
+            continue
+        module = skeleton.get_submodule(path).to(dtype).to_empty(device="cpu")
+        if role == "lm_head" and (config.tie_word_embeddings or not checkpoint.has_module(path)):
+            module.weight = modules["embed_tokens"].weight  # tied; such checkpoints often omit lm_head.weight
+            state = checkpoint.load_module(path, dtype) if checkpoint.has_module(path) else {}
+            missing, _ = module.load_state_dict({k: v for k, v in state.items() if k != "weight"}, strict=False)
+            if set(missing) - {"weight"}:
+                raise KeyError(f"checkpoint of {source.name} lacks {sorted(set(missing) - {'weight'})} of {path}")
+        else:
+            module.load_state_dict(checkpoint.load_module(path, dtype))
+        modules[role] = module
+    return modules
+
+
+def _position_ids(attention_mask: torch.Tensor | None, past: int, batch: int, tokens: int) -> torch.Tensor:
+    """Positions of the new tokens: counted over non-padding tokens (as transformers' generate does)."""
+    if attention_mask is not None:
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return positions[:, -tokens:]
+    return torch.arange(past, past + tokens).expand(batch, tokens)
+
+
+class DistributedPreTrainedModel(PreTrainedModel):
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        pass  # every local weight comes from the checkpoint
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str | os.PathLike | None = None, *,
+                        initial_peers: Sequence[str] = (), model_id: str | None = None,
+                        client_config: ClientConfig | None = None, dtype: torch.dtype = torch.float32,
+                        **client_options: object):
+        """Load the local parts of a model and connect to the swarm serving its blocks.
+
+        ``model_name_or_path``: a local directory or a hub name; None means the embedded default model.
+        ``initial_peers``: multiaddrs of any swarm node. ``model_id``: the model's DHT name if it differs from the
+        default (the hub name, or the local directory's name). Other keywords set ``ClientConfig`` fields.
+        """
+        client_config = client_config or ClientConfig()
+        if initial_peers:
+            client_config.initial_peers = list(initial_peers)
+        for key, value in client_options.items():
+            if not hasattr(client_config, key):
+                raise TypeError(f"unknown option {key!r}")
+            setattr(client_config, key, value)
+        source = resolve_model(model_name_or_path)
+        config = load_config(source)
+        model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
+        modules = _load_local_modules(config, family_for(config), source, dtype)
+        remote = RemoteSequential(client_config, model_id, config.num_hidden_layers)
+        model = cls._assemble(config, modules, remote)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(source.config_path)
+        except OSError:
+            model.generation_config = GenerationConfig.from_model_config(config)
+        model.name_or_path = source.name
+        return model.eval()
+
+    def shutdown(self) -> None:
+        """Stop this client's libp2p daemon (also done at interpreter exit)."""
+        self.get_remote().shutdown()
+
+    def get_remote(self) -> RemoteSequential:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """Keep the servers' KV caches across calls, e.g. several ``generate`` calls of a multi-turn chat."""
+        with self.get_remote().inference_session(max_length) as session:
+            yield session
+
+    def route(self) -> list[RemoteSpan]:
+        """The chain of servers requests would take now."""
+        return self.get_remote().route()
+
+
+class DistributedModel(DistributedPreTrainedModel):
+    """Token embeddings -> remote blocks -> final norm: the last hidden states, like ``AutoModel``."""
+
+    def __init__(self, config: PretrainedConfig, *, embed_tokens: nn.Module, norm: nn.Module, layers: RemoteSequential,
+                 position_embeddings: nn.Module | None = None):
+        super().__init__(config)
+        self.family = family_for(config)
+        self.embed_tokens, self.position_embeddings, self.norm, self.layers = (
+            embed_tokens, position_embeddings, norm, layers)
+
+    @classmethod
+    def _assemble(cls, config: PretrainedConfig, modules: dict, remote: RemoteSequential) -> DistributedModel:
+        return cls(config, embed_tokens=modules["embed_tokens"], norm=modules["norm"], layers=remote,
+                   position_embeddings=modules["position_embeddings"])
+
+    def get_remote(self) -> RemoteSequential:
+        return self.layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: object) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, tokens = inputs_embeds.shape[:2]
+        session = self.layers.active_session
+        past = session.position if session is not None else 0
+        if attention_mask is not None and attention_mask.shape != (batch, past + tokens):
+            raise ValueError(f"attention_mask must cover the {past} cached and {tokens} new positions: expected shape "
+                             f"({batch}, {past + tokens}), got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask, past, batch, tokens)
+        hidden = inputs_embeds
+        if self.position_embeddings is not None:
+            hidden = hidden + self.position_embeddings(position_ids)
+        hidden = self.layers(hidden, position_ids, attention_mask)
+        if session is not None:
+            if input_ids is not None and (past == 0 or session.token_ids is not None):
+                session.token_ids = input_ids if past == 0 else torch.cat([session.token_ids, input_ids], dim=1)
+            else:
+                session.token_ids = None  # positions fed as embeddings: token history unknown from here on
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
+    """A causal LM whose decoder blocks run in the swarm; ``generate`` and training work as in transformers."""
+
+    def __init__(self, config: PretrainedConfig, *, model: DistributedModel, lm_head: nn.Module):
+        super().__init__(config)
+        self.model, self.lm_head = model, lm_head
+
+    @classmethod
+    def _assemble(cls, config: PretrainedConfig, modules: dict,
+                  remote: RemoteSequential) -> DistributedModelForCausalLM:
+        return cls(config, model=DistributedModel._assemble(config, modules, remote), lm_head=modules["lm_head"])
+
+    def get_remote(self) -> RemoteSequential:
+        return self.model.layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the KV cache lives on the servers, inside an inference session
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
+                **kwargs: object) -> CausalLMOutputWithPast:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds).last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' ``generate``, inside an inference session (a new one unless one is active)."""
+        if self.get_remote().active_session is not None:
+            return super().generate(inputs, *args, **kwargs)
+        with self.inference_session(max_length=self._generation_length(inputs, kwargs)):
+            return super().generate(inputs, *args, **kwargs)
+
+    def _generation_length(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
+        config = kwargs.get("generation_config") or self.generation_config
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        prompt_length = prompt.shape[1] if prompt is not None else 1
+        max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new_tokens is not None:
+            return prompt_length + max_new_tokens
+        return max(kwargs.get("max_length", config.max_length) or 0, prompt_length + 1)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                                      position_ids: torch.LongTensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, **kwargs: object) -> dict:
+        """Feed only the positions the session has not seen; rewind or reorder it if the history changed."""
+        session = self.get_remote().active_session
+        if inputs_embeds is not None and session.position == 0:
+            new = {"inputs_embeds": inputs_embeds}
+            tokens = inputs_embeds.shape[1]
+        else:
+            start = self._sync_session(session, input_ids)
+            new = {"input_ids": input_ids[:, start:]}
+            tokens = input_ids.shape[1] - start
+        new["attention_mask"] = attention_mask
+        if position_ids is not None:
+            new["position_ids"] = position_ids[:, -tokens:]
+        return new
+
+    @staticmethod
+    def _sync_session(session: InferenceSession, input_ids: torch.LongTensor) -> int:
+        """Where ``input_ids`` continue the session: reorders rows for beam search, rewinds on a changed history."""
+        known = session.token_ids
+        if known is None:  # nothing cached yet, or a history fed as embeddings: continue after it
+            return session.position
+        if input_ids.shape[0] != known.shape[0]:
+            raise ValueError(f"batch size changed within an inference session ({known.shape[0]} -> "
+                             f"{input_ids.shape[0]})")
+        cached = known.shape[1]
+        if input_ids.shape[1] > cached:
+            prefix = input_ids[:, :cached]
+            if torch.equal(prefix, known):
+                return cached
+            matches = (prefix[:, None, :] == known[None, :, :]).all(-1)  # [new row, old row]
+            if matches.any(1).all():  # beam search picked (possibly repeated) old rows
+                session.reorder(matches.long().argmax(1))
+                return cached
+        # The history changed: keep the longest common prefix, recompute at least the last token.
+        limit = min(input_ids.shape[1] - 1, cached)
+        same = (input_ids[:, :limit] == known[:, :limit]).all(0)
+        common = int(same.long().cumprod(0).sum())
+        session.rewind(common)
+        return common
+
+
+class AutoDistributedModel:
+    """``AutoDistributedModel.from_pretrained(MODEL, initial_peers=[...])``: hidden states, blocks in the swarm."""
+
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | os.PathLike | None = None, **kwargs) -> DistributedModel:
+        return DistributedModel.from_pretrained(model_name_or_path, **kwargs)
+
+
+class AutoDistributedModelForCausalLM:
+    """``AutoDistributedModelForCausalLM.from_pretrained(MODEL, initial_peers=[...])``: a drop-in causal LM."""
+
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | os.PathLike | None = None, **kwargs) -> DistributedModelForCausalLM:
+        return DistributedModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)

@@ -1,0 +1,62 @@
+"""All of a model's decoder blocks as one module whose computation happens on servers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from swarm.client.config import ClientConfig
+from swarm.client.inference_session import InferenceSession
+from swarm.client.remote_forward import RemoteChainFunction
+from swarm.client.routing import RemoteSpan, SequenceManager
+
+
+class RemoteSequential(nn.Module):
+    """``hidden = remote(hidden, position_ids, attention_mask)``; differentiable w.r.t. ``hidden``.
+
+    Inside ``with remote.inference_session(max_length)`` calls go through that session's server-side KV caches
+    (each call brings only the new positions); outside, each call is a stateless forward (with backward).
+    """
+
+    def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int):
+        super().__init__()
+        self.client_config, self.model_id, self.num_blocks = client_config, model_id, num_blocks
+        self.manager = SequenceManager(client_config, model_id, num_blocks)
+        self.active_session: InferenceSession | None = None
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.active_session is not None:
+            return self.active_session.step(hidden, position_ids, attention_mask)
+        # Split big batches by rows so no request exceeds the servers' per-request token limit.
+        rows = max(1, self.client_config.max_batch_tokens // max(1, hidden.shape[1]))
+        outputs = [
+            RemoteChainFunction.apply(hidden[i : i + rows], position_ids[i : i + rows],
+                                      None if attention_mask is None else attention_mask[i : i + rows], self.manager)
+            for i in range(0, hidden.shape[0], rows)
+        ]
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """Keep server-side caches across calls (and across several ``generate`` calls) for up to
+        ``max_length`` positions."""
+        if self.active_session is not None:
+            raise RuntimeError("an inference session is already active for this model")
+        session = InferenceSession(self.manager, max_length)
+        self.active_session = session
+        try:
+            yield session
+        finally:
+            self.active_session = None
+            session.close()
+
+    def route(self) -> list[RemoteSpan]:
+        """The chain of servers a request would take now."""
+        return self.manager.loop.run(self.manager.make_sequence())
+
+    def shutdown(self) -> None:
+        self.manager.shutdown()

@@ -1,0 +1,98 @@
+"""Codecs for tensors that cross the network: one small class per codec, chosen by name per request.
+
+Every codec turns a tensor into a msgpack-friendly dict and back. Decoding validates what it reads: a payload
+whose size does not match its declared shape and dtype is rejected with a clear error, never reshaped blindly.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class PayloadError(ValueError):
+    """A serialized tensor that cannot be decoded (truncated, corrupted, inconsistent or hostile)."""
+
+
+class Codec(ABC):
+    name: str
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> dict:
+        """Codec-specific fields of the serialized tensor."""
+
+    @abstractmethod
+    def decode(self, fields: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rebuild a tensor of ``dtype`` and ``shape`` from the fields ``encode`` produced."""
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _from_raw(data: object, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(data, bytes):
+        raise PayloadError("tensor data must be bytes")
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise PayloadError(f"tensor data has {len(data)} bytes, but shape {list(shape)} of {dtype} needs {expected}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+class NoCodec(Codec):
+    """Raw bytes in the tensor's own dtype: bit-exact."""
+
+    name = "none"
+
+    def encode(self, tensor: torch.Tensor) -> dict:
+        return {"data": _raw_bytes(tensor)}
+
+    def decode(self, fields: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return _from_raw(fields.get("data"), dtype, shape)
+
+
+class CastCodec(Codec):
+    """Floating tensors sent in a 16-bit float type and cast back on arrival; other tensors go raw."""
+
+    def __init__(self, name: str, wire_dtype: torch.dtype):
+        self.name, self.wire_dtype = name, wire_dtype
+
+    def encode(self, tensor: torch.Tensor) -> dict:
+        if tensor.is_floating_point():
+            return {"data": _raw_bytes(tensor.to(self.wire_dtype))}
+        return {"data": _raw_bytes(tensor)}
+
+    def decode(self, fields: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if dtype.is_floating_point:
+            return _from_raw(fields.get("data"), self.wire_dtype, shape).to(dtype)
+        return _from_raw(fields.get("data"), dtype, shape)
+
+
+CODECS: dict[str, Codec] = {
+    codec.name: codec for codec in (NoCodec(), CastCodec("float16", torch.float16), CastCodec("bfloat16", torch.bfloat16))
+}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise PayloadError(f"unknown codec {name!r}; known: {sorted(CODECS)}") from None

@@ -1,0 +1,11 @@
+"""The swarm's shared directory, on a hivemind Kademlia DHT.
+
+- schema.py: ``ServerInfo`` (one record per block and server), ``ModelInfo`` (the index of served models), keys
+- records.py: ``announce_span``, ``fetch_block_infos``, ``fetch_models``
+- node.py: ``start_dht``: a libp2p daemon plus a DHT node in the caller's event loop
+- __main__.py: ``python -m swarm.dht``, a bootstrap-only node
+"""
+
+from swarm.dht.schema import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
+
+__all__ = ["MODELS_KEY", "ModelInfo", "ServerInfo", "ServerState", "block_key"]

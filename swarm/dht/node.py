@@ -1,0 +1,54 @@
+"""Starting a libp2p daemon and a hivemind DHT node in the current event loop, on chosen interfaces."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def host_maddrs(host: str, port: int = 0) -> list[str]:
+    """Listen multiaddrs for ``host`` (an IPv4/IPv6 address; 0.0.0.0 = every interface)."""
+    if host == "localhost":
+        host = "127.0.0.1"
+    version = ipaddress.ip_address(host).version
+    return [f"/ip{version}/{host}/tcp/{port}"]
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or ipaddress.ip_address(host).is_loopback
+
+
+async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0", port: int = 0,
+                    client_mode: bool = False, identity_path: str | None = None) -> tuple[P2P, DHTNode]:
+    """A P2P daemon listening on ``host:port`` and a DHT node on top of it (bootstrapped from ``initial_peers``).
+
+    On a loopback host, NAT port mapping and AutoNAT are off: nothing is sent beyond 127.0.0.1.
+    """
+    loopback = is_loopback(host)
+    p2p = await P2P.create(
+        initial_peers=list(initial_peers) or None,
+        host_maddrs=host_maddrs(host, port),
+        identity_path=identity_path,
+        nat_port_map=not loopback,
+        auto_nat=not loopback,
+        use_relay=not loopback,
+        dht_mode="client" if client_mode else "server",
+    )
+    try:
+        node = await DHTNode.create(p2p=p2p, initial_peers=list(initial_peers) or None, client_mode=client_mode,
+                                    cache_locally=False, num_workers=8)
+    except BaseException:
+        await p2p.shutdown()
+        raise
+    return p2p, node
+
+
+async def visible_maddrs(p2p: P2P) -> list[str]:
+    """Full multiaddrs (with /p2p/<peer id>) others can join with."""
+    maddrs = [str(maddr) for maddr in await p2p.get_visible_maddrs()]
+    return [maddr if "/p2p/" in maddr else f"{maddr}/p2p/{p2p.peer_id}" for maddr in maddrs]

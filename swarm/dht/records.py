@@ -1,0 +1,52 @@
+"""Writing and reading server announcements in a hivemind ``DHTNode``."""
+
+from __future__ import annotations
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from swarm.dht.schema import MODELS_KEY, ModelInfo, ServerInfo, block_key
+
+
+async def announce_span(node: DHTNode, model_id: str, info: ServerInfo, model_info: ModelInfo | None,
+                        expiration: float) -> bool:
+    """Store ``info`` under every block key of the span (subkey: our peer id), and the model in the index."""
+    peer = node.peer_id.to_base58()
+    expiration_time = get_dht_time() + expiration
+    keys = [block_key(model_id, i) for i in range(info.start, info.end)]
+    subkeys = [peer] * len(keys)
+    values = [info.to_dict()] * len(keys)
+    if model_info is not None and not model_id.startswith("_"):
+        keys.append(MODELS_KEY)
+        subkeys.append(model_id)
+        values.append(model_info.to_dict())
+    stored = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
+    return all(stored.values())
+
+
+async def fetch_block_infos(node: DHTNode, model_id: str, block_indices: list[int]) -> list[dict[str, ServerInfo]]:
+    """For each block, the servers announcing it: peer id (base58) -> record. Malformed records are skipped."""
+    keys = [block_key(model_id, i) for i in block_indices]
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    result = []
+    for key in keys:
+        servers: dict[str, ServerInfo] = {}
+        entry = found.get(key)
+        if entry is not None and isinstance(entry.value, dict):
+            for peer, item in entry.value.items():
+                info = ServerInfo.from_dict(getattr(item, "value", None))
+                if isinstance(peer, str) and info is not None:
+                    servers[peer] = info
+        result.append(servers)
+    return result
+
+
+async def fetch_models(node: DHTNode) -> dict[str, ModelInfo]:
+    entry = await node.get(MODELS_KEY, sufficient_expiration_time=float("inf"))
+    models = {}
+    if entry is not None and isinstance(entry.value, dict):
+        for model_id, item in entry.value.items():
+            info = ModelInfo.from_dict(getattr(item, "value", None))
+            if isinstance(model_id, str) and info is not None:
+                models[model_id] = info
+    return models

@@ -1,0 +1,6 @@
+"""The wire protocol between clients and servers, shared by both roles.
+
+- framing.py: length-prefixed msgpack messages with a size limit read from the header
+- protocol.py: RPC names, ``RequestError`` and typed field access for handlers
+- client.py: ``Stream`` and ``call`` for callers; ``RemoteError`` / ``PeerUnavailable`` tell refusals from outages
+"""

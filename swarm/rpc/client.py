@@ -1,0 +1,79 @@
+"""Calling a peer's swarm RPCs: one-shot calls and long-lived inference streams."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+from hivemind.p2p import P2P, PeerID
+
+from swarm.rpc.framing import DEFAULT_MAX_MESSAGE_BYTES, read_message, write_message
+
+
+class RemoteError(RuntimeError):
+    """A server answered our request with an error (the request is at fault, or the server refused it)."""
+
+    def __init__(self, peer: str, message: str):
+        super().__init__(f"server {peer[-8:]}: {message}")
+        self.peer, self.remote_message = peer, message
+
+
+class PeerUnavailable(ConnectionError):
+    """The server could not be reached or the stream broke: worth retrying on another server."""
+
+
+class Stream:
+    """A bidirectional message stream to one peer's handler."""
+
+    def __init__(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.peer, self.reader, self.writer, self.max_bytes = peer, reader, writer, max_bytes
+
+    @classmethod
+    async def open(cls, p2p: P2P, peer: PeerID | str, handler: str, timeout: float | None = None) -> Stream:
+        peer = PeerID.from_base58(peer) if isinstance(peer, str) else peer
+        try:
+            _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, handler), timeout)
+        except TimeoutError as e:
+            raise PeerUnavailable(f"server {peer.to_base58()[-8:]} did not accept a stream in {timeout} s") from e
+        except Exception as e:
+            raise PeerUnavailable(f"cannot reach server {peer.to_base58()[-8:]}: {e}") from e
+        return cls(peer, reader, writer)
+
+    async def send(self, message: dict) -> None:
+        try:
+            await write_message(self.writer, message)
+        except (ConnectionError, OSError) as e:
+            raise PeerUnavailable(f"connection to server {self.peer.to_base58()[-8:]} broke: {e}") from e
+
+    async def receive(self, timeout: float | None = None) -> dict:
+        """The next reply; raises ``RemoteError`` for an error reply, ``PeerUnavailable`` if the stream broke."""
+        peer = self.peer.to_base58()
+        try:
+            reply = await asyncio.wait_for(read_message(self.reader, self.max_bytes), timeout)
+        except TimeoutError as e:
+            raise PeerUnavailable(f"server {peer[-8:]} did not answer in {timeout} s") from e
+        except (ConnectionError, OSError, ValueError) as e:
+            raise PeerUnavailable(f"connection to server {peer[-8:]} broke: {e}") from e
+        if reply is None:
+            raise PeerUnavailable(f"server {peer[-8:]} closed the stream")
+        if "error" in reply:
+            raise RemoteError(peer, str(reply["error"]))
+        return reply
+
+    async def request(self, message: dict, timeout: float | None = None) -> dict:
+        await self.send(message)
+        return await self.receive(timeout)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.writer.close()
+
+
+async def call(p2p: P2P, peer: PeerID | str, handler: str, message: dict, timeout: float | None = None) -> dict:
+    """One request, one reply, on a fresh stream."""
+    stream = await Stream.open(p2p, peer, handler, timeout)
+    try:
+        return await stream.request(message, timeout)
+    finally:
+        stream.close()

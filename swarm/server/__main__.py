@@ -1,0 +1,69 @@
+"""``python -m swarm.server [MODEL] --blocks START:END``: serve a span of a model's blocks to the swarm."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from swarm.server.handler import Limits
+from swarm.server.server import DTYPES, Server, ServerConfig
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Serve a span of a model's blocks to the swarm.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="local directory or hub name (default: the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
+    parser.add_argument("--blocks", type=parse_blocks, required=True, help="START:END, the blocks to serve")
+    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of the swarm (none: a new swarm)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the blocks")
+    parser.add_argument("--cache-tokens", type=int, default=16384,
+                        help="KV cache budget: batch x positions that sessions may hold at once over the span")
+    parser.add_argument("--public-name", default=None, help="a name shown to others (e.g. on the health page)")
+    parser.add_argument("--model-id", default=None,
+                        help="name announced in the DHT (default: the hub name or the local directory's name)")
+    parser.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
+    parser.add_argument("--identity", default=None, help="private key file, for a stable peer id across restarts")
+    parser.add_argument("--max-session-length", type=int, default=8192, help="longest inference session accepted")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
+    parser.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, in MiB")
+    parser.add_argument("--session-timeout", type=float, default=300, help="close sessions idle this many seconds")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
+                    max_session_length=args.max_session_length, session_timeout=args.session_timeout)
+    config = ServerConfig(
+        model=args.model, start=args.blocks[0], end=args.blocks[1], initial_peers=args.initial_peers,
+        host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
+        public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
+        identity_path=args.identity, limits=limits,
+    )
+    asyncio.run(Server(config).run())
+
+
+if __name__ == "__main__":
+    main()

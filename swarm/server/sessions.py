@@ -1,0 +1,75 @@
+"""Server-side inference sessions: each holds a KV cache for part of the span, under one shared token budget.
+
+The budget is counted in token-blocks: a session of ``batch`` rows and ``max_length`` positions over ``n`` blocks
+reserves ``batch * max_length * n``. Per-session usage (tokens processed) is kept for settlement.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from transformers import DynamicCache
+
+from swarm.rpc.protocol import RequestError
+
+
+@dataclass
+class ServerSession:
+    session_id: str
+    peer: str  # the caller's peer id
+    start: int  # absolute block range this session runs
+    end: int
+    batch_size: int
+    max_length: int
+    cache: DynamicCache
+    length: int = 0  # positions currently cached
+    tokens_processed: int = 0  # batch rows x new positions computed, replays included (usage)
+    steps: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserved(self) -> int:
+        return self.batch_size * self.max_length * (self.end - self.start)
+
+
+class SessionTable:
+    def __init__(self, cache_tokens: int, span_length: int):
+        self.capacity = cache_tokens * span_length  # token-blocks
+        self.span_length = span_length
+        self.sessions: dict[str, ServerSession] = {}
+        self.finished_usage: dict[str, int] = {}  # peer -> tokens processed in closed sessions
+
+    @property
+    def used(self) -> int:
+        return sum(s.reserved for s in self.sessions.values())
+
+    @property
+    def tokens_left(self) -> int:
+        """Batch x positions a new full-span session could still reserve."""
+        return max(0, self.capacity - self.used) // self.span_length
+
+    def open(self, peer: str, start: int, end: int, batch_size: int, max_length: int,
+             cache: DynamicCache) -> ServerSession:
+        need = batch_size * max_length * (end - start)
+        free = self.capacity - self.used
+        if need > free:
+            raise RequestError(
+                f"not enough cache: the session needs {batch_size}x{max_length} tokens on {end - start} blocks, "
+                f"but only {free // (end - start)} tokens are free here (of {self.capacity // (end - start)})"
+            )
+        session = ServerSession(uuid.uuid4().hex, peer, start, end, batch_size, max_length, cache)
+        self.sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: object) -> ServerSession:
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None:
+            raise RequestError(f"unknown session {session_id!r}")
+        return session
+
+    def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.finished_usage[session.peer] = self.finished_usage.get(session.peer, 0) + session.tokens_processed
