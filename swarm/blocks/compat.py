@@ -34,7 +34,9 @@ def layer_types(config: PretrainedConfig) -> list[str]:
 def check_supported_layer_types(types: list[str]) -> None:
     unsupported = sorted(set(types) - set(_MASK_BUILDERS))
     if unsupported:
-        raise NotImplementedError(f"layer types {unsupported} are not supported yet (supported: {sorted(_MASK_BUILDERS)})")
+        raise NotImplementedError(
+            f"layer types {unsupported} are not supported yet (supported: {sorted(_MASK_BUILDERS)})"
+        )
 
 
 def new_cache(config: PretrainedConfig) -> DynamicCache:

@@ -87,7 +87,8 @@ class CastCodec(Codec):
 
 
 CODECS: dict[str, Codec] = {
-    codec.name: codec for codec in (NoCodec(), CastCodec("float16", torch.float16), CastCodec("bfloat16", torch.bfloat16))
+    codec.name: codec
+    for codec in (NoCodec(), CastCodec("float16", torch.float16), CastCodec("bfloat16", torch.bfloat16))
 }
 
 
