@@ -15,4 +15,5 @@ class ClientConfig:
     max_retries: int = 3  # other servers tried after a server fails, per request
     update_period: float = 15.0  # re-read the DHT when the cached view is older than this
     ban_time: float = 30.0  # a server that failed is avoided for this long
+    blocked_servers: list[str] = field(default_factory=list)  # peer ids never to route through
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from swarm.blocks.checkpoint import Checkpoint
@@ -49,14 +50,6 @@ def _load_local_modules(config: PretrainedConfig, family: BlockFamily, source: M
             module.load_state_dict(checkpoint.load_module(path, dtype))
         modules[role] = module
     return modules
-
-
-def _position_ids(attention_mask: torch.Tensor | None, past: int, batch: int, tokens: int) -> torch.Tensor:
-    """Positions of the new tokens: counted over non-padding tokens (as transformers' generate does)."""
-    if attention_mask is not None:
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        return positions[:, -tokens:]
-    return torch.arange(past, past + tokens).expand(batch, tokens)
 
 
 class DistributedPreTrainedModel(PreTrainedModel):
@@ -153,8 +146,8 @@ class DistributedModel(DistributedPreTrainedModel):
         if attention_mask is not None and attention_mask.shape != (batch, past + tokens):
             raise ValueError(f"attention_mask must cover the {past} cached and {tokens} new positions: expected shape "
                              f"({batch}, {past + tokens}), got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            position_ids = _position_ids(attention_mask, past, batch, tokens)
+        if position_ids is None:  # as transformers' models do; generate() passes padding-aware positions
+            position_ids = torch.arange(past, past + tokens).expand(batch, tokens)
         hidden = inputs_embeds
         if self.position_embeddings is not None:
             hidden = hidden + self.position_embeddings(position_ids)
@@ -201,7 +194,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+            loss = ForCausalLMLoss(logits, labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):

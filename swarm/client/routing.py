@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from swarm.client.config import ClientConfig
-from swarm.dht.node import start_dht
+from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos
 from swarm.dht.schema import ServerInfo, ServerState
 from swarm.utils.loop_thread import LoopThread
@@ -69,6 +69,7 @@ class SequenceManager:
         await self.update()
         now = time.monotonic()
         excluded = {peer for peer, until in self.banned_until.items() if until > now}
+        excluded.update(self.config.blocked_servers)
         try:
             return choose_chain(self.block_infos, start, end, excluded, self.model_id)
         except MissingBlocksError:  # our view may be stale: look again before giving up
@@ -81,11 +82,7 @@ class SequenceManager:
         self.last_update = -float("inf")
 
     def shutdown(self) -> None:
-        async def _shutdown() -> None:
-            await self.dht.shutdown()
-            await self.p2p.shutdown()
-
         try:
-            self.loop.run(_shutdown(), timeout=10)
+            self.loop.run(stop_dht(self.p2p, self.dht), timeout=15)
         finally:
             self.loop.stop()

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 
-from swarm.dht.node import start_dht, visible_maddrs
+from swarm.dht.node import start_dht, stop_dht, visible_maddrs
 
 
 def main() -> None:
@@ -32,8 +32,7 @@ async def _run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await node.shutdown()
-    await p2p.shutdown()
+    await stop_dht(p2p, node)
 
 
 if __name__ == "__main__":

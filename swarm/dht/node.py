@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Sequence
+from contextlib import suppress
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -52,3 +54,13 @@ async def visible_maddrs(p2p: P2P) -> list[str]:
     """Full multiaddrs (with /p2p/<peer id>) others can join with."""
     maddrs = [str(maddr) for maddr in await p2p.get_visible_maddrs()]
     return [maddr if "/p2p/" in maddr else f"{maddr}/p2p/{p2p.peer_id}" for maddr in maddrs]
+
+
+async def stop_dht(p2p: P2P, node: DHTNode, timeout: float = 5.0) -> None:
+    """Shut both down without hanging: if the daemon already died (e.g. Ctrl-C reached its process group too),
+    hivemind's shutdown calls would wait on it forever."""
+    with suppress(Exception):
+        await asyncio.wait_for(node.shutdown(), timeout)
+    with suppress(Exception):
+        await asyncio.wait_for(p2p.shutdown(), timeout)
+    p2p._terminate()  # idempotent: makes sure the p2pd child is gone

@@ -12,7 +12,7 @@ import torch
 
 import swarm
 from swarm.blocks.span import BlockSpan, load_config
-from swarm.dht.node import start_dht, visible_maddrs
+from swarm.dht.node import start_dht, stop_dht, visible_maddrs
 from swarm.dht.records import announce_span
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
 from swarm.hub.source import default_model_id, resolve_model
@@ -112,7 +112,4 @@ class Server:
         finally:
             if handler is not None:
                 handler.shutdown()
-            with suppress(Exception):
-                await node.shutdown()
-            with suppress(Exception):
-                await p2p.shutdown()
+            await stop_dht(p2p, node)

@@ -26,6 +26,13 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
+        if not self.loop.is_running():
+            return
+
+        def _stop() -> None:
+            for task in asyncio.all_tasks(self.loop):  # background tasks of hivemind's DHT node
+                task.cancel()
+            self.loop.call_soon(self.loop.stop)
+
+        self.loop.call_soon_threadsafe(_stop)
+        self.thread.join(timeout=5)

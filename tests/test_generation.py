@@ -1,0 +1,102 @@
+"""Generation, forward and training through real servers equal the local model, for every supported family."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import SwarmLauncher
+from tiny_models import FAMILIES, VOCAB
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM
+
+ATOL = 1e-4  # float32, no compression: differences are float rounding only (observed <= 5e-6)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_swarm(request, tiny_model, tmp_path_factory):
+    """Servers [0:2] [2:4] [4:6] and [0:4]: the greedy route takes 2 hops, 3 when [0:4] is blocked."""
+    path = tiny_model(request.param)
+    launcher = SwarmLauncher(tmp_path_factory.mktemp(f"swarm-{request.param}"))
+    try:
+        first = launcher.start_server(path, "0:2", [])
+        others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6", "0:4")]
+        for process in others:
+            process.wait_ready()
+        two_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr])
+        three_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],
+                                                                     blocked_servers=[others[2].peer_id])
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        yield {"path": path, "peers": [first.maddr], "local": local, "two_hops": two_hops, "three_hops": three_hops}
+        two_hops.shutdown()
+        three_hops.shutdown()
+    finally:
+        launcher.stop_all()
+
+
+def _prompts(batch: int, length: int, pad: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if pad:
+        ids[-1, :pad], mask[-1, :pad] = 0, 0  # left padding on the last row
+    return ids, mask
+
+
+def test_routes_have_two_and_three_hops(family_swarm):
+    assert [(s.start, s.end) for s in family_swarm["two_hops"].route()] == [(0, 4), (4, 6)]
+    assert [(s.start, s.end) for s in family_swarm["three_hops"].route()] == [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.mark.parametrize("hops", ["two_hops", "three_hops"])
+def test_greedy_generate_equals_local(family_swarm, hops):
+    model, local = family_swarm[hops], family_swarm["local"]
+    ids, mask = _prompts(1, 6)
+    kwargs = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
+    out = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(out, local.generate(ids, attention_mask=mask, **kwargs))
+
+
+def test_left_padded_batch_equals_local(family_swarm):
+    model, local = family_swarm["three_hops"], family_swarm["local"]
+    ids, mask = _prompts(2, 8, pad=3, seed=1)
+    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, output_logits=True,
+                  return_dict_in_generate=True)
+    out, ref = model.generate(ids, attention_mask=mask, **kwargs), local.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) < ATOL
+
+
+def test_forward_logits_and_gradients_match_local(family_swarm):
+    model, local = family_swarm["two_hops"], family_swarm["local"]
+    ids, mask = _prompts(2, 10, pad=2, seed=2)
+    labels = ids.masked_fill(mask == 0, -100)
+    embeddings, local_embeddings = model.get_input_embeddings().weight, local.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    try:
+        out = model(ids, attention_mask=mask, labels=labels)
+        ref = local(ids, attention_mask=mask, labels=labels)
+        valid = mask.bool()
+        assert torch.allclose(out.logits[valid], ref.logits[valid], atol=ATOL, rtol=0)
+        assert abs(out.loss.item() - ref.loss.item()) < ATOL
+        out.loss.backward()
+        ref.loss.backward()
+        assert torch.allclose(embeddings.grad, local_embeddings.grad, atol=ATOL, rtol=0)
+        assert embeddings.grad.abs().sum() > 0
+    finally:
+        embeddings.requires_grad_(False)
+        embeddings.grad = local_embeddings.grad = None
+
+
+def test_hidden_states_model_equals_local(family_swarm):
+    model = AutoDistributedModel.from_pretrained(family_swarm["path"], initial_peers=family_swarm["peers"])
+    try:
+        ids, mask = _prompts(2, 7, pad=2, seed=3)
+        with torch.no_grad():
+            hidden = model(ids, attention_mask=mask).last_hidden_state
+            ref = family_swarm["local"](ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(hidden[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
+    finally:
+        model.shutdown()
