@@ -62,7 +62,17 @@ class Stream:
         return reply
 
     async def request(self, message: dict, timeout: float | None = None) -> dict:
-        await self.send(message)
+        try:
+            await self.send(message)
+        except PeerUnavailable:
+            # The server may have refused the message from its header and closed the stream: show its reason.
+            try:
+                await self.receive(timeout=1.0)
+            except RemoteError:
+                raise
+            except Exception:
+                pass
+            raise
         return await self.receive(timeout)
 
     def close(self) -> None:

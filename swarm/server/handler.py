@@ -63,7 +63,14 @@ class BlockHandler:
         peer = stream_info.peer_id.to_base58()
         try:
             await rpc(peer, reader, writer)
-        except (RequestError, MessageTooLarge, MalformedMessage) as e:
+        except MessageTooLarge as e:
+            logger.info(f"Rejected a request from {peer[-8:]}: {e}")
+            await self._send_error(writer, str(e))
+            # Closing at once would reset the stream under a caller still writing, losing our reply: swallow
+            # what it sends for a short, bounded time instead.
+            with suppress(Exception):
+                await asyncio.wait_for(self._discard(reader), self.DISCARD_SECONDS)
+        except (RequestError, MalformedMessage) as e:
             logger.info(f"Rejected a request from {peer[-8:]}: {e}")
             await self._send_error(writer, str(e))
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -74,6 +81,13 @@ class BlockHandler:
         finally:
             with suppress(Exception):
                 writer.close()
+
+    DISCARD_SECONDS = 2.0
+
+    @staticmethod
+    async def _discard(reader: asyncio.StreamReader) -> None:
+        while await reader.read(2**16):
+            pass
 
     @staticmethod
     async def _send_error(writer: asyncio.StreamWriter, message: str) -> None:
