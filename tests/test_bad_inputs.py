@@ -157,7 +157,7 @@ def test_bad_steps_leave_other_sessions_untouched(rpc, server):
         "wrong batch": (torch.randn(2, 1, HIDDEN), {}, "batch of 2"),
         "other blocks": (torch.randn(1, 1, HIDDEN), dict(start=1), "runs blocks 0:3"),
     }
-    for name, (hidden, overrides, expected_error) in bad_steps.items():
+    for hidden, overrides, expected_error in bad_steps.values():
         with pytest.raises(RemoteError, match=expected_error):
             attacker.step(hidden, 3, **overrides)
     attacker.step(torch.randn(1, 1, HIDDEN), 3)  # the attacker's own session survives its refused steps too

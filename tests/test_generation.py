@@ -64,7 +64,7 @@ def test_left_padded_batch_equals_local(family_swarm):
                   return_dict_in_generate=True)
     out, ref = model.generate(ids, attention_mask=mask, **kwargs), local.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) < ATOL
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True)) < ATOL
 
 
 def test_forward_logits_and_gradients_match_local(family_swarm):
