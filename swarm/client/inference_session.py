@@ -139,7 +139,7 @@ class InferenceSession:
     async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> torch.Tensor:
         if not self.hops:
-            await self._open_hops(0, await self.manager.make_sequence())
+            self.hops = await self._open_chain(0, self.manager.num_blocks)
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
         failures, index = 0, 0
@@ -160,29 +160,52 @@ class InferenceSession:
             hidden, index = output, index + 1
         return hidden
 
-    async def _open_hops(self, index: int, chain: list[RemoteSpan]) -> None:
-        opened = []
-        try:
-            for span in chain:
-                opened.append(await _HopSession.open(self.manager, span, self.batch_size, self.max_length))
-        except BaseException:
-            for hop in opened:
-                await hop.close()
-            raise
-        self.hops[index:index] = opened
+    async def _open_chain(self, start: int, end: int) -> list[_HopSession]:
+        """Sessions on a chain covering blocks [start, end). A server that cannot be reached is banned and the
+        chain chosen again, up to ``max_retries`` times."""
+        failures = 0
+        while True:
+            chain, opened = await self.manager.make_sequence(start, end), []
+            try:
+                for span in chain:
+                    opened.append(await _HopSession.open(self.manager, span, self.batch_size, self.max_length))
+                return opened
+            except BaseException as e:
+                for hop in opened:
+                    await hop.close()
+                failures += 1
+                if not isinstance(e, PeerUnavailable) or failures > self.manager.config.max_retries:
+                    raise
+                logger.warning(f"Cannot open a session on {chain[len(opened)]} ({e}); choosing another server")
+                self.manager.ban(e.peer or chain[len(opened)].peer_id)
 
     async def _replace_hop(self, index: int) -> None:
-        """Route the failed hop's blocks to other servers and replay its history there."""
+        """Route the failed hop's blocks to other servers and replay its history there (one prefill each)."""
         failed = self.hops.pop(index)
         failed.stream.close()
         self.manager.ban(failed.span.peer_id)
-        chain = await self.manager.make_sequence(failed.span.start, failed.span.end)
-        await self._open_hops(index, chain)
-        history = failed.inputs
+        failures = 0
+        while True:
+            hops = await self._open_chain(failed.span.start, failed.span.end)
+            try:
+                await self._replay(hops, failed.inputs)
+            except PeerUnavailable as e:
+                for hop in hops:
+                    await hop.close()
+                failures += 1
+                if failures > self.manager.config.max_retries:
+                    raise
+                logger.warning(f"Replay failed ({e}); choosing other servers")
+                self.manager.ban(e.peer or hops[0].span.peer_id)
+                continue
+            self.hops[index:index] = hops
+            return
+
+    async def _replay(self, hops: list[_HopSession], history: torch.Tensor | None) -> None:
         if history is None or self.position == 0:
             return
         mask = self.attention_mask[:, : self.position] if self.attention_mask is not None else None
-        for hop in self.hops[index : index + len(chain)]:
+        for hop in hops:
             output = await hop.step(history, self.position_ids, mask, 0, None, self.manager.config.request_timeout)
             hop.inputs, history = history, output
 

@@ -21,6 +21,10 @@ class RemoteError(RuntimeError):
 class PeerUnavailable(ConnectionError):
     """The server could not be reached or the stream broke: worth retrying on another server."""
 
+    def __init__(self, message: str, peer: str | None = None):
+        super().__init__(message)
+        self.peer = peer
+
 
 class Stream:
     """A bidirectional message stream to one peer's handler."""
@@ -35,16 +39,18 @@ class Stream:
         try:
             _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, handler), timeout)
         except TimeoutError as e:
-            raise PeerUnavailable(f"server {peer.to_base58()[-8:]} did not accept a stream in {timeout} s") from e
+            raise PeerUnavailable(f"server {peer.to_base58()[-8:]} did not accept a stream in {timeout} s",
+                                  peer.to_base58()) from e
         except Exception as e:
-            raise PeerUnavailable(f"cannot reach server {peer.to_base58()[-8:]}: {e}") from e
+            raise PeerUnavailable(f"cannot reach server {peer.to_base58()[-8:]}: {e}", peer.to_base58()) from e
         return cls(peer, reader, writer)
 
     async def send(self, message: dict) -> None:
         try:
             await write_message(self.writer, message)
         except (ConnectionError, OSError) as e:
-            raise PeerUnavailable(f"connection to server {self.peer.to_base58()[-8:]} broke: {e}") from e
+            raise PeerUnavailable(f"connection to server {self.peer.to_base58()[-8:]} broke: {e}",
+                                  self.peer.to_base58()) from e
 
     async def receive(self, timeout: float | None = None) -> dict:
         """The next reply; raises ``RemoteError`` for an error reply, ``PeerUnavailable`` if the stream broke."""
@@ -52,11 +58,11 @@ class Stream:
         try:
             reply = await asyncio.wait_for(read_message(self.reader, self.max_bytes), timeout)
         except TimeoutError as e:
-            raise PeerUnavailable(f"server {peer[-8:]} did not answer in {timeout} s") from e
+            raise PeerUnavailable(f"server {peer[-8:]} did not answer in {timeout} s", peer) from e
         except (ConnectionError, OSError, ValueError) as e:
-            raise PeerUnavailable(f"connection to server {peer[-8:]} broke: {e}") from e
+            raise PeerUnavailable(f"connection to server {peer[-8:]} broke: {e}", peer) from e
         if reply is None:
-            raise PeerUnavailable(f"server {peer[-8:]} closed the stream")
+            raise PeerUnavailable(f"server {peer[-8:]} closed the stream", peer)
         if "error" in reply:
             raise RemoteError(peer, str(reply["error"]))
         return reply

@@ -1,0 +1,72 @@
+"""Servers leaving: a clean SIGTERM announces offline and clients fail fast; a SIGKILL mid-session is routed
+around by replaying the session on another server, with the same tokens."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from tiny_models import VOCAB
+from transformers import AutoModelForCausalLM
+
+from swarm import AutoDistributedModelForCausalLM, MissingBlocksError
+from swarm.dht.node import start_dht, stop_dht
+from swarm.dht.records import fetch_block_infos
+from swarm.dht.schema import ServerState
+from swarm.utils.loop_thread import LoopThread
+
+GREEDY = dict(do_sample=False, eos_token_id=None)
+
+
+def prompt(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sigterm_announces_offline_and_clients_fail_fast(launcher, tiny_model):
+    path = tiny_model("llama")
+    first = launcher.start_server(path, "0:3", [])
+    second = launcher.start_server(path, "3:6", [first.maddr])
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr])
+    loop = LoopThread()
+    p2p, node = loop.run(start_dht([first.maddr], host="127.0.0.1", client_mode=True))
+    try:
+        model.generate(prompt(), max_new_tokens=3, **GREEDY)  # the client has seen both servers
+
+        second.proc.send_signal(signal.SIGTERM)
+        second.proc.wait(30)
+        assert "announcing offline" in second.output()
+        infos = loop.run(fetch_block_infos(node, "tiny-llama", [3]))[0]
+        assert infos[second.peer_id].state == ServerState.OFFLINE
+
+        started = time.monotonic()
+        with pytest.raises(MissingBlocksError, match="no server holds block 3 of tiny-llama"):
+            model.generate(prompt(), max_new_tokens=3, **GREEDY)
+        assert time.monotonic() - started < 15
+    finally:
+        model.shutdown()
+        loop.run(stop_dht(p2p, node))
+        loop.stop()
+
+
+def test_killed_server_is_replaced_mid_session_with_the_same_tokens(launcher, tiny_model):
+    path = tiny_model("llama")
+    first = launcher.start_server(path, "0:3", [])
+    replicas = [launcher.start_server(path, "3:6", [first.maddr], wait=False) for _ in range(2)]
+    for replica in replicas:
+        replica.wait_ready()
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr])
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    try:
+        ids = prompt(seed=7)
+        with model.inference_session(max_length=40) as session:
+            partial = model.generate(ids, max_new_tokens=8, **GREEDY)
+            victim = next(r for r in replicas if r.peer_id == session.chain[-1].peer_id)
+            victim.signal(signal.SIGKILL)  # the whole process group: server and its p2pd, no goodbye
+            victim.proc.wait(10)
+            full = model.generate(partial, max_new_tokens=8, **GREEDY)
+            assert session.chain[-1].peer_id != victim.peer_id
+        assert torch.equal(full, local.generate(ids, max_new_tokens=16, **GREEDY))
+    finally:
+        model.shutdown()
