@@ -18,7 +18,7 @@ from swarm.client import (  # noqa: E402
     RemoteSequential,
 )
 from swarm.hub.embedded import EMBEDDED_MODEL  # noqa: E402
-from swarm.hub.source import resolve_model  # noqa: E402
+from swarm.hub.source import load_tokenizer, resolve_model  # noqa: E402
 from swarm.rpc.client import RemoteError  # noqa: E402
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "MissingBlocksError",
     "RemoteError",
     "RemoteSequential",
+    "load_tokenizer",
     "resolve_model",
 ]

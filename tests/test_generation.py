@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SwarmLauncher
 from tiny_models import FAMILIES, VOCAB
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM
+from swarm.utils.local_swarm import LocalSwarm
 
 ATOL = 1e-4  # float32, no compression: differences are float rounding only (observed <= 5e-6)
 
@@ -17,7 +17,7 @@ ATOL = 1e-4  # float32, no compression: differences are float rounding only (obs
 def family_swarm(request, tiny_model, tmp_path_factory):
     """Servers [0:2] [2:4] [4:6] and [0:4]: the greedy route takes 2 hops, 3 when [0:4] is blocked."""
     path = tiny_model(request.param)
-    launcher = SwarmLauncher(tmp_path_factory.mktemp(f"swarm-{request.param}"))
+    launcher = LocalSwarm(tmp_path_factory.mktemp(f"swarm-{request.param}"))
     try:
         first = launcher.start_server(path, "0:2", [])
         others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6", "0:4")]

@@ -90,3 +90,10 @@ def _hub_reachable(repo_id: str, revision: str | None) -> bool:
         return True
     except Exception:
         return False
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs):
+    """``AutoTokenizer`` for a model named as servers and clients name it (None: the embedded model)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path).config_path, **kwargs)

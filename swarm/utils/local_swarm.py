@@ -1,0 +1,108 @@
+"""Start a swarm of real processes on 127.0.0.1 (bootstrap node, servers) and end them by PID.
+
+Used by the demo, the benchmarks and the tests. Each process gets its own session (process group), so stopping it
+also ends the p2pd daemon it spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SERVER_READY = "Join this swarm with: --initial-peers "
+DHT_READY = "--initial-peers "
+
+
+class SwarmProcess:
+    """A ``python -m swarm.server`` / ``python -m swarm.dht`` process writing to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, ready_marker: str):
+        self.args, self.log_path, self.ready_marker = args, log_path, ready_marker
+        self.log = open(log_path, "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.maddr: str | None = None
+
+    def wait_ready(self, timeout: float = 300) -> SwarmProcess:
+        if self.maddr is None:
+            self.maddr = self.wait_for(self.ready_marker, timeout)
+        return self
+
+    def wait_for(self, marker: str, timeout: float) -> str:
+        """The first word after ``marker`` in the log, waiting up to ``timeout`` seconds for it to appear."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.output().splitlines():
+                if marker in line:
+                    return line.split(marker, 1)[1].split()[0]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(self.args)} exited with {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{' '.join(self.args)} not ready in {timeout} s:\n{self.output()}")
+
+    @property
+    def peer_id(self) -> str:
+        return self.maddr.rsplit("/p2p/", 1)[1]
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group (the server and its p2pd)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the server alone: it announces offline through its p2pd
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)  # whatever is left of the group
+        self.proc.wait()
+        self.log.close()
+
+
+class LocalSwarm:
+    """``with LocalSwarm() as swarm: swarm.start_server(...)``: every process is stopped on exit."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="swarm-logs-"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.processes: list[SwarmProcess] = []
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+    def start_dht(self) -> SwarmProcess:
+        return self._start(["-m", "swarm.dht", "--host", "127.0.0.1"], DHT_READY, "dht").wait_ready()
+
+    def start_server(self, model: str | os.PathLike | None, blocks: str, initial_peers: list[str], *extra: str,
+                     wait: bool = True) -> SwarmProcess:
+        """``python -m swarm.server [model] --blocks ... --host 127.0.0.1``; ``model=None``: the embedded one."""
+        args = ["-m", "swarm.server"] + ([str(model)] if model else []) + ["--blocks", blocks, "--host", "127.0.0.1"]
+        if initial_peers:
+            args += ["--initial-peers", *initial_peers]
+        process = self._start(args + list(extra), SERVER_READY, f"server-{blocks.replace(':', '-')}")
+        return process.wait_ready() if wait else process
+
+    def _start(self, args: list[str], marker: str, name: str) -> SwarmProcess:
+        process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            process.stop()
