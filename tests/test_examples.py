@@ -1,0 +1,45 @@
+"""The examples run against a real swarm of the embedded SmolLM2 model and do what they say."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def peers(launcher):
+    first = launcher.start_server(None, "0:15", [])
+    launcher.start_server(None, "15:30", [first.maddr])
+    return [first.maddr]
+
+
+def run_example(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_prompt_tuning_loss_goes_down(peers):
+    output = run_example("prompt_tuning.py", "--initial-peers", *peers, "--steps", "6")
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", output)]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_chat_keeps_one_session_across_turns(peers):
+    output = run_example("chat.py", "--initial-peers", *peers, "--max-new-tokens", "24", "--prompts",
+                         "What is the capital of France?", "Repeat the name of that city.")
+    assert "Paris" in output
+    turns = re.findall(r"\[turn: (\d+) new prompt tokens sent, (\d+) positions cached", output)
+    assert len(turns) == 2
+    first_prompt, second_prompt = int(turns[0][0]), int(turns[1][0])
+    assert int(turns[1][1]) > int(turns[0][1]) > first_prompt  # the history stays on the servers
+    assert second_prompt < first_prompt + 20  # the second turn did not resend the first one
