@@ -68,10 +68,6 @@ class Server:
 
     async def run(self) -> None:
         cfg = self.config
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopped.set)
-
         source = await asyncio.to_thread(resolve_model, cfg.model)
         model_config = await asyncio.to_thread(load_config, source)
         model_info = ModelInfo(model_config.num_hidden_layers, repository=source.repo_id or source.name,
@@ -81,6 +77,9 @@ class Server:
 
         p2p, node = await start_dht(cfg.initial_peers, host=cfg.host, port=cfg.port,
                                     identity_path=cfg.identity_path)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopped.set)
         handler = None
         try:
             expiration = max(2.5 * cfg.update_period, 10.0)
