@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import TextStreamer  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
+from swarm.utils.local_swarm import peers_or_local_swarm  # noqa: E402
 
 
 def user_turns(prompts: list[str] | None):
@@ -45,12 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
-        peers = args.initial_peers
-        if not peers:
-            swarm = stack.enter_context(LocalSwarm())
-            first = swarm.start_server(args.model, "0:15", [])
-            swarm.start_server(args.model, "15:30", [first.maddr])
-            peers = [first.maddr]
+        peers = peers_or_local_swarm(stack, args.model, args.initial_peers)
         tokenizer = load_tokenizer(args.model)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers)
         stack.callback(model.shutdown)

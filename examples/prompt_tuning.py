@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
+from swarm.utils.local_swarm import peers_or_local_swarm  # noqa: E402
 
 TEXTS = [
     "The swarm answers: every block runs on a volunteer's machine.",
@@ -46,12 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     with contextlib.ExitStack() as stack:
-        peers = args.initial_peers
-        if not peers:
-            swarm = stack.enter_context(LocalSwarm())
-            first = swarm.start_server(args.model, "0:15", [])
-            swarm.start_server(args.model, "15:30", [first.maddr])
-            peers = [first.maddr]
+        peers = peers_or_local_swarm(stack, args.model, args.initial_peers)
         tokenizer = load_tokenizer(args.model)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=peers)
         stack.callback(model.shutdown)

@@ -6,6 +6,7 @@ also ends the p2pd daemon it spawned.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -106,3 +107,19 @@ class LocalSwarm:
     def stop_all(self) -> None:
         for process in self.processes:
             process.stop()
+
+
+def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike | None,
+                         initial_peers: list[str]) -> list[str]:
+    """``initial_peers`` if given; otherwise start, inside ``stack``, a local swarm of two servers that split the
+    model's blocks in half, and return its address (for examples that also run stand-alone)."""
+    if initial_peers:
+        return list(initial_peers)
+    from swarm.blocks.span import load_config
+    from swarm.hub.source import resolve_model
+
+    num_blocks = load_config(resolve_model(model)).num_hidden_layers
+    swarm = stack.enter_context(LocalSwarm())
+    first = swarm.start_server(model, f"0:{num_blocks // 2}", [])
+    swarm.start_server(model, f"{num_blocks // 2}:{num_blocks}", [first.maddr])
+    return [first.maddr]
