@@ -142,6 +142,7 @@ class InferenceSession:
             self.hops = await self._open_chain(0, self.manager.num_blocks)
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
+        sent: dict[_HopSession, torch.Tensor] = {}  # recorded in the histories only once every hop succeeded
         failures, index = 0, 0
         while index < len(self.hops):
             hop = self.hops[index]
@@ -156,8 +157,10 @@ class InferenceSession:
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
                 await self._replace_hop(index)
                 continue
-            hop.inputs = self._extend(hop.inputs, hidden)
+            sent[hop] = hidden
             hidden, index = output, index + 1
+        for hop, inputs in sent.items():
+            hop.inputs = self._extend(hop.inputs, inputs)
         return hidden
 
     async def _open_chain(self, start: int, end: int) -> list[_HopSession]:
