@@ -23,9 +23,11 @@ def family_swarm(request, tiny_model, tmp_path_factory):
         others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6", "0:4")]
         for process in others:
             process.wait_ready()
-        two_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr])
+        two_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],
+                                                                   compression="none")
         three_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],
-                                                                     blocked_servers=[others[2].peer_id])
+                                                                     blocked_servers=[others[2].peer_id],
+                                                                     compression="none")
         local = AutoModelForCausalLM.from_pretrained(path).eval()
         yield {"path": path, "peers": [first.maddr], "local": local, "two_hops": two_hops, "three_hops": three_hops}
         two_hops.shutdown()
@@ -89,7 +91,8 @@ def test_forward_logits_and_gradients_match_local(family_swarm):
 
 
 def test_hidden_states_model_equals_local(family_swarm):
-    model = AutoDistributedModel.from_pretrained(family_swarm["path"], initial_peers=family_swarm["peers"])
+    model = AutoDistributedModel.from_pretrained(family_swarm["path"], initial_peers=family_swarm["peers"],
+                                                 compression="none")
     try:
         ids, mask = _prompts(2, 7, pad=2, seed=3)
         with torch.no_grad():

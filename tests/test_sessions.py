@@ -23,7 +23,8 @@ def swarm(launcher, tiny_model):
     servers = [launcher.start_server(path, blocks, [bootstrap.maddr], wait=False) for blocks in ("0:3", "3:6")]
     for server in servers:
         server.wait_ready()
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[bootstrap.maddr])
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[bootstrap.maddr],
+                                                             compression="none")
     yield {"path": path, "peers": [bootstrap.maddr], "servers": servers, "model": model,
            "local": AutoModelForCausalLM.from_pretrained(path).eval()}
     model.shutdown()
@@ -104,7 +105,8 @@ def test_two_clients_at_once(swarm):
 
     def run(seed: int) -> None:
         try:
-            client = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"])
+            client = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"],
+                                                                      compression="none")
             try:
                 results[seed] = client.generate(prompt(seed=seed, batch=2), max_new_tokens=20, do_sample=False,
                                                 eos_token_id=None)

@@ -56,7 +56,7 @@ def test_killed_server_is_replaced_mid_session_with_the_same_tokens(launcher, ti
     replicas = [launcher.start_server(path, "3:6", [first.maddr], wait=False) for _ in range(2)]
     for replica in replicas:
         replica.wait_ready()
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr])
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     try:
         ids = prompt(seed=7)

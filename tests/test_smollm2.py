@@ -18,9 +18,11 @@ def smollm2(launcher):
     others = [launcher.start_server(None, blocks, [first.maddr], wait=False) for blocks in ("10:30", "10:20", "20:30")]
     for process in others:
         process.wait_ready()
-    two_hops = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=[first.maddr])
+    two_hops = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=[first.maddr],
+                                                                 compression="none")
     three_hops = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=[first.maddr],
-                                                                 blocked_servers=[others[0].peer_id])
+                                                                 blocked_servers=[others[0].peer_id],
+                                                                 compression="none")
     local = AutoModelForCausalLM.from_pretrained(resolve_model(EMBEDDED_MODEL).config_path).eval()
     yield {"two_hops": two_hops, "three_hops": three_hops, "local": local, "tokenizer": load_tokenizer()}
     two_hops.shutdown()

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Pretrai
 from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
+from swarm.blocks.quantization import quantize_linear_layers
 from swarm.hub.source import ModelSource, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ class BlockSpan(nn.Module):
     """
 
     def __init__(self, config: PretrainedConfig, family: BlockFamily, layers: nn.ModuleList,
-                 rotary: nn.Module | None, start: int, end: int):
+                 rotary: nn.Module | None, start: int, end: int, dtype: torch.dtype = torch.float32,
+                 quantization: str = "none"):
         super().__init__()
         self.family, self.start, self.end = family, start, end
+        self.dtype, self.quantization = dtype, quantization  # hidden states' dtype; weights' quantization
         self.config = config  # the span's own config (layers renumbered), as the layers themselves see it
         self.layers, self.rotary = layers, rotary
         self.layer_types = compat.layer_types(self.config)
@@ -54,8 +57,10 @@ class BlockSpan(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: str | ModelSource | None, start: int, end: int, *,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BlockSpan:
-        """Load layers [start, end) only: reads the checkpoint index and opens just the shards holding them."""
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        quantization: str = "none") -> BlockSpan:
+        """Load layers [start, end) only: reads the checkpoint index and opens just the shards holding them.
+        ``quantization``: "none", "int8" or "nf4" weights for the layers' linear modules."""
         source = model if isinstance(model, ModelSource) else resolve_model(model)
         config = load_config(source)
         num_layers = config.num_hidden_layers
@@ -69,13 +74,14 @@ class BlockSpan(nn.Module):
         for local, index in enumerate(range(start, end)):
             state = checkpoint.load_module(f"{family.layers}.{index}", dtype=dtype)
             layers[local].load_state_dict(state, strict=True)
+        quantize_linear_layers(layers, quantization, dtype, device)
         rotary = None
         if family.rotary is not None:
             with torch.device(device):  # its buffers are computed at construction, so not on meta
                 rotary = type(skeleton.get_submodule(family.rotary))(config=sub)
         # skeleton.config, not `sub`: from_config resolves the attention implementation into it, and the masks
         # must be built for the same implementation the layers run
-        span = cls(skeleton.config, family, layers, rotary, start, end).eval()
+        span = cls(skeleton.config, family, layers, rotary, start, end, dtype, quantization).eval()
         span.requires_grad_(False)  # servers compute input gradients only; never accumulate weight grads
         logger.info(f"Loaded blocks {start}:{end} of {source.name} from {sorted(checkpoint.opened_files)}")
         span.opened_files = sorted(checkpoint.opened_files)
@@ -84,10 +90,6 @@ class BlockSpan(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.layers.parameters()).dtype
 
     @property
     def device(self) -> torch.device:

@@ -39,14 +39,17 @@ class _HopSession:
             raise
         return cls(span, stream, reply["session_id"])
 
-    async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position: int, hypo_ids: torch.Tensor | None, timeout: float) -> torch.Tensor:
+    async def step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position: int, hypo_ids: torch.Tensor | None, output_codec: str, timeout: float) -> dict:
+        """Send encoded ``hidden``; returns the server's encoded output."""
         extra = {"type": "step", "session_id": self.session_id, "position": position}
         if hypo_ids is not None:
             extra["hypo_ids"] = serialize_tensor(hypo_ids)
-        reply = await self.stream.request(span_request(self.span, hidden, position_ids, attention_mask, **extra),
-                                          timeout=timeout)
-        return deserialize_tensor(reply.get("hidden"))
+        reply = await self.stream.request(
+            span_request(self.span, hidden, position_ids, attention_mask, output_codec, **extra), timeout=timeout)
+        if not isinstance(reply.get("hidden"), dict):
+            raise PeerUnavailable(f"server {self.span} sent a step reply without hidden states", self.span.peer_id)
+        return reply["hidden"]
 
     async def close(self) -> None:
         try:
@@ -140,28 +143,31 @@ class InferenceSession:
                     attention_mask: torch.Tensor | None) -> torch.Tensor:
         if not self.hops:
             self.hops = await self._open_chain(0, self.manager.num_blocks)
+        config = self.manager.config
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
-        sent: dict[_HopSession, torch.Tensor] = {}  # recorded in the histories only once every hop succeeded
+        sent: dict[_HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
+        payload = serialize_tensor(hidden, config.compression)  # encoded once; servers' outputs are relayed as is
         failures, index = 0, 0
         while index < len(self.hops):
             hop = self.hops[index]
+            codec = config.final_codec if index == len(self.hops) - 1 else config.compression
             try:
-                output = await hop.step(hidden, position_ids, attention_mask, self.position,
-                                        hypo_ids if hop in reordered_before else None,
-                                        self.manager.config.request_timeout)
+                output = await hop.step(payload, position_ids, attention_mask, self.position,
+                                        hypo_ids if hop in reordered_before else None, codec,
+                                        config.request_timeout)
             except PeerUnavailable as e:
                 failures += 1
-                if failures > self.manager.config.max_retries:
+                if failures > config.max_retries:
                     raise
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
                 await self._replace_hop(index)
                 continue
-            sent[hop] = hidden
-            hidden, index = output, index + 1
+            sent[hop] = payload
+            payload, index = output, index + 1
         for hop, inputs in sent.items():
-            hop.inputs = self._extend(hop.inputs, inputs)
-        return hidden
+            hop.inputs = self._extend(hop.inputs, deserialize_tensor(inputs))
+        return deserialize_tensor(payload)
 
     async def _open_chain(self, start: int, end: int) -> list[_HopSession]:
         """Sessions on a chain covering blocks [start, end). A server that cannot be reached is banned and the
@@ -205,12 +211,16 @@ class InferenceSession:
             return
 
     async def _replay(self, hops: list[_HopSession], history: torch.Tensor | None) -> None:
+        """Rebuild the replacement hops' caches: the first gets the lost hop's inputs exactly (uncompressed)."""
         if history is None or self.position == 0:
             return
         mask = self.attention_mask[:, : self.position] if self.attention_mask is not None else None
+        payload = serialize_tensor(history, "none")
         for hop in hops:
-            output = await hop.step(history, self.position_ids, mask, 0, None, self.manager.config.request_timeout)
-            hop.inputs, history = history, output
+            output = await hop.step(payload, self.position_ids, mask, 0, None, self.manager.config.compression,
+                                    self.manager.config.request_timeout)
+            hop.inputs = deserialize_tensor(payload)
+            payload = output
 
     def close(self) -> None:
         if self.closed:

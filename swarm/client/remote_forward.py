@@ -1,7 +1,10 @@
 """Forward and backward passes through a chain of servers, without a cache (training, scoring).
 
-A hop whose server is unreachable is re-routed to other servers (which may split its blocks differently); a hop
-that the server refused (``RemoteError``) is not retried, since another server would refuse it too.
+Hidden states are encoded once, by whoever produced them: the client encodes its input with the configured codec,
+each server encodes its output with the codec the client asked for, and the client relays those payloads to the
+next server untouched (a lossy code must never be applied to a tensor it already decoded). A hop whose server is
+unreachable is re-routed to other servers (which may split its blocks differently); a hop that the server refused
+(``RemoteError``) is not retried, since another server would refuse it too.
 """
 
 from __future__ import annotations
@@ -13,37 +16,40 @@ from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, call
 
-Record = list[tuple[RemoteSpan, torch.Tensor]]  # each hop and the hidden states it received
+Record = list[tuple[RemoteSpan, dict]]  # each hop and the encoded hidden states it received
 
 
-def span_request(span: RemoteSpan, hidden: torch.Tensor, position_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None, **extra: object) -> dict:
-    message = {"start": span.start, "end": span.end, "hidden": serialize_tensor(hidden),
+def span_request(span: RemoteSpan, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 output_codec: str, **extra: object) -> dict:
+    """A forward/backward/step request for ``span``; ``hidden`` is an already encoded tensor."""
+    message = {"start": span.start, "end": span.end, "hidden": hidden, "output_codec": output_codec,
                "position_ids": serialize_tensor(position_ids.long()), **extra}
     if attention_mask is not None:
         message["attention_mask"] = serialize_tensor(attention_mask.to(torch.int8))
     return message
 
 
-async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, message: dict, field: str):
-    timeout = manager.config.request_timeout
-    reply = await call(manager.p2p, span.peer_id, handler, message, timeout=timeout)
-    return deserialize_tensor(reply.get(field))
+async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, message: dict, field: str) -> dict:
+    reply = await call(manager.p2p, span.peer_id, handler, message, timeout=manager.config.request_timeout)
+    if not isinstance(reply.get(field), dict):
+        raise PeerUnavailable(f"server {span} sent a reply without {field!r}", span.peer_id)
+    return reply[field]
 
 
-async def forward_chain(manager: SequenceManager, hidden: torch.Tensor, position_ids: torch.Tensor,
+async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None, start: int = 0,
-                        end: int | None = None) -> tuple[torch.Tensor, Record]:
-    """Run blocks [start, end) on ``hidden``; returns the output and each hop with its input (for backward)."""
+                        end: int | None = None) -> tuple[dict, Record]:
+    """Run blocks [start, end) on encoded ``hidden``; returns the encoded output and each hop with its input."""
     end = manager.num_blocks if end is None else end
     chain = await manager.make_sequence(start, end)
     record: Record = []
     failures, index = 0, 0
     while index < len(chain):
         span = chain[index]
+        codec = manager.config.final_codec if span.end == end else manager.config.compression
         try:
             output = await _call_span(manager, span, protocol.FORWARD,
-                                      span_request(span, hidden, position_ids, attention_mask), "hidden")
+                                      span_request(span, hidden, position_ids, attention_mask, codec), "hidden")
         except PeerUnavailable:
             failures += 1
             if failures > manager.config.max_retries:
@@ -56,22 +62,27 @@ async def forward_chain(manager: SequenceManager, hidden: torch.Tensor, position
     return hidden, record
 
 
-async def backward_chain(manager: SequenceManager, record: Record, grad_output: torch.Tensor,
+async def backward_chain(manager: SequenceManager, record: Record, grad_output: dict,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         retries_left: int | None = None) -> torch.Tensor:
-    """Gradient w.r.t. the chain's input, hop by hop in reverse; a failed hop is recomputed on other servers."""
+                         retries_left: int | None = None) -> dict:
+    """Encoded gradient w.r.t. the chain's input, hop by hop in reverse; a failed hop is recomputed elsewhere."""
     retries_left = manager.config.max_retries if retries_left is None else retries_left
     grad = grad_output
-    for span, inputs in reversed(record):
+    for index in reversed(range(len(record))):
+        span, inputs = record[index]
+        codec = manager.config.final_codec if index == 0 else manager.config.compression
         try:
             grad = await _call_span(manager, span, protocol.BACKWARD,
-                                    span_request(span, inputs, position_ids, attention_mask,
-                                                 grad_output=serialize_tensor(grad)), "grad_input")
+                                    span_request(span, inputs, position_ids, attention_mask, codec,
+                                                 grad_output=grad), "grad_input")
         except PeerUnavailable:
             if retries_left <= 0:
                 raise
             manager.ban(span.peer_id)
-            _, sub_record = await forward_chain(manager, inputs, position_ids, attention_mask, span.start, span.end)
+            # The replacement must see exactly what the failed server saw: the decoded input, sent losslessly.
+            exact_inputs = serialize_tensor(deserialize_tensor(inputs), "none")
+            _, sub_record = await forward_chain(manager, exact_inputs, position_ids, attention_mask,
+                                                span.start, span.end)
             grad = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, retries_left - 1)
     return grad
 
@@ -82,13 +93,14 @@ class RemoteChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 manager: SequenceManager) -> torch.Tensor:
-        output, record = manager.loop.run(forward_chain(manager, hidden.detach(), position_ids, attention_mask))
+        encoded = serialize_tensor(hidden.detach(), manager.config.compression)
+        output, record = manager.loop.run(forward_chain(manager, encoded, position_ids, attention_mask))
         ctx.manager, ctx.record, ctx.position_ids, ctx.attention_mask = manager, record, position_ids, attention_mask
-        return output
+        return deserialize_tensor(output).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         manager = ctx.manager
-        grad = manager.loop.run(backward_chain(manager, ctx.record, grad_output.contiguous(), ctx.position_ids,
-                                               ctx.attention_mask))
-        return grad, None, None, None
+        encoded = serialize_tensor(grad_output.contiguous(), manager.config.compression)
+        grad = manager.loop.run(backward_chain(manager, ctx.record, encoded, ctx.position_ids, ctx.attention_mask))
+        return deserialize_tensor(grad).to(grad_output.dtype), None, None, None

@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from swarm.blocks.quantization import meets_precision
 from swarm.client.config import ClientConfig
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos
@@ -33,13 +34,15 @@ class RemoteSpan:
 
 
 def choose_chain(block_infos: list[dict[str, ServerInfo]], start: int, end: int, excluded: set[str],
-                 model_id: str) -> list[RemoteSpan]:
+                 model_id: str, min_precision: str = "nf4") -> list[RemoteSpan]:
     chain, block = [], start
     while block < end:
         candidates = [(peer, info) for peer, info in block_infos[block].items()
-                      if info.state == ServerState.ONLINE and info.start <= block < info.end and peer not in excluded]
+                      if info.state == ServerState.ONLINE and info.start <= block < info.end and peer not in excluded
+                      and meets_precision(info.quantization, min_precision)]
         if not candidates:
-            raise MissingBlocksError(f"no server holds block {block} of {model_id}")
+            detail = f" with precision >= {min_precision}" if min_precision != "nf4" else ""
+            raise MissingBlocksError(f"no server holds block {block} of {model_id}{detail}")
         furthest = max(info.end for _, info in candidates)
         peer, info = random.choice([(p, i) for p, i in candidates if i.end == furthest])
         chain.append(RemoteSpan(peer, block, min(info.end, end), info))
@@ -70,11 +73,12 @@ class SequenceManager:
         now = time.monotonic()
         excluded = {peer for peer, until in self.banned_until.items() if until > now}
         excluded.update(self.config.blocked_servers)
+        precision = self.config.min_precision
         try:
-            return choose_chain(self.block_infos, start, end, excluded, self.model_id)
+            return choose_chain(self.block_infos, start, end, excluded, self.model_id, precision)
         except MissingBlocksError:  # our view may be stale: look again before giving up
             await self.update(force=True)
-            return choose_chain(self.block_infos, start, end, excluded, self.model_id)
+            return choose_chain(self.block_infos, start, end, excluded, self.model_id, precision)
 
     def ban(self, peer_id: str) -> None:
         """Avoid a server that failed us, and refresh the view before the next chain."""

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from swarm.compression import blockwise
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -43,7 +45,7 @@ class Codec(ABC):
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
 def _from_raw(data: object, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -86,9 +88,44 @@ class CastCodec(Codec):
         return _from_raw(fields.get("data"), dtype, shape)
 
 
+class Blockwise8BitCodec(Codec):
+    """Floating tensors as dynamic 8-bit codes plus one float32 absmax per block (blockwise.py); others raw."""
+
+    name = "blockwise8"
+
+    def __init__(self, block: int = 4096):
+        self.block = block
+
+    def encode(self, tensor: torch.Tensor) -> dict:
+        if not tensor.is_floating_point():
+            return {"data": _raw_bytes(tensor)}
+        if not torch.isfinite(tensor).all():
+            raise PayloadError("cannot quantize a tensor with NaN or infinite values")
+        codes, absmax = blockwise.quantize(tensor, self.block)
+        return {"data": _raw_bytes(codes), "absmax": _raw_bytes(absmax), "block": self.block}
+
+    def decode(self, fields: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if not dtype.is_floating_point:
+            return _from_raw(fields.get("data"), dtype, shape)
+        block = fields.get("block")
+        if block not in blockwise.BLOCK_SIZES or isinstance(block, bool):
+            raise PayloadError(f"invalid block size {block!r}; expected one of {blockwise.BLOCK_SIZES}")
+        numel = math.prod(shape)
+        codes = _from_raw(fields.get("data"), torch.uint8, (numel,))
+        blocks = blockwise.num_blocks(numel, block)
+        try:
+            absmax = _from_raw(fields.get("absmax"), torch.float32, (blocks,))
+        except PayloadError as e:
+            raise PayloadError(f"wrong block count for {numel} values in blocks of {block}: {e}") from None
+        if not (torch.isfinite(absmax).all() and (absmax >= 0).all()):
+            raise PayloadError("block scales must be finite and non-negative")
+        return blockwise.dequantize(codes, absmax, block, dtype).reshape(shape)
+
+
 CODECS: dict[str, Codec] = {
     codec.name: codec
-    for codec in (NoCodec(), CastCodec("float16", torch.float16), CastCodec("bfloat16", torch.bfloat16))
+    for codec in (NoCodec(), CastCodec("float16", torch.float16), CastCodec("bfloat16", torch.bfloat16),
+                  Blockwise8BitCodec())
 }
 
 

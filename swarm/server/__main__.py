@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from swarm.blocks.quantization import QUANTIZATIONS
 from swarm.server.handler import Limits
 from swarm.server.server import DTYPES, Server, ServerConfig
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the blocks")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                        help="weight quantization of the blocks' linear layers (bitsandbytes int8 / nf4)")
     parser.add_argument("--cache-tokens", type=int, default=16384,
                         help="KV cache budget: batch x positions that sessions may hold at once over the span")
     parser.add_argument("--public-name", default=None, help="a name shown to others (e.g. on the health page)")
@@ -58,7 +61,8 @@ def main() -> None:
                     max_session_length=args.max_session_length, session_timeout=args.session_timeout)
     config = ServerConfig(
         model=args.model, start=args.blocks[0], end=args.blocks[1], initial_peers=args.initial_peers,
-        host=args.host, port=args.port, device=args.device, dtype=args.dtype, cache_tokens=args.cache_tokens,
+        host=args.host, port=args.port, device=args.device, dtype=args.dtype, quantization=args.quantize,
+        cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
         identity_path=args.identity, limits=limits,
     )

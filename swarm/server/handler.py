@@ -19,7 +19,7 @@ from hivemind.p2p import P2P
 
 from swarm.blocks import compat
 from swarm.blocks.span import BlockSpan
-from swarm.compression import CODECS, serialize_tensor
+from swarm.compression import CODECS, PayloadError, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.framing import MalformedMessage, MessageTooLarge, read_message, write_message
 from swarm.rpc.protocol import RequestError, get_field
@@ -110,6 +110,13 @@ class BlockHandler:
         return start - self.span.start, end - self.span.start, hidden, positions, mask
 
     @staticmethod
+    def _encode(tensor: torch.Tensor, codec: str) -> dict:
+        try:
+            return serialize_tensor(tensor, codec)
+        except PayloadError as e:  # e.g. the blocks produced inf in float16
+            raise RequestError(f"cannot encode the output: {e}") from None
+
+    @staticmethod
     def _output_codec(message: dict) -> str:
         codec = get_field(message, "output_codec", str, default="none")
         if codec not in CODECS:
@@ -132,7 +139,7 @@ class BlockHandler:
                 return self.span(hidden.to(self.span.dtype), positions, mask, None, first, last)
 
         output = await self._compute(run)
-        await write_message(writer, {"hidden": serialize_tensor(output.to(hidden.dtype), codec)})
+        await write_message(writer, {"hidden": self._encode(output.to(hidden.dtype), codec)})
 
     async def rpc_backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Gradient of the span's output w.r.t. its input, recomputing the forward (nothing is kept between calls)."""
@@ -153,7 +160,7 @@ class BlockHandler:
             return grad
 
         grad = await self._compute(run)
-        await write_message(writer, {"grad_input": serialize_tensor(grad.to(hidden.dtype), codec)})
+        await write_message(writer, {"grad_input": self._encode(grad.to(hidden.dtype), codec)})
 
     async def rpc_inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Stream: ``open`` -> reply with a session id; then steps, each answered; ``close`` or EOF frees the cache."""
@@ -237,4 +244,4 @@ class BlockHandler:
         session.length = position + tokens
         session.tokens_processed += batch * tokens
         session.steps += 1
-        return {"hidden": serialize_tensor(output.to(hidden.dtype), codec), "position": session.length}
+        return {"hidden": self._encode(output.to(hidden.dtype), codec), "position": session.length}

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 import swarm
+from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.span import BlockSpan, load_config
+from swarm.compression import blockwise
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
 from swarm.dht.records import announce_span
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
@@ -35,6 +37,7 @@ class ServerConfig:
     port: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    quantization: str = "none"  # weights: none / int8 / nf4 (bitsandbytes)
     cache_tokens: int = 16384  # KV budget: batch x positions over the whole span
     public_name: str | None = None
     model_id: str | None = None  # DHT name of the model; default: hub name or local directory name
@@ -55,7 +58,8 @@ class Server:
     def info(self) -> ServerInfo:
         cfg = self.config
         return ServerInfo(
-            state=self.state, start=cfg.start, end=cfg.end, dtype=cfg.dtype, version=swarm.__version__,
+            state=self.state, start=cfg.start, end=cfg.end, dtype=cfg.dtype, quantization=cfg.quantization,
+            version=swarm.__version__,
             public_name=cfg.public_name, cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             max_session_length=cfg.limits.max_session_length,
         )
@@ -85,9 +89,14 @@ class Server:
             expiration = max(2.5 * cfg.update_period, 10.0)
             await announce_span(node, self.model_id, self.info(), model_info, expiration)
 
-            logger.info(f"Loading blocks {cfg.start}:{cfg.end} of {source.name} ({cfg.dtype} on {cfg.device})...")
+            logger.info(f"Loading blocks {cfg.start}:{cfg.end} of {source.name} ({cfg.dtype}, "
+                        f"{cfg.quantization} weights, on {cfg.device})...")
             self.span = await asyncio.to_thread(BlockSpan.from_pretrained, source, cfg.start, cfg.end,
-                                                dtype=DTYPES[cfg.dtype], device=cfg.device)
+                                                dtype=DTYPES[cfg.dtype], device=cfg.device,
+                                                quantization=cfg.quantization)
+            logger.info(f"Blocks hold {parameter_bytes(self.span.layers) / (cfg.end - cfg.start) / 2**20:.1f} MiB "
+                        "each")
+            await asyncio.to_thread(blockwise.warm_up)  # bitsandbytes' first call imports it (~2-3 s)
             self.sessions = SessionTable(cfg.cache_tokens, cfg.end - cfg.start)
             handler = BlockHandler(self.span, self.sessions, cfg.limits, self.rpc_info)
             await handler.register(p2p)
