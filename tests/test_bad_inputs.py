@@ -76,6 +76,10 @@ BAD_FORWARDS = {
     "positions out of range": (forward_request(torch.randn(1, 4, HIDDEN), position_ids=serialize_tensor(
         torch.tensor([[0, 1, 2, 10**9]]))), "position_ids must lie in"),
     "oversized": (forward_request(torch.randn(1, 5000, HIDDEN)), "exceeds the limit"),
+    "truncated 8-bit codes": (forward_request(torch.randn(1, 4, HIDDEN), hidden={
+        **serialize_tensor(torch.randn(1, 4, HIDDEN), "blockwise8"), "data": b"\1" * 10}), "bytes, but shape"),
+    "wrong 8-bit block count": (forward_request(torch.randn(1, 4, HIDDEN), hidden={
+        **serialize_tensor(torch.randn(1, 4, HIDDEN), "blockwise8"), "absmax": b"\0" * 12}), "wrong block count"),
 }
 
 

@@ -26,7 +26,8 @@ def is_loopback(host: str) -> bool:
 
 
 async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0", port: int = 0,
-                    client_mode: bool = False, identity_path: str | None = None) -> tuple[P2P, DHTNode]:
+                    announce_maddrs: Sequence[str] | None = None, client_mode: bool = False,
+                    identity_path: str | None = None) -> tuple[P2P, DHTNode]:
     """A P2P daemon listening on ``host:port`` and a DHT node on top of it (bootstrapped from ``initial_peers``).
 
     On a loopback host, NAT port mapping and AutoNAT are off: nothing is sent beyond 127.0.0.1.
@@ -35,6 +36,7 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     p2p = await P2P.create(
         initial_peers=list(initial_peers) or None,
         host_maddrs=host_maddrs(host, port),
+        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
         identity_path=identity_path,
         nat_port_map=not loopback,
         auto_nat=not loopback,

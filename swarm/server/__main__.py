@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of the swarm (none: a new swarm)")
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: loopback only)")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    parser.add_argument("--announce-maddrs", nargs="*", default=None,
+                        help="multiaddrs to announce instead of the listening ones (NAT, proxies)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the blocks")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
@@ -61,8 +63,8 @@ def main() -> None:
                     max_session_length=args.max_session_length, session_timeout=args.session_timeout)
     config = ServerConfig(
         model=args.model, start=args.blocks[0], end=args.blocks[1], initial_peers=args.initial_peers,
-        host=args.host, port=args.port, device=args.device, dtype=args.dtype, quantization=args.quantize,
-        cache_tokens=args.cache_tokens,
+        host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
+        dtype=args.dtype, quantization=args.quantize, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
         identity_path=args.identity, limits=limits,
     )

@@ -35,6 +35,7 @@ class ServerConfig:
     initial_peers: list[str] = field(default_factory=list)
     host: str = "0.0.0.0"
     port: int = 0
+    announce_maddrs: list[str] | None = None  # what others should dial, if not the listening address
     device: str = "cpu"
     dtype: str = "float32"
     quantization: str = "none"  # weights: none / int8 / nf4 (bitsandbytes)
@@ -80,7 +81,7 @@ class Server:
             raise ValueError(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{model_info.num_blocks}")
 
         p2p, node = await start_dht(cfg.initial_peers, host=cfg.host, port=cfg.port,
-                                    identity_path=cfg.identity_path)
+                                    announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopped.set)

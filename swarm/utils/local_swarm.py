@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 
 SERVER_READY = "Join this swarm with: --initial-peers "
 DHT_READY = "--initial-peers "
+PROXY_READY = "WAN proxy ready: "
 
 
 class SwarmProcess:
@@ -99,6 +101,13 @@ class LocalSwarm:
         process = self._start(args + list(extra), SERVER_READY, f"server-{blocks.replace(':', '-')}")
         return process.wait_ready() if wait else process
 
+    def start_wan_proxy(self, target_port: int, listen_port: int, rtt_ms: float,
+                        mbit: float | None) -> SwarmProcess:
+        """A ``swarm.utils.wan_proxy`` in front of ``target_port`` (see there)."""
+        args = ["-m", "swarm.utils.wan_proxy", "--listen-port", str(listen_port), "--target-port", str(target_port),
+                "--rtt-ms", str(rtt_ms)] + (["--mbit", str(mbit)] if mbit else [])
+        return self._start(args, PROXY_READY, f"proxy-{listen_port}").wait_ready()
+
     def _start(self, args: list[str], marker: str, name: str) -> SwarmProcess:
         process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker)
         self.processes.append(process)
@@ -123,3 +132,10 @@ def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike |
     first = swarm.start_server(model, f"0:{num_blocks // 2}", [])
     swarm.start_server(model, f"{num_blocks // 2}:{num_blocks}", [first.maddr])
     return [first.maddr]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
