@@ -5,6 +5,8 @@
 3. Quality through two real servers of the embedded SmolLM2 (float32): teacher-forced top-1 agreement and mean KL
    of next-token distributions against compression="none", and where greedy decoding first diverges.
 4. Decode tokens/s and prefill time, none vs 8-bit, on loopback and behind WAN proxies (RTT and Mbit/s below).
+5. Weight quantization of the blocks (int8, nf4): memory per block, teacher-forced top-1 agreement and mean KL
+   against float32 weights, and the time of one forward over all 30 blocks (in-process: no network involved).
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ PROMPTS = [
     "Q: What is 12 times 12?\nA:",
     "The Industrial Revolution began in Britain in the late 18th century and",
 ]
-# (name, compression, final_compression)
+# (name, compression between servers, edge_compression at the client's ends)
 CONFIGS = [("float16", "float16", "float16"), ("bfloat16", "bfloat16", "bfloat16"),
-           ("8-bit, float16 last hop (default)", "blockwise8", None), ("8-bit on every hop", "blockwise8",
-                                                                         "blockwise8")]
+           ("8-bit between servers, float16 ends (default)", "blockwise8", None),
+           ("8-bit on every link", "blockwise8", "blockwise8")]
 
 
 def wire_bytes() -> None:
@@ -51,13 +53,14 @@ def wire_bytes() -> None:
         print(f"{label:>12}: message " + "  ".join(f"{c}={n} B ({n / raw:.3f})" for c, n in sizes.items()))
         print(f"{'':>12}  tensor data only: " + "  ".join(f"{c}={n} B ({n / payload['none']:.3f})"
                                                        for c, n in payload.items()))
-    # A decode step through 2 servers crosses 4 links: client->S1, S1->client, client->S2, S2->client.
-    step = torch.randn(1, 1, 576)
-    none = 4 * len(encode_message({"hidden": serialize_tensor(step, "none")}))
-    default = 3 * len(encode_message({"hidden": serialize_tensor(step, "blockwise8")})) + \
-        len(encode_message({"hidden": serialize_tensor(step, "float16")}))
-    print(f"decode step over 2 servers, default (3 links 8-bit + last float16): {default} B vs {none} B raw "
-          f"({default / none:.3f})")
+    # Through 2 servers a step crosses 4 links: client->S1 and S2->client (the ends), S1->client->S2 (relayed).
+    for label, shape in (("decode step", (1, 1, 576)), ("prefill 128", (1, 128, 576))):
+        tensor = torch.randn(shape)
+        size = {c: len(encode_message({"hidden": serialize_tensor(tensor, c)})) for c in ("none", "float16",
+                                                                                           "blockwise8")}
+        default = 2 * size["float16"] + 2 * size["blockwise8"]
+        print(f"{label} over 2 servers, default (ends float16, relay 8-bit): {default} B vs {4 * size['none']} B "
+              f"raw ({default / (4 * size['none']):.3f})")
 
 
 def codec_speed() -> None:
@@ -94,7 +97,7 @@ def quality(peers: list[str], blocked: list[str], greedy_tokens: int) -> None:
     exact.shutdown()
     for name, compression, final in CONFIGS:
         model = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=peers,
-                                                                compression=compression, final_compression=final,
+                                                                compression=compression, edge_compression=final,
                                                                 blocked_servers=blocked)
         kls, agreement, divergence = [], [], []
         with torch.no_grad():
@@ -110,7 +113,7 @@ def quality(peers: list[str], blocked: list[str], greedy_tokens: int) -> None:
                 divergence.append(int(differs[0]) if len(differs) else None)
         model.shutdown()
         diverged = [d for d in divergence if d is not None]
-        print(f"{name:>34}: mean KL {statistics.mean(kls):.2e} nats, top-1 agreement {statistics.mean(agreement):.4f}, "
+        print(f"{name:>46}: mean KL {statistics.mean(kls):.2e} nats, top-1 agreement {statistics.mean(agreement):.4f}, "
               f"greedy identical for {divergence.count(None)}/{len(divergence)} prompts over {greedy_tokens} tokens"
               + (f", first divergence at tokens {diverged}" if diverged else ""))
 
@@ -132,6 +135,37 @@ def speed(label: str, peers: list[str], blocked: list[str], input_ids: torch.Ten
           f"decode {d_none:.1f} -> {d_8:.1f} tokens/s ({d_8 / d_none:.2f}x)")
 
 
+def weight_quantization(prompt_ids: list[torch.Tensor]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from swarm import resolve_model
+    from swarm.blocks.quantization import parameter_bytes
+    from swarm.blocks.span import BlockSpan
+
+    print("== 5. weight quantization of all 30 blocks (in-process), vs float32 weights ==")
+    source = resolve_model(EMBEDDED_MODEL)
+    local = AutoModelForCausalLM.from_pretrained(source.config_path).eval()
+    head = lambda hidden: local.lm_head(local.model.norm(hidden))  # noqa: E731
+    reference = None
+    for quantization in ("none", "int8", "nf4"):
+        span = BlockSpan.from_pretrained(source, 0, 30, quantization=quantization)
+        mib = parameter_bytes(span.layers) / 30 / 2**20
+        logits, elapsed = [], []
+        with torch.no_grad():
+            for ids in prompt_ids:
+                started = time.perf_counter()
+                hidden = span(local.model.embed_tokens(ids), torch.arange(ids.shape[1])[None])
+                elapsed.append(time.perf_counter() - started)
+                logits.append(head(hidden).log_softmax(-1))
+        if reference is None:
+            reference = logits
+        kl = statistics.mean((r.exp() * (r - q)).sum(-1).mean().item() for r, q in zip(reference, logits, strict=True))
+        top1 = statistics.mean((r.argmax(-1) == q.argmax(-1)).float().mean().item()
+                               for r, q in zip(reference, logits, strict=True))
+        print(f"{quantization:>5}: {mib:5.2f} MiB per block, top-1 agreement {top1:.3f}, mean KL {kl:.3e} nats, "
+              f"forward {statistics.median(elapsed) * 1000:.0f} ms per prompt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--greedy-tokens", type=int, default=48)
@@ -144,6 +178,8 @@ def main() -> None:
 
     wire_bytes()
     codec_speed()
+    tokenizer = load_tokenizer()
+    weight_quantization([tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS])
     input_ids = torch.randint(100, 40000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     with LocalSwarm() as swarm:
         bootstrap = swarm.start_dht()

@@ -27,9 +27,11 @@ def quantize_linear_layers(module: nn.Module, mode: str, compute_dtype: torch.dt
         raise ValueError(f"unknown quantization {mode!r}; choose one of {QUANTIZATIONS}")
     if mode == "none":
         return 0
+    # bitsandbytes warns at import about an optional 4-bit CPU kernel package, and on every int8 call about casting
+    # inputs to float16: neither is actionable here.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes as bnb
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns on every int8 call about casting to fp16
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

@@ -147,11 +147,11 @@ class InferenceSession:
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
         sent: dict[_HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
-        payload = serialize_tensor(hidden, config.compression)  # encoded once; servers' outputs are relayed as is
+        payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs are relayed as is
         failures, index = 0, 0
         while index < len(self.hops):
             hop = self.hops[index]
-            codec = config.final_codec if index == len(self.hops) - 1 else config.compression
+            codec = config.edge_codec if index == len(self.hops) - 1 else config.compression
             try:
                 output = await hop.step(payload, position_ids, attention_mask, self.position,
                                         hypo_ids if hop in reordered_before else None, codec,

@@ -1,8 +1,9 @@
 """Forward and backward passes through a chain of servers, without a cache (training, scoring).
 
-Hidden states are encoded once, by whoever produced them: the client encodes its input with the configured codec,
-each server encodes its output with the codec the client asked for, and the client relays those payloads to the
-next server untouched (a lossy code must never be applied to a tensor it already decoded). A hop whose server is
+Hidden states are encoded once, by whoever produced them: the client encodes its input with the edge codec, each
+server encodes its output with the codec the client asked for (the inter-server codec, or the edge codec for the
+last one), and the client relays those payloads to the next server untouched (a lossy code must never be applied
+to a tensor it already decoded). A hop whose server is
 unreachable is re-routed to other servers (which may split its blocks differently); a hop that the server refused
 (``RemoteError``) is not retried, since another server would refuse it too.
 """
@@ -46,7 +47,7 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
     failures, index = 0, 0
     while index < len(chain):
         span = chain[index]
-        codec = manager.config.final_codec if span.end == end else manager.config.compression
+        codec = manager.config.edge_codec if span.end == end else manager.config.compression
         try:
             output = await _call_span(manager, span, protocol.FORWARD,
                                       span_request(span, hidden, position_ids, attention_mask, codec), "hidden")
@@ -70,7 +71,7 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
     grad = grad_output
     for index in reversed(range(len(record))):
         span, inputs = record[index]
-        codec = manager.config.final_codec if index == 0 else manager.config.compression
+        codec = manager.config.edge_codec if index == 0 else manager.config.compression
         try:
             grad = await _call_span(manager, span, protocol.BACKWARD,
                                     span_request(span, inputs, position_ids, attention_mask, codec,
@@ -93,7 +94,7 @@ class RemoteChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 manager: SequenceManager) -> torch.Tensor:
-        encoded = serialize_tensor(hidden.detach(), manager.config.compression)
+        encoded = serialize_tensor(hidden.detach(), manager.config.edge_codec)
         output, record = manager.loop.run(forward_chain(manager, encoded, position_ids, attention_mask))
         ctx.manager, ctx.record, ctx.position_ids, ctx.attention_mask = manager, record, position_ids, attention_mask
         return deserialize_tensor(output).to(hidden.dtype)
@@ -101,6 +102,6 @@ class RemoteChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         manager = ctx.manager
-        encoded = serialize_tensor(grad_output.contiguous(), manager.config.compression)
+        encoded = serialize_tensor(grad_output.contiguous(), manager.config.edge_codec)
         grad = manager.loop.run(backward_chain(manager, ctx.record, encoded, ctx.position_ids, ctx.attention_mask))
         return deserialize_tensor(grad).to(grad_output.dtype), None, None, None

@@ -12,6 +12,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_forward import RemoteChainFunction
 from swarm.client.routing import RemoteSpan, SequenceManager
+from swarm.compression import blockwise
 
 
 class RemoteSequential(nn.Module):
@@ -26,6 +27,8 @@ class RemoteSequential(nn.Module):
         self.client_config, self.model_id, self.num_blocks = client_config, model_id, num_blocks
         self.manager = SequenceManager(client_config, model_id, num_blocks)
         self.active_session: InferenceSession | None = None
+        if "blockwise8" in (client_config.compression, client_config.edge_codec):
+            blockwise.warm_up()  # the first 8-bit call imports bitsandbytes (~3 s): not inside the first request
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
