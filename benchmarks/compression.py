@@ -2,10 +2,10 @@
 
 1. Bytes per decode step and per prefill for SmolLM2's hidden states (576 wide), per codec, vs float32.
 2. Codec speed (MB/s of float32 input) on 2 MiB and 20 MiB tensors.
-3. Quality through two real servers of the embedded SmolLM2 (float32): teacher-forced top-1 agreement and mean KL
+4. Quality through two real servers of the embedded SmolLM2 (float32): teacher-forced top-1 agreement and mean KL
    of next-token distributions against compression="none", and where greedy decoding first diverges.
-4. Decode tokens/s and prefill time, none vs 8-bit, on loopback and behind WAN proxies (RTT and Mbit/s below).
-5. Weight quantization of the blocks (int8, nf4): memory per block, teacher-forced top-1 agreement and mean KL
+5. Decode tokens/s and prefill time, none vs 8-bit, on loopback and behind WAN proxies (RTT and Mbit/s below).
+3. Weight quantization of the blocks (int8, nf4): memory per block, teacher-forced top-1 agreement and mean KL
    against float32 weights, and the time of one forward over all 30 blocks (in-process: no network involved).
 """
 
@@ -85,7 +85,7 @@ def codec_speed() -> None:
 
 
 def quality(peers: list[str], blocked: list[str], greedy_tokens: int) -> None:
-    print("== 3. quality through 2 servers, vs compression='none' ==")
+    print("== 4. quality through 2 servers, vs compression='none' ==")
     tokenizer = load_tokenizer()
     exact = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=peers, compression="none",
                                                             blocked_servers=blocked)
@@ -131,7 +131,7 @@ def speed(label: str, peers: list[str], blocked: list[str], input_ids: torch.Ten
         decode = statistics.median(r[1] for r in runs_)
         results[compression] = (input_ids.shape[1] / prefill, decode)
     (p_none, d_none), (p_8, d_8) = results["none"], results["blockwise8"]
-    print(f"{label:>28}: prefill {p_none:.3f} s -> {p_8:.3f} s 8-bit ({p_none / p_8:.2f}x faster), "
+    print(f"{label:>28}: prefill {p_none:.3f} s -> {p_8:.3f} s 8-bit (speed-up {p_none / p_8:.2f}x), "
           f"decode {d_none:.1f} -> {d_8:.1f} tokens/s ({d_8 / d_none:.2f}x)")
 
 
@@ -142,7 +142,7 @@ def weight_quantization(prompt_ids: list[torch.Tensor]) -> None:
     from swarm.blocks.quantization import parameter_bytes
     from swarm.blocks.span import BlockSpan
 
-    print("== 5. weight quantization of all 30 blocks (in-process), vs float32 weights ==")
+    print("== 3. weight quantization of all 30 blocks (in-process), vs float32 weights ==")
     source = resolve_model(EMBEDDED_MODEL)
     local = AutoModelForCausalLM.from_pretrained(source.config_path).eval()
     head = lambda hidden: local.lm_head(local.model.norm(hidden))  # noqa: E731
@@ -197,7 +197,7 @@ def main() -> None:
         peers = [bootstrap.maddr]
         quality(peers, proxied, args.greedy_tokens)
 
-        print(f"== 4. speed through 2 servers (prompt {args.prompt_tokens}, {args.decode_tokens} decode tokens, "
+        print(f"== 5. speed through 2 servers (prompt {args.prompt_tokens}, {args.decode_tokens} decode tokens, "
               f"median of {args.runs}) ==")
         speed("loopback", peers, proxied, input_ids, args.decode_tokens, args.runs)
         for mbit in args.mbits:
