@@ -2,11 +2,11 @@
 
 1. Bytes per decode step and per prefill for SmolLM2's hidden states (576 wide), per codec, vs float32.
 2. Codec speed (MB/s of float32 input) on 2 MiB and 20 MiB tensors.
+3. Weight quantization of the blocks (int8, nf4): memory per block, teacher-forced top-1 agreement and mean KL
+   against float32 weights, and the time of one forward over all 30 blocks (in-process: no network involved).
 4. Quality through two real servers of the embedded SmolLM2 (float32): teacher-forced top-1 agreement and mean KL
    of next-token distributions against compression="none", and where greedy decoding first diverges.
 5. Decode tokens/s and prefill time, none vs 8-bit, on loopback and behind WAN proxies (RTT and Mbit/s below).
-3. Weight quantization of the blocks (int8, nf4): memory per block, teacher-forced top-1 agreement and mean KL
-   against float32 weights, and the time of one forward over all 30 blocks (in-process: no network involved).
 """
 
 from __future__ import annotations
