@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from generation import measure  # noqa: E402
 
-from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer  # noqa: E402
+from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, RoutingPolicy, load_tokenizer  # noqa: E402
 from swarm.compression import CODECS, blockwise, deserialize_tensor, serialize_tensor  # noqa: E402
 from swarm.rpc.framing import encode_message  # noqa: E402
 from swarm.utils.local_swarm import LocalSwarm, free_port  # noqa: E402
@@ -88,7 +88,7 @@ def quality(peers: list[str], blocked: list[str], greedy_tokens: int) -> None:
     print("== 4. quality through 2 servers, vs compression='none' ==")
     tokenizer = load_tokenizer()
     exact = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=peers, compression="none",
-                                                            blocked_servers=blocked)
+                                                            routing_policy=RoutingPolicy(blocked_servers=blocked))
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS]
     with torch.no_grad():
         reference = [exact(ids).logits for ids in prompts]
@@ -98,7 +98,7 @@ def quality(peers: list[str], blocked: list[str], greedy_tokens: int) -> None:
     for name, compression, final in CONFIGS:
         model = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=peers,
                                                                 compression=compression, edge_compression=final,
-                                                                blocked_servers=blocked)
+                                                                routing_policy=RoutingPolicy(blocked_servers=blocked))
         kls, agreement, divergence = [], [], []
         with torch.no_grad():
             for ids, ref_logits, ref_greedy in zip(prompts, reference, reference_greedy, strict=True):
@@ -123,7 +123,8 @@ def speed(label: str, peers: list[str], blocked: list[str], input_ids: torch.Ten
     results = {}
     for compression in ("none", "blockwise8"):
         model = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=peers,
-                                                                compression=compression, blocked_servers=blocked)
+                                                                compression=compression,
+                                                                routing_policy=RoutingPolicy(blocked_servers=blocked))
         measure(model, input_ids[:, :8], 2)  # warm-up
         runs_ = [measure(model, input_ids, decode_tokens) for _ in range(runs)]
         model.shutdown()

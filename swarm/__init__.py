@@ -16,6 +16,7 @@ from swarm.client import (  # noqa: E402
     InferenceSession,
     MissingBlocksError,
     RemoteSequential,
+    RoutingPolicy,
 )
 from swarm.hub.embedded import EMBEDDED_MODEL  # noqa: E402
 from swarm.hub.source import load_tokenizer, resolve_model  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "MissingBlocksError",
     "RemoteError",
     "RemoteSequential",
+    "RoutingPolicy",
     "load_tokenizer",
     "resolve_model",
 ]

@@ -7,7 +7,7 @@ import torch
 from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
-from swarm import AutoDistributedModelForCausalLM, MissingBlocksError
+from swarm import AutoDistributedModelForCausalLM, MissingBlocksError, RoutingPolicy
 from swarm.compression import CODECS, PayloadError, blockwise, deserialize_tensor, serialize_tensor
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos
@@ -117,8 +117,8 @@ def test_8bit_activations_stay_close_and_none_is_exact(swarm):
     compression="none": equal to the local model."""
     servers = swarm["servers"]
     blocked = [servers["int8"].peer_id, servers["nf4"].peer_id]
-    exact, compressed = _client(swarm, compression="none", blocked_servers=blocked), \
-        _client(swarm, blocked_servers=blocked)
+    policy = RoutingPolicy(blocked_servers=blocked)
+    exact, compressed = _client(swarm, compression="none", routing_policy=policy), _client(swarm, routing_policy=policy)
     try:
         ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -150,7 +150,7 @@ def test_quantized_servers_generate_and_announce_their_quantization(swarm):
         reference = swarm["local"](ids).logits
     for quant in ("int8", "nf4"):
         others = [p.peer_id for q, p in servers.items() if q != quant]
-        model = _client(swarm, compression="none", blocked_servers=others)
+        model = _client(swarm, compression="none", routing_policy=RoutingPolicy(blocked_servers=others))
         try:
             assert model.route()[-1].info.quantization == quant
             with torch.no_grad():
@@ -164,10 +164,12 @@ def test_quantized_servers_generate_and_announce_their_quantization(swarm):
 
 def test_precision_policy_avoids_quantized_servers(swarm):
     servers = swarm["servers"]
-    float_only = _client(swarm, min_precision="float", blocked_servers=[servers["none"].peer_id])
-    at_least_int8 = _client(swarm, min_precision="int8", blocked_servers=[servers["none"].peer_id])
+    no_float = [servers["none"].peer_id]
+    float_only = _client(swarm, routing_policy=RoutingPolicy(min_precision="float", blocked_servers=no_float))
+    at_least_int8 = _client(swarm, routing_policy=RoutingPolicy(min_precision="int8", blocked_servers=no_float))
     try:
-        with pytest.raises(MissingBlocksError, match="no server holds block 3 of tiny-llama with precision >= float"):
+        with pytest.raises(MissingBlocksError, match=r"no server holds block 3 of tiny-llama usable by this request "
+                                                     r"\(3 excluded: .*int8 weights, below the precision float"):
             float_only.route()
         for _ in range(5):  # int8 is acceptable, nf4 never is
             assert at_least_int8.route()[-1].peer_id == servers["int8"].peer_id

@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, VOCAB
 from transformers import AutoModelForCausalLM
 
-from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM
+from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM, RoutingPolicy
 from swarm.utils.local_swarm import LocalSwarm
 
 ATOL = 1e-4  # float32, no compression: differences are float rounding only (observed <= 5e-6)
@@ -26,7 +26,8 @@ def family_swarm(request, tiny_model, tmp_path_factory):
         two_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],
                                                                    compression="none")
         three_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],
-                                                                     blocked_servers=[others[2].peer_id],
+                                                                     routing_policy=RoutingPolicy(
+                                                                         blocked_servers=[others[2].peer_id]),
                                                                      compression="none")
         local = AutoModelForCausalLM.from_pretrained(path).eval()
         yield {"path": path, "peers": [first.maddr], "local": local, "two_hops": two_hops, "three_hops": three_hops}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer, resolve_model
+from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, RoutingPolicy, load_tokenizer, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,8 @@ def smollm2(launcher):
     two_hops = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=[first.maddr],
                                                                  compression="none")
     three_hops = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=[first.maddr],
-                                                                 blocked_servers=[others[0].peer_id],
+                                                                 routing_policy=RoutingPolicy(
+                                                                     blocked_servers=[others[0].peer_id]),
                                                                  compression="none")
     local = AutoModelForCausalLM.from_pretrained(resolve_model(EMBEDDED_MODEL).config_path).eval()
     yield {"two_hops": two_hops, "three_hops": three_hops, "local": local, "tokenizer": load_tokenizer()}

@@ -4,7 +4,8 @@
 - remote_sequential.py: ``RemoteSequential``: every decoder block as one module computed by servers
 - inference_session.py: ``InferenceSession``: streaming steps over servers' KV caches, replay on failure
 - remote_forward.py: stateless forward/backward through a chain (training), as an autograd function
-- routing.py: ``SequenceManager``: the DHT view, chain choice, banned servers
+- routing.py: ``RoutingPolicy`` and the cheapest-chain search over measured costs (pure functions)
+- sequence_manager.py: ``SequenceManager``: the DHT view, RTT pings, per-server statistics, bans with backoff
 - config.py: ``ClientConfig``
 """
 
@@ -17,7 +18,7 @@ from swarm.client.model import (
     DistributedModelForCausalLM,
 )
 from swarm.client.remote_sequential import RemoteSequential
-from swarm.client.routing import MissingBlocksError, RemoteSpan
+from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest, RoutingPolicy
 
 __all__ = [
     "AutoDistributedModel",
@@ -29,4 +30,6 @@ __all__ = [
     "MissingBlocksError",
     "RemoteSequential",
     "RemoteSpan",
+    "RouteRequest",
+    "RoutingPolicy",
 ]

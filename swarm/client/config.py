@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from swarm.client.routing import RoutingPolicy
+
 
 @dataclass
 class ClientConfig:
@@ -15,8 +17,8 @@ class ClientConfig:
     max_retries: int = 3  # other servers tried after a server fails, per request
     update_period: float = 15.0  # re-read the DHT when the cached view is older than this
     ban_time: float = 30.0  # a server that failed is avoided for this long
-    blocked_servers: list[str] = field(default_factory=list)  # peer ids never to route through
-    min_precision: str = "nf4"  # weakest weight quantization accepted: "nf4" (any), "int8", "float" (none)
+    routing_policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # how to weigh servers, which to avoid
+    max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split
     # Wire codec of hidden states passed from one server to the next ("none" is bit-exact).
     compression: str = "blockwise8"

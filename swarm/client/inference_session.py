@@ -8,14 +8,16 @@ output. Every step carries its start position, so a client can also rewind (rege
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from swarm.client.remote_forward import span_request
-from swarm.client.routing import RemoteSpan, SequenceManager
+from swarm.client.routing import Hop, RemoteSpan, RouteRequest
+from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.rpc import protocol
-from swarm.rpc.client import PeerUnavailable, Stream
+from swarm.rpc.client import PeerUnavailable, RemoteError, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +25,13 @@ logger = logging.getLogger(__name__)
 class _HopSession:
     """One server's part of the session: its stream and the inputs it has been sent."""
 
-    def __init__(self, span: RemoteSpan, stream: Stream, session_id: str):
-        self.span, self.stream, self.session_id = span, stream, session_id
+    def __init__(self, hop: Hop, stream: Stream, session_id: str):
+        self.hop, self.span, self.stream, self.session_id = hop, hop.span, stream, session_id
         self.inputs: torch.Tensor | None = None  # (batch, position, hidden): everything sent so far
 
     @classmethod
-    async def open(cls, manager: SequenceManager, span: RemoteSpan, batch_size: int, max_length: int) -> _HopSession:
+    async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int) -> _HopSession:
+        span = hop.span
         stream = await Stream.open(manager.p2p, span.peer_id, protocol.INFERENCE, manager.config.connect_timeout)
         try:
             reply = await stream.request({"type": "open", "start": span.start, "end": span.end,
@@ -37,7 +40,7 @@ class _HopSession:
         except BaseException:
             stream.close()
             raise
-        return cls(span, stream, reply["session_id"])
+        return cls(hop, stream, reply["session_id"])
 
     async def step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    position: int, hypo_ids: torch.Tensor | None, output_codec: str, timeout: float) -> dict:
@@ -148,21 +151,28 @@ class InferenceSession:
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
         sent: dict[_HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
         payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs are relayed as is
-        failures, index = 0, 0
+        failures, index, last_error = 0, 0, None
         while index < len(self.hops):
             hop = self.hops[index]
             codec = config.edge_codec if index == len(self.hops) - 1 else config.compression
+            started = time.perf_counter()
             try:
                 output = await hop.step(payload, position_ids, attention_mask, self.position,
                                         hypo_ids if hop in reordered_before else None, codec,
                                         config.request_timeout)
-            except PeerUnavailable as e:
+            except (PeerUnavailable, RemoteError) as e:
+                # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
+                # its replacement repeats on the same step is ours to report.
                 failures += 1
-                if failures > config.max_retries:
+                if failures > config.max_retries or (isinstance(e, RemoteError) and isinstance(last_error,
+                                                                                              RemoteError)):
                     raise
+                last_error = e
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
                 await self._replace_hop(index)
                 continue
+            if hidden.shape[1] == 1:  # decode steps calibrate the per-hop overhead routing expects
+                self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
             sent[hop] = payload
             payload, index = output, index + 1
         for hop, inputs in sent.items():
@@ -174,22 +184,25 @@ class InferenceSession:
         chain chosen again, up to ``max_retries`` times."""
         failures = 0
         while True:
-            chain, opened = await self.manager.make_sequence(start, end), []
+            request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length)
+            chain, opened = await self.manager.route(start, end, request), []
             try:
-                for span in chain:
-                    opened.append(await _HopSession.open(self.manager, span, self.batch_size, self.max_length))
+                for hop in chain:
+                    opened.append(await _HopSession.open(self.manager, hop, self.batch_size, self.max_length))
                 return opened
             except BaseException as e:
                 for hop in opened:
                     await hop.close()
                 failures += 1
-                if not isinstance(e, PeerUnavailable) or failures > self.manager.config.max_retries:
+                # unreachable, or refused (e.g. its cache filled up since it announced): try another server
+                if not isinstance(e, (PeerUnavailable, RemoteError)) or failures > self.manager.config.max_retries:
                     raise
-                logger.warning(f"Cannot open a session on {chain[len(opened)]} ({e}); choosing another server")
-                self.manager.ban(e.peer or chain[len(opened)].peer_id)
+                logger.warning(f"Cannot open a session on {chain[len(opened)].span} ({e}); choosing another server")
+                self.manager.ban(getattr(e, "peer", None) or chain[len(opened)].span.peer_id)
 
     async def _replace_hop(self, index: int) -> None:
         """Route the failed hop's blocks to other servers and replay its history there (one prefill each)."""
+        started = time.perf_counter()
         failed = self.hops.pop(index)
         failed.stream.close()
         self.manager.ban(failed.span.peer_id)
@@ -198,7 +211,7 @@ class InferenceSession:
             hops = await self._open_chain(failed.span.start, failed.span.end)
             try:
                 await self._replay(hops, failed.inputs)
-            except PeerUnavailable as e:
+            except (PeerUnavailable, RemoteError) as e:
                 for hop in hops:
                     await hop.close()
                 failures += 1
@@ -208,6 +221,7 @@ class InferenceSession:
                 self.manager.ban(e.peer or hops[0].span.peer_id)
                 continue
             self.hops[index:index] = hops
+            self.manager.record_failover_time(time.perf_counter() - started)
             return
 
     async def _replay(self, hops: list[_HopSession], history: torch.Tensor | None) -> None:

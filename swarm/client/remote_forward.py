@@ -3,19 +3,22 @@
 Hidden states are encoded once, by whoever produced them: the client encodes its input with the edge codec, each
 server encodes its output with the codec the client asked for (the inter-server codec, or the edge codec for the
 last one), and the client relays those payloads to the next server untouched (a lossy code must never be applied
-to a tensor it already decoded). A hop whose server is
-unreachable is re-routed to other servers (which may split its blocks differently); a hop that the server refused
-(``RemoteError``) is not retried, since another server would refuse it too.
+to a tensor it already decoded).
+
+A hop whose server is unreachable is re-routed to other servers (which may split its blocks differently). A hop
+that its server refused (``RemoteError``) is tried once more elsewhere: if another server refuses it too, the
+request is at fault and the error is raised.
 """
 
 from __future__ import annotations
 
 import torch
 
-from swarm.client.routing import RemoteSpan, SequenceManager
+from swarm.client.routing import RemoteSpan, RouteRequest
+from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.rpc import protocol
-from swarm.rpc.client import PeerUnavailable, call
+from swarm.rpc.client import PeerUnavailable, RemoteError, call
 
 Record = list[tuple[RemoteSpan, dict]]  # each hop and the encoded hidden states it received
 
@@ -42,21 +45,24 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
                         end: int | None = None) -> tuple[dict, Record]:
     """Run blocks [start, end) on encoded ``hidden``; returns the encoded output and each hop with its input."""
     end = manager.num_blocks if end is None else end
-    chain = await manager.make_sequence(start, end)
+    request = RouteRequest(mode="throughput", tokens=position_ids.numel())
+    chain = await manager.make_sequence(start, end, request)
     record: Record = []
-    failures, index = 0, 0
+    failures, index, last_error = 0, 0, None
     while index < len(chain):
         span = chain[index]
         codec = manager.config.edge_codec if span.end == end else manager.config.compression
         try:
             output = await _call_span(manager, span, protocol.FORWARD,
                                       span_request(span, hidden, position_ids, attention_mask, codec), "hidden")
-        except PeerUnavailable:
+        except (PeerUnavailable, RemoteError) as e:
             failures += 1
-            if failures > manager.config.max_retries:
+            if failures > manager.config.max_retries or (isinstance(e, RemoteError) and
+                                                         isinstance(last_error, RemoteError)):
                 raise
+            last_error = e
             manager.ban(span.peer_id)
-            chain = chain[:index] + await manager.make_sequence(span.start, end)
+            chain = chain[:index] + await manager.make_sequence(span.start, end, request)
             continue
         record.append((span, hidden))
         hidden, index = output, index + 1

@@ -11,7 +11,8 @@ from torch import nn
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_forward import RemoteChainFunction
-from swarm.client.routing import RemoteSpan, SequenceManager
+from swarm.client.routing import Hop, RemoteSpan, RouteRequest
+from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import blockwise
 
 
@@ -58,8 +59,12 @@ class RemoteSequential(nn.Module):
             session.close()
 
     def route(self) -> list[RemoteSpan]:
-        """The chain of servers a request would take now."""
-        return self.manager.loop.run(self.manager.make_sequence())
+        """The chain of servers a decoding session would take now."""
+        return [hop.span for hop in self.explain_route()]
+
+    def explain_route(self, request: RouteRequest | None = None) -> list[Hop]:
+        """The chain a request would take now, each hop with its expected costs (``hop.explain()``: a dict)."""
+        return self.manager.loop.run(self.manager.route(0, self.num_blocks, request))
 
     def shutdown(self) -> None:
         self.manager.shutdown()

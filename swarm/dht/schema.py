@@ -35,10 +35,11 @@ class ServerInfo:
     public_name: str | None = None  # shown on the health page
     cache_tokens_left: int = 0  # free KV cache: batch x positions a new session may still reserve on this span
     max_session_length: int = 0  # the longest session (prompt + generation) the server accepts
-    # Measured in the routing issue; None until then.
-    throughput: float | None = None  # overall tokens/s the server can sustain for swarm-wide balancing
-    inference_rps: float | None = None  # decode steps/s over the whole span at batch 1
-    forward_rps: float | None = None  # prefill tokens/s over the whole span
+    # Measured by the server on its own device, dtype and quantization (None: not measured).
+    throughput: float | None = None  # tokens/s the server adds to each of its blocks, for swarm-wide balancing
+    inference_rps: float | None = None  # decode steps/s over the whole span at batch 1, warm cache
+    forward_tps: float | None = None  # tokens/s of a prefill-size forward over the whole span
+    load: float = 0.0  # requests queued or running on the server's compute thread when announced
     next_pings: dict[str, float] = field(default_factory=dict)  # peer id -> RTT (s) to servers after this span
 
     def to_dict(self) -> dict:
@@ -62,9 +63,10 @@ class ServerInfo:
                 value = data.get(name)
                 if isinstance(value, kind) and not isinstance(value, bool):
                     kwargs[name] = value
-            for name in ("throughput", "inference_rps", "forward_rps"):
+            for name in ("throughput", "inference_rps", "forward_tps", "load"):
                 value = data.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                        and value >= 0:
                     kwargs[name] = float(value)
             pings = data.get("next_pings")
             if isinstance(pings, dict):

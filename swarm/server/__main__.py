@@ -22,11 +22,27 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_throughput(text: str) -> str | float:
+    if text in ("auto", "eval"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "auto", "eval" or a positive number, got {text!r}') from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"throughput must be positive, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve a span of a model's blocks to the swarm.")
     parser.add_argument("model", nargs="?", default=None,
                         help="local directory or hub name (default: the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
-    parser.add_argument("--blocks", type=parse_blocks, required=True, help="START:END, the blocks to serve")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--blocks", type=parse_blocks, help="START:END, the blocks to serve")
+    which.add_argument("--num-blocks", type=int, help="serve N blocks where the swarm needs them most (rebalanced)")
+    parser.add_argument("--balance-period", type=float, default=120.0,
+                        help="mean seconds between checks whether moving would help the swarm (with --num-blocks)")
     parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of the swarm (none: a new swarm)")
     parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: loopback only)")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
@@ -42,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-id", default=None,
                         help="name announced in the DHT (default: the hub name or the local directory's name)")
     parser.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
+    parser.add_argument("--throughput", type=parse_throughput, default="auto",
+                        help='"auto" (measure once, cache on disk), "eval" (measure again) or a number used as '
+                             "both decode steps/s and forward tokens/s")
     parser.add_argument("--identity", default=None, help="private key file, for a stable peer id across restarts")
     parser.add_argument("--max-session-length", type=int, default=8192, help="longest inference session accepted")
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
@@ -62,11 +81,12 @@ def main() -> None:
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
                     max_session_length=args.max_session_length, session_timeout=args.session_timeout)
     config = ServerConfig(
-        model=args.model, start=args.blocks[0], end=args.blocks[1], initial_peers=args.initial_peers,
+        model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
+        num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,
         host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
         dtype=args.dtype, quantization=args.quantize, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
-        identity_path=args.identity, limits=limits,
+        identity_path=args.identity, throughput=args.throughput, limits=limits,
     )
     asyncio.run(Server(config).run())
 

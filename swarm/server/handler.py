@@ -48,12 +48,17 @@ class BlockHandler:
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         # One compute thread: requests run one at a time in arrival order, the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.pending = 0  # requests waiting for or running on the compute thread
         self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
 
     async def register(self, p2p: P2P) -> None:
         for name, rpc in ((protocol.INFO, self.rpc_info), (protocol.FORWARD, self.rpc_forward),
                           (protocol.BACKWARD, self.rpc_backward), (protocol.INFERENCE, self.rpc_inference)):
             await p2p.add_binary_stream_handler(name, partial(self._serve, rpc))
+
+    def set_span(self, span: BlockSpan) -> None:
+        """Serve new requests and sessions from ``span``; sessions already open keep the span they started on."""
+        self.span = span
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -95,19 +100,23 @@ class BlockHandler:
             await write_message(writer, {"error": message})
 
     async def _compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        self.pending += 1  # announced as the server's load
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        finally:
+            self.pending -= 1
 
     async def _read_request(self, reader: asyncio.StreamReader) -> dict | None:
         return await read_message(reader, self.limits.max_message_bytes)
 
-    def _read_span_inputs(self, message: dict, past: int = 0):
-        """Block range, hidden states, positions and mask of a forward/backward/step request."""
-        start, end = read_block_range(message, self.span.start, self.span.end)
-        hidden = read_hidden(message, self.span.hidden_size, self.limits.max_batch_tokens)
+    def _read_span_inputs(self, message: dict, span: BlockSpan, past: int = 0):
+        """Local layer range in ``span``, hidden states, positions and mask of a forward/backward/step request."""
+        start, end = read_block_range(message, span.start, span.end)
+        hidden = read_hidden(message, span.hidden_size, self.limits.max_batch_tokens)
         batch, tokens, _ = hidden.shape
         positions = read_position_ids(message, batch, tokens, self.max_position)
         mask = read_attention_mask(message, batch, past + tokens)
-        return start - self.span.start, end - self.span.start, hidden, positions, mask
+        return start - span.start, end - span.start, hidden, positions, mask
 
     @staticmethod
     def _encode(tensor: torch.Tensor, codec: str) -> dict:
@@ -131,12 +140,13 @@ class BlockHandler:
         message = await self._read_request(reader)
         if message is None:
             return
-        first, last, hidden, positions, mask = self._read_span_inputs(message)
+        span = self.span
+        first, last, hidden, positions, mask = self._read_span_inputs(message, span)
         codec = self._output_codec(message)
 
         def run() -> torch.Tensor:
             with torch.no_grad():
-                return self.span(hidden.to(self.span.dtype), positions, mask, None, first, last)
+                return span(hidden.to(span.dtype), positions, mask, None, first, last)
 
         output = await self._compute(run)
         await write_message(writer, {"hidden": self._encode(output.to(hidden.dtype), codec)})
@@ -146,16 +156,17 @@ class BlockHandler:
         message = await self._read_request(reader)
         if message is None:
             return
-        first, last, hidden, positions, mask = self._read_span_inputs(message)
-        grad_output = read_hidden(message, self.span.hidden_size, self.limits.max_batch_tokens, name="grad_output")
+        span = self.span
+        first, last, hidden, positions, mask = self._read_span_inputs(message, span)
+        grad_output = read_hidden(message, span.hidden_size, self.limits.max_batch_tokens, name="grad_output")
         if grad_output.shape != hidden.shape:
             raise RequestError(f"grad_output has shape {list(grad_output.shape)}, hidden {list(hidden.shape)}")
         codec = self._output_codec(message)
 
         def run() -> torch.Tensor:
             with torch.enable_grad():
-                inputs = hidden.to(self.span.dtype).requires_grad_(True)
-                outputs = self.span(inputs, positions, mask, None, first, last)
+                inputs = hidden.to(span.dtype).requires_grad_(True)
+                outputs = span(inputs, positions, mask, None, first, last)
                 (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.dtype))
             return grad
 
@@ -201,7 +212,7 @@ class BlockHandler:
             raise RequestError(f"max_length must be in [1, {self.limits.max_session_length}], got {max_length}")
         if not 0 < batch_size <= self.limits.max_batch_tokens:
             raise RequestError(f"batch_size must be in [1, {self.limits.max_batch_tokens}], got {batch_size}")
-        return self.sessions.open(peer, start, end, batch_size, max_length, self.span.new_cache())
+        return self.sessions.open(peer, start, end, batch_size, max_length, self.span)
 
     async def _step(self, session: ServerSession, message: dict) -> dict:
         if get_field(message, "type", str) != "step":
@@ -214,7 +225,8 @@ class BlockHandler:
         start, end = read_block_range(message, session.start, session.end)
         if (start, end) != (session.start, session.end):
             raise RequestError(f"this session runs blocks {session.start}:{session.end}, not {start}:{end}")
-        first, last, hidden, positions, mask = self._read_span_inputs(message, past=position)
+        span = session.span
+        first, last, hidden, positions, mask = self._read_span_inputs(message, span, past=position)
         batch, tokens, _ = hidden.shape
         if batch != session.batch_size:
             raise RequestError(f"batch of {batch} rows, but the session was opened for {session.batch_size}")
@@ -232,7 +244,7 @@ class BlockHandler:
                 compat.reorder_cache(session.cache, hypo_ids)
             try:
                 with torch.no_grad():
-                    return self.span(hidden.to(self.span.dtype), positions, mask, session.cache, first, last)
+                    return span(hidden.to(span.dtype), positions, mask, session.cache, first, last)
             except BaseException:
                 compat.truncate_cache(session.cache, position)  # undo what the layers that ran have written
                 raise

@@ -1,10 +1,18 @@
-"""A swarm server: loads a span of blocks, serves it over libp2p, and announces it in the DHT until stopped."""
+"""A swarm server: loads a span of blocks, serves it over libp2p, and announces it in the DHT until stopped.
+
+With ``--num-blocks N`` instead of ``--blocks``, the server picks the span that most raises the swarm's weakest
+block throughput, re-checks now and then, and moves when that clearly helps: it loads the new span first, serves
+new requests there, lets open sessions finish on the old one, and only then drops it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
+import statistics
+import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -15,12 +23,15 @@ from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.span import BlockSpan, load_config
 from swarm.compression import blockwise
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
-from swarm.dht.records import announce_span
+from swarm.dht.records import announce_span, fetch_block_infos
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
-from swarm.hub.source import default_model_id, resolve_model
+from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
+from swarm.rpc.client import call
+from swarm.server.block_selection import choose_span, should_move
 from swarm.server.handler import BlockHandler, Limits
 from swarm.server.sessions import SessionTable
+from swarm.server.throughput import SpanSpeed, get_span_speed
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +41,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class ServerConfig:
     model: str | None  # local path or hub name; None: the embedded default model
-    start: int
-    end: int
+    start: int | None = None  # --blocks START:END ...
+    end: int | None = None
+    num_blocks: int | None = None  # ... or --num-blocks N: chosen from the swarm's coverage, rebalanced
     initial_peers: list[str] = field(default_factory=list)
     host: str = "0.0.0.0"
     port: int = 0
@@ -43,26 +55,40 @@ class ServerConfig:
     public_name: str | None = None
     model_id: str | None = None  # DHT name of the model; default: hub name or local directory name
     update_period: float = 30.0  # seconds between announcements
+    balance_period: float = 120.0  # mean seconds between rebalancing checks (with --num-blocks)
+    throughput: str | float = "auto"  # "auto": measure once and cache; "eval": re-measure; a number: use it
     identity_path: str | None = None
     limits: Limits = field(default_factory=Limits)
 
 
 class Server:
     def __init__(self, config: ServerConfig):
+        if (config.num_blocks is None) == (config.start is None):
+            raise ValueError("give either blocks (start, end) or num_blocks")
         self.config = config
         self.model_id = config.model_id or default_model_id(config.model)
         self.stopped = asyncio.Event()
+        self.state = ServerState.JOINING
+        self.start, self.end = config.start, config.end  # the span being served now
         self.span: BlockSpan | None = None
         self.sessions: SessionTable | None = None
-        self.state = ServerState.JOINING
+        self.speed: SpanSpeed | None = None
+        self.handler: BlockHandler | None = None
+        self.next_pings: dict[str, float] = {}  # peer -> EMA of RTT (s) to servers holding the block after ours
 
-    def info(self) -> ServerInfo:
-        cfg = self.config
+    # ---- what we announce
+
+    def info(self, state: ServerState | None = None, span: tuple[int, int] | None = None) -> ServerInfo:
+        cfg, speed = self.config, self.speed
+        start, end = span or (self.start, self.end)
         return ServerInfo(
-            state=self.state, start=cfg.start, end=cfg.end, dtype=cfg.dtype, quantization=cfg.quantization,
-            version=swarm.__version__,
-            public_name=cfg.public_name, cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
+            state=state if state is not None else self.state, start=start, end=end, dtype=cfg.dtype,
+            quantization=cfg.quantization, version=swarm.__version__, public_name=cfg.public_name,
+            cache_tokens_left=self.sessions.tokens_left if self.sessions else 0,
             max_session_length=cfg.limits.max_session_length,
+            throughput=speed.forward_tps if speed else None, inference_rps=speed.inference_rps if speed else None,
+            forward_tps=speed.forward_tps if speed else None, load=float(self.handler.pending if self.handler else 0),
+            next_pings=dict(self.next_pings),
         )
 
     def rpc_info(self) -> dict:
@@ -71,54 +97,153 @@ class Server:
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "max_batch_tokens": self.config.limits.max_batch_tokens}
 
+    # ---- lifecycle
+
     async def run(self) -> None:
         cfg = self.config
         source = await asyncio.to_thread(resolve_model, cfg.model)
         model_config = await asyncio.to_thread(load_config, source)
-        model_info = ModelInfo(model_config.num_hidden_layers, repository=source.repo_id or source.name,
-                               model_type=model_config.model_type)
-        if not 0 <= cfg.start < cfg.end <= model_info.num_blocks:
-            raise ValueError(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{model_info.num_blocks}")
+        self.model_info = ModelInfo(model_config.num_hidden_layers, repository=source.repo_id or source.name,
+                                    model_type=model_config.model_type)
+        total = self.model_info.num_blocks
+        if cfg.num_blocks is None and not 0 <= cfg.start < cfg.end <= total:
+            raise ValueError(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{total}")
 
         p2p, node = await start_dht(cfg.initial_peers, host=cfg.host, port=cfg.port,
                                     announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path)
+        self.node = node
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopped.set)
-        handler = None
+        self.expiration = max(2.5 * cfg.update_period, 10.0)
         try:
-            expiration = max(2.5 * cfg.update_period, 10.0)
-            await announce_span(node, self.model_id, self.info(), model_info, expiration)
-
-            logger.info(f"Loading blocks {cfg.start}:{cfg.end} of {source.name} ({cfg.dtype}, "
-                        f"{cfg.quantization} weights, on {cfg.device})...")
-            self.span = await asyncio.to_thread(BlockSpan.from_pretrained, source, cfg.start, cfg.end,
-                                                dtype=DTYPES[cfg.dtype], device=cfg.device,
-                                                quantization=cfg.quantization)
-            logger.info(f"Blocks hold {parameter_bytes(self.span.layers) / (cfg.end - cfg.start) / 2**20:.1f} MiB "
-                        "each")
-            await asyncio.to_thread(blockwise.warm_up)  # bitsandbytes' first call imports it (~2-3 s)
-            self.sessions = SessionTable(cfg.cache_tokens, cfg.end - cfg.start)
-            handler = BlockHandler(self.span, self.sessions, cfg.limits, self.rpc_info)
-            await handler.register(p2p)
+            if cfg.num_blocks is not None:
+                servers = await self.fetch_servers()
+                known = [i.throughput for i in servers.values() if i.throughput]
+                guess = statistics.median(known) if known else 1.0  # ours is measured once the span is loaded
+                self.start, self.end = choose_span(servers, total, cfg.num_blocks, guess, self.peer_id)
+                logger.info(f"Chose blocks {self.start}:{self.end} from the swarm's coverage")
+            await self.announce()
+            self.span = await self.load_span(source, self.start, self.end)
+            self.speed = await asyncio.to_thread(self.measure_speed)
+            self.sessions = SessionTable(cfg.cache_tokens, self.end - self.start)
+            self.handler = BlockHandler(self.span, self.sessions, cfg.limits, self.rpc_info)
+            await self.handler.register(p2p)
 
             self.state = ServerState.ONLINE
-            await announce_span(node, self.model_id, self.info(), model_info, expiration)
+            await self.announce()
             maddrs = await visible_maddrs(p2p)
-            print(f"Server ready: blocks {cfg.start}:{cfg.end} of {self.model_id} as peer {p2p.peer_id}", flush=True)
+            print(f"Server ready: blocks {self.start}:{self.end} of {self.model_id} as peer {p2p.peer_id}",
+                  flush=True)
             print("Join this swarm with: --initial-peers " + " ".join(maddrs), flush=True)
-
-            while not self.stopped.is_set():
-                with suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopped.wait(), cfg.update_period)
-                if not self.stopped.is_set():
-                    await announce_span(node, self.model_id, self.info(), model_info, expiration)
+            await self.serve_until_stopped(source)
 
             logger.info("Shutting down: announcing offline")
             self.state = ServerState.OFFLINE
             with suppress(Exception):
-                await asyncio.wait_for(announce_span(node, self.model_id, self.info(), None, expiration), 5)
+                await asyncio.wait_for(self.announce(with_model=False), 5)
         finally:
-            if handler is not None:
-                handler.shutdown()
+            if self.handler is not None:
+                self.handler.shutdown()
             await stop_dht(p2p, node)
+
+    async def serve_until_stopped(self, source: ModelSource) -> None:
+        next_balance = self._next_balance_check()
+        while not self.stopped.is_set():
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), self.config.update_period)
+            if self.stopped.is_set():
+                return
+            with suppress(Exception):
+                await self.ping_next_servers()
+            await self.announce()
+            if self.config.num_blocks is not None and time.monotonic() >= next_balance:
+                next_balance = self._next_balance_check()
+                try:
+                    await self.rebalance(source)
+                except Exception:
+                    logger.exception("Rebalancing failed; staying on the current blocks")
+
+    def _next_balance_check(self) -> float:
+        # jittered, so servers that joined together do not all move at the same moment
+        return time.monotonic() + self.config.balance_period * random.uniform(0.5, 1.5)
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id.to_base58()
+
+    async def announce(self, with_model: bool = True) -> None:
+        await announce_span(self.node, self.model_id, self.info(), self.model_info if with_model else None,
+                            self.expiration)
+
+    async def fetch_servers(self) -> dict[str, ServerInfo]:
+        """Every server of this model, one record each (its online one if it announces several spans)."""
+        per_block = await fetch_block_infos(self.node, self.model_id, list(range(self.model_info.num_blocks)))
+        servers: dict[str, ServerInfo] = {}
+        for block_servers in per_block:
+            for peer, info in block_servers.items():
+                if peer not in servers or info.state == ServerState.ONLINE:
+                    servers[peer] = info
+        return servers
+
+    async def load_span(self, source: ModelSource, start: int, end: int) -> BlockSpan:
+        cfg = self.config
+        logger.info(f"Loading blocks {start}:{end} of {source.name} ({cfg.dtype}, {cfg.quantization} weights, "
+                    f"on {cfg.device})...")
+        span = await asyncio.to_thread(BlockSpan.from_pretrained, source, start, end, dtype=DTYPES[cfg.dtype],
+                                       device=cfg.device, quantization=cfg.quantization)
+        logger.info(f"Blocks hold {parameter_bytes(span.layers) / (end - start) / 2**20:.1f} MiB each")
+        await asyncio.to_thread(blockwise.warm_up)  # bitsandbytes' first call imports it (~2-3 s)
+        return span
+
+    def measure_speed(self) -> SpanSpeed:
+        if isinstance(self.config.throughput, (int, float)):
+            value = float(self.config.throughput)
+            return SpanSpeed(inference_rps=value, forward_tps=value)
+        return get_span_speed(self.span, self.model_id, force=self.config.throughput == "eval")
+
+    # ---- measurements of the swarm around us
+
+    async def ping_next_servers(self, max_peers: int = 5) -> None:
+        """RTTs to (a few of) the servers holding the block right after our span, as an EMA per peer."""
+        if self.end >= self.model_info.num_blocks:
+            self.next_pings.clear()
+            return
+        infos = (await fetch_block_infos(self.node, self.model_id, [self.end]))[0]
+        peers = [p for p, i in infos.items() if i.state == ServerState.ONLINE and p != self.peer_id]
+        random.shuffle(peers)
+
+        async def ping(peer: str) -> None:
+            started = time.perf_counter()
+            try:
+                await call(self.node.p2p, peer, protocol.INFO, {}, timeout=5)
+            except Exception:
+                self.next_pings.pop(peer, None)
+                return
+            rtt, old = time.perf_counter() - started, self.next_pings.get(peer)
+            self.next_pings[peer] = rtt if old is None else 0.7 * old + 0.3 * rtt
+
+        await asyncio.gather(*(ping(peer) for peer in peers[:max_peers]))
+        for peer in set(self.next_pings) - set(peers):
+            del self.next_pings[peer]
+
+    # ---- rebalancing
+
+    async def rebalance(self, source: ModelSource) -> None:
+        servers = await self.fetch_servers()
+        target = should_move(servers, self.model_info.num_blocks, self.peer_id, (self.start, self.end),
+                             self.speed.forward_tps)
+        if target is None:
+            return
+        old = (self.start, self.end)
+        logger.info(f"Moving from blocks {old[0]}:{old[1]} to {target[0]}:{target[1]}: the swarm's weakest blocks "
+                    "need it more")
+        new_span = await self.load_span(source, *target)  # the old span keeps serving meanwhile
+        self.span = new_span
+        self.handler.set_span(new_span)  # new requests go here; open sessions finish on the old span
+        self.start, self.end = target
+        # Old blocks first, as offline (no new sessions); then the new span, whose records overwrite the overlap.
+        await announce_span(self.node, self.model_id, self.info(ServerState.OFFLINE, span=old), None, self.expiration)
+        await self.announce()
+        logger.info(f"Now serving blocks {target[0]}:{target[1]}; sessions on {old[0]}:{old[1]} finish there")
+

@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from torch import nn
 from transformers import DynamicCache
 
 from swarm.rpc.protocol import RequestError
@@ -24,6 +25,7 @@ class ServerSession:
     batch_size: int
     max_length: int
     cache: DynamicCache
+    span: nn.Module  # the BlockSpan it runs on (a server moving its blocks keeps the old one until sessions end)
     length: int = 0  # positions currently cached
     tokens_processed: int = 0  # batch rows x new positions computed, replays included (usage)
     steps: int = 0
@@ -51,7 +53,7 @@ class SessionTable:
         return max(0, self.capacity - self.used) // self.span_length
 
     def open(self, peer: str, start: int, end: int, batch_size: int, max_length: int,
-             cache: DynamicCache) -> ServerSession:
+             span: nn.Module) -> ServerSession:
         need = batch_size * max_length * (end - start)
         free = self.capacity - self.used
         if need > free:
@@ -59,7 +61,7 @@ class SessionTable:
                 f"not enough cache: the session needs {batch_size}x{max_length} tokens on {end - start} blocks, "
                 f"but only {free // (end - start)} tokens are free here (of {self.capacity // (end - start)})"
             )
-        session = ServerSession(uuid.uuid4().hex, peer, start, end, batch_size, max_length, cache)
+        session = ServerSession(uuid.uuid4().hex, peer, start, end, batch_size, max_length, span.new_cache(), span)
         self.sessions[session.session_id] = session
         return session
 

@@ -92,13 +92,16 @@ class LocalSwarm:
     def start_dht(self) -> SwarmProcess:
         return self._start(["-m", "swarm.dht", "--host", "127.0.0.1"], DHT_READY, "dht").wait_ready()
 
-    def start_server(self, model: str | os.PathLike | None, blocks: str, initial_peers: list[str], *extra: str,
+    def start_server(self, model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str], *extra: str,
                      wait: bool = True) -> SwarmProcess:
-        """``python -m swarm.server [model] --blocks ... --host 127.0.0.1``; ``model=None``: the embedded one."""
-        args = ["-m", "swarm.server"] + ([str(model)] if model else []) + ["--blocks", blocks, "--host", "127.0.0.1"]
+        """``python -m swarm.server [model] --blocks ... --host 127.0.0.1``; ``model=None``: the embedded one;
+        ``blocks=None``: pass ``--num-blocks N`` in ``extra``."""
+        args = ["-m", "swarm.server"] + ([str(model)] if model else []) + ["--host", "127.0.0.1"]
+        args += ["--blocks", blocks] if blocks else []
         if initial_peers:
             args += ["--initial-peers", *initial_peers]
-        process = self._start(args + list(extra), SERVER_READY, f"server-{blocks.replace(':', '-')}")
+        name = f"server-{blocks.replace(':', '-')}" if blocks else "server-auto"
+        process = self._start(args + list(extra), SERVER_READY, name)
         return process.wait_ready() if wait else process
 
     def start_wan_proxy(self, target_port: int, listen_port: int, rtt_ms: float,

@@ -1,0 +1,166 @@
+"""The client's live view of the swarm for one model: announcements, its own measurements, bans.
+
+It reads the servers' records from the DHT, pings candidate servers to learn round-trip times, keeps per-server
+statistics (RTT, observed overhead, recent failures), bans a failing server with a growing backoff, and asks
+``routing.find_chain`` for the cheapest chain under the client's ``RoutingPolicy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import replace
+
+from swarm.client.config import ClientConfig
+from swarm.client.routing import (
+    DEFAULT_FAILURE_COST,
+    CostModel,
+    Hop,
+    MissingBlocksError,
+    PeerStats,
+    RemoteSpan,
+    RouteRequest,
+    cheapest_chain,
+)
+from swarm.dht.node import start_dht, stop_dht
+from swarm.dht.records import fetch_block_infos
+from swarm.dht.schema import ServerInfo, ServerState
+from swarm.rpc import protocol
+from swarm.rpc.client import call
+from swarm.utils.loop_thread import LoopThread
+
+logger = logging.getLogger(__name__)
+
+EMA = 0.3  # weight of a new measurement in running averages
+FAILURE_MEMORY = 300.0  # s: a failure's weight in the reliability score decays with this time constant
+MAX_BAN = 300.0  # s: longest ban after repeated failures
+PING_TIMEOUT = 2.0  # s
+
+
+class SequenceManager:
+    def __init__(self, config: ClientConfig, model_id: str, num_blocks: int):
+        self.config, self.model_id, self.num_blocks = config, model_id, num_blocks
+        self.loop = LoopThread()
+        self.p2p, self.dht = self.loop.run(start_dht(config.initial_peers, host=config.host, client_mode=True))
+        self.servers: dict[str, ServerInfo] = {}
+        self.last_update = -math.inf
+        self.stats: dict[str, PeerStats] = {}
+        self.banned_until: dict[str, float] = {}
+        self.consecutive_failures: dict[str, int] = {}
+        self.failure_cost = DEFAULT_FAILURE_COST  # replaced by measured failover times
+        self._failures_decayed_at = time.monotonic()
+
+    # ---- the swarm's announcements
+
+    async def update(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.last_update > self.config.update_period:
+            per_block = await fetch_block_infos(self.dht, self.model_id, list(range(self.num_blocks)))
+            self.servers = merge_records(per_block)
+            self.last_update = time.monotonic()
+
+    # ---- measurements
+
+    def stats_for(self, peer: str) -> PeerStats:
+        return self.stats.setdefault(peer, PeerStats())
+
+    def record_rtt(self, peer: str, seconds: float) -> None:
+        stats = self.stats_for(peer)
+        stats.rtt = seconds if stats.rtt is None else (1 - EMA) * stats.rtt + EMA * seconds
+
+    def record_hop_time(self, hop: Hop, seconds: float) -> None:
+        """An observed step on ``hop``: what it took beyond the predicted network and compute time."""
+        stats = self.stats_for(hop.span.peer_id)
+        extra = max(0.0, seconds - hop.network - hop.compute)
+        stats.overhead = extra if stats.overhead is None else (1 - EMA) * stats.overhead + EMA * extra
+        self.consecutive_failures.pop(hop.span.peer_id, None)
+
+    def record_failover_time(self, seconds: float) -> None:
+        self.failure_cost = (1 - EMA) * self.failure_cost + EMA * seconds
+
+    async def ping(self, peers: list[str]) -> None:
+        """Measure round trips to ``peers`` concurrently. One that does not answer in time is recorded as that slow
+        (a busy server is not a dead one: opening a session on it decides)."""
+
+        async def ping_one(peer: str) -> None:
+            started = time.perf_counter()
+            try:
+                await call(self.p2p, peer, protocol.INFO, {}, timeout=PING_TIMEOUT)
+            except Exception as e:
+                logger.debug(f"Ping to {peer[-8:]} failed: {e}")
+                self.record_rtt(peer, PING_TIMEOUT)
+                return
+            self.record_rtt(peer, time.perf_counter() - started)
+
+        await asyncio.gather(*(ping_one(peer) for peer in peers))
+
+    # ---- failures
+
+    def ban(self, peer: str) -> None:
+        """Avoid a server that failed us: for ban_time, doubled at each consecutive failure (up to MAX_BAN)."""
+        failures = self.consecutive_failures.get(peer, 0) + 1
+        self.consecutive_failures[peer] = failures
+        self.banned_until[peer] = time.monotonic() + min(MAX_BAN, self.config.ban_time * 2 ** (failures - 1))
+        self._decay_failures()
+        self.stats_for(peer).failures += 1.0
+        self.last_update = -math.inf  # refresh the view before the next chain
+
+    def _decay_failures(self) -> None:
+        now = time.monotonic()
+        factor = math.exp(-(now - self._failures_decayed_at) / FAILURE_MEMORY)
+        for stats in self.stats.values():
+            stats.failures *= factor
+        self._failures_decayed_at = now
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, until in self.banned_until.items() if until > now}
+
+    # ---- routing
+
+    async def cost_model(self, request: RouteRequest) -> CostModel:
+        await self.update()
+        self._decay_failures()
+        policy = self.config.routing_policy
+        policy = replace(policy, blocked_servers=list(policy.blocked_servers) + sorted(self.banned()))
+        model = CostModel.build(self.servers, self.stats, policy, request, self.failure_cost)
+        unmeasured = [peer for peer in model.peers if self.stats_for(peer).rtt is None]
+        if unmeasured:
+            await self.ping(unmeasured[: self.config.max_pings_per_route])
+            policy = replace(policy, blocked_servers=list(policy.blocked_servers) + sorted(self.banned()))
+            model = CostModel.build(self.servers, self.stats, policy, request, self.failure_cost)
+        return model
+
+    async def route(self, start: int = 0, end: int | None = None,
+                    request: RouteRequest | None = None) -> list[Hop]:
+        """The cheapest chain of hops over blocks [start, end); ``MissingBlocksError`` if there is none."""
+        end = self.num_blocks if end is None else end
+        request = request or RouteRequest()
+        try:
+            return cheapest_chain(await self.cost_model(request), start, end, self.model_id)
+        except MissingBlocksError:  # our view may be stale: look again before giving up
+            await self.update(force=True)
+            return cheapest_chain(await self.cost_model(request), start, end, self.model_id)
+
+    async def make_sequence(self, start: int = 0, end: int | None = None,
+                            request: RouteRequest | None = None) -> list[RemoteSpan]:
+        return [hop.span for hop in await self.route(start, end, request)]
+
+    def shutdown(self) -> None:
+        try:
+            self.loop.run(stop_dht(self.p2p, self.dht), timeout=15)
+        finally:
+            self.loop.stop()
+
+
+def merge_records(per_block: list[dict[str, ServerInfo]]) -> dict[str, ServerInfo]:
+    """One record per server from the per-block records (a server moving its span announces two: prefer the
+    online one)."""
+    servers: dict[str, ServerInfo] = {}
+    for block_servers in per_block:
+        for peer, info in block_servers.items():
+            known = servers.get(peer)
+            if known is None or (known.state != ServerState.ONLINE and info.state == ServerState.ONLINE):
+                servers[peer] = info
+    return servers
