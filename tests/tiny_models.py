@@ -19,8 +19,9 @@ COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tiny_config(family: str) -> PretrainedConfig:
-    if family == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    if family in ("llama", "llama30"):  # llama30: as many blocks as SmolLM2, for routing and failover tests
+        layers = 30 if family == "llama30" else 6
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **COMMON)
     if family == "qwen2":
         # max_window_layers < num_hidden_layers: the top layers use sliding-window attention (a hybrid cache)

@@ -23,7 +23,7 @@ from swarm.blocks.span import build_skeleton, load_config, span_config
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import RemoteSequential
-from swarm.client.routing import RemoteSpan
+from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 
 
@@ -105,8 +105,13 @@ class DistributedPreTrainedModel(PreTrainedModel):
             yield session
 
     def route(self) -> list[RemoteSpan]:
-        """The chain of servers requests would take now."""
+        """The chain of servers a decoding session would take now."""
         return self.get_remote().route()
+
+    def explain_route(self, request: RouteRequest | None = None) -> list[dict]:
+        """The chain a request would take now, each hop with its expected costs in seconds (network, compute,
+        queue, overhead, reliability, total), for people and for the health page."""
+        return [hop.explain() for hop in self.get_remote().explain_route(request)]
 
 
 class DistributedModel(DistributedPreTrainedModel):

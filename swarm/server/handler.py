@@ -41,6 +41,7 @@ class Limits:
     max_batch_tokens: int = 8192  # batch rows x new tokens in one request
     max_session_length: int = 8192  # prompt + generated positions of one inference session
     session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
+    fail_after_steps: int | None = None  # fault injection for failover tests: err on every step after this many
 
 
 class BlockHandler:
@@ -49,6 +50,7 @@ class BlockHandler:
         # One compute thread: requests run one at a time in arrival order, the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.pending = 0  # requests waiting for or running on the compute thread
+        self.steps_served = 0
         self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
 
     async def register(self, p2p: P2P) -> None:
@@ -215,6 +217,9 @@ class BlockHandler:
         return self.sessions.open(peer, start, end, batch_size, max_length, self.span)
 
     async def _step(self, session: ServerSession, message: dict) -> dict:
+        self.steps_served += 1
+        if self.limits.fail_after_steps is not None and self.steps_served > self.limits.fail_after_steps:
+            raise RequestError("injected fault (--inject-fault-after-steps)")
         if get_field(message, "type", str) != "step":
             raise RequestError(f"expected a 'step' or 'close' message, got {message.get('type')!r}")
         if message.get("session_id") != session.session_id:

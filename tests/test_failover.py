@@ -1,0 +1,116 @@
+"""Failover on a 30-block model with redundant servers: a server killed, stalled or erring in the middle of a
+generation is replaced, the session replayed on the replacement, and the tokens equal local greedy decoding."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from tiny_models import VOCAB
+from transformers import AutoModelForCausalLM, StoppingCriteria
+
+from swarm import AutoDistributedModelForCausalLM, MissingBlocksError
+from swarm.utils.local_swarm import LocalSwarm
+
+GREEDY = dict(do_sample=False, eos_token_id=None)
+FAST, SLOW = "1000", "1"  # --throughput: routing prefers the fast replica, so the test knows which one is in use
+
+
+@pytest.fixture
+def swarm(tiny_model, tmp_path):
+    """Blocks 0:10 and 20:30 once; 10:20 on a fast replica and a slow one."""
+    path = tiny_model("llama30")
+    with LocalSwarm(tmp_path) as launcher:
+        first = launcher.start_server(path, "0:10", [])
+
+        def start(blocks: str, *extra: str):
+            return launcher.start_server(path, blocks, [first.maddr], *extra, wait=False)
+
+        yield {"path": path, "launcher": launcher, "peers": [first.maddr], "start": start,
+               "local": AutoModelForCausalLM.from_pretrained(path).eval()}
+
+
+class AtLength(StoppingCriteria):
+    """Runs ``action`` once, when the sequence reaches ``length``; never stops generation."""
+
+    def __init__(self, length: int, action):
+        self.length, self.action, self.fired_at = length, action, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if input_ids.shape[1] == self.length and self.fired_at is None:
+            self.action()
+            self.fired_at = time.monotonic()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def prompt(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "stall", "error"])
+def test_generation_survives_a_failing_server(swarm, fault):
+    extra = ("--inject-fault-after-steps", "6") if fault == "error" else ()
+    fast = swarm["start"]("10:20", "--throughput", FAST, *extra)
+    others = [swarm["start"]("10:20", "--throughput", SLOW), swarm["start"]("20:30")]
+    for process in [fast, *others]:
+        process.wait_ready()
+    model = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"],
+                                                            compression="none", request_timeout=3.0)
+    try:
+        def break_server() -> None:
+            assert model.get_remote().active_session.chain[1].peer_id == fast.peer_id
+            if fault == "sigkill":
+                fast.signal(signal.SIGKILL)
+            elif fault == "stall":
+                fast.proc.send_signal(signal.SIGSTOP)  # alive but silent: only the request timeout tells
+
+        ids = prompt()
+        trigger = AtLength(ids.shape[1] + 5, break_server)
+        with model.inference_session(max_length=64) as session:
+            out = model.generate(ids, max_new_tokens=16, stopping_criteria=[trigger], **GREEDY)
+            assert session.chain[1].peer_id != fast.peer_id  # the slow replica took over blocks 10:20
+        assert trigger.fired_at is not None
+        assert torch.equal(out, swarm["local"].generate(ids, max_new_tokens=16, **GREEDY))
+    finally:
+        if fault == "stall":
+            fast.proc.send_signal(signal.SIGCONT)
+        model.shutdown()
+
+
+def test_backward_is_retried_on_another_server(swarm):
+    fast = swarm["start"]("10:20", "--throughput", FAST)
+    others = [swarm["start"]("10:20", "--throughput", SLOW), swarm["start"]("20:30")]
+    for process in [fast, *others]:
+        process.wait_ready()
+    model = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"],
+                                                            compression="none")
+    local = swarm["local"]
+    try:
+        ids = prompt(seed=1)
+        embeddings = model.get_input_embeddings().weight.requires_grad_(True)
+        loss = model(ids, labels=ids).loss  # went through the fast replica
+        fast.signal(signal.SIGKILL)
+        loss.backward()  # its backward is recomputed on the slow one
+        local(ids, labels=ids).loss.backward()
+        assert torch.allclose(embeddings.grad, local.get_input_embeddings().weight.grad, atol=1e-4, rtol=0)
+    finally:
+        model.shutdown()
+
+
+def test_no_server_left_for_a_block_fails_within_a_bound(swarm):
+    replicas = [swarm["start"]("10:30") for _ in range(2)]
+    for replica in replicas:
+        replica.wait_ready()
+    model = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"])
+    try:
+        model.generate(prompt(), max_new_tokens=2, **GREEDY)
+        for replica in replicas:
+            replica.signal(signal.SIGKILL)  # their records stay online in the DHT until they expire
+        started = time.monotonic()
+        with pytest.raises(MissingBlocksError, match="no server holds block 10 of tiny-llama30"):
+            model.generate(prompt(), max_new_tokens=2, **GREEDY)
+        assert time.monotonic() - started < 30
+    finally:
+        model.shutdown()
