@@ -107,11 +107,14 @@ def coverage(num_blocks: int = 40, blocks_per_server: int = 8, steps: int = 200,
             print(f"{record['step'] + 1:>5} {record['servers']:>7} {record['zero_blocks']:>9} "
                   f"{record['min_throughput']:>9.0f} {moves:>5}")
             moves = 0
-    holes_before = sum(r["zero_before_moves"] > 0 for r in history)
-    holes_after = sum(r["zero_blocks"] > 0 for r in history)
-    repaired = sum(r["zero_before_moves"] > 0 and r["zero_blocks"] == 0 and not r["joined"] for r in history)
-    print(f"steps with uncovered blocks: {holes_before} after churn, {holes_after} after rebalancing; "
-          f"{repaired} repaired by moves alone; total moves {sum(r['moves'] for r in history)}")
+    # Only steps where the servers could cover every block at all say anything about the choice of spans.
+    able = [r for r in history if r["servers"] * blocks_per_server >= num_blocks]
+    holes_before = sum(r["zero_before_moves"] > 0 for r in able)
+    holes_after = sum(r["zero_blocks"] > 0 for r in able)
+    repaired = sum(r["zero_before_moves"] > 0 and r["zero_blocks"] == 0 and not r["joined"] for r in able)
+    print(f"of {len(able)} steps with servers x {blocks_per_server} >= {num_blocks}: {holes_before} had uncovered "
+          f"blocks after churn, {holes_after} after rebalancing ({repaired} repaired by moves alone, no join); "
+          f"total moves {sum(r['moves'] for r in history)}")
 
     seeds, stalled = 50, []
     for seed in range(seeds):
