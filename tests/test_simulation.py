@@ -164,8 +164,6 @@ def test_coverage_is_deterministic_and_counts_moves():
         assert after["servers"] == before["servers"] + after["joined"] - after["left"]
 
 
-@pytest.mark.xfail(strict=True, reason="should_move compares only the weakest block: with two holes no single "
-                   "move raises it above 0, so no server moves although two moves would cover every block")
 def test_rebalancing_closes_two_separate_holes():
     spans = {"s0": (0, 2), "s1": (0, 2), "s2": (0, 2), "s3": (4, 6), "s4": (6, 8), "s5": (10, 12), "s6": (4, 6)}
     servers = {p: ServerInfo(ServerState.ONLINE, a, b, throughput=100.0) for p, (a, b) in spans.items()}

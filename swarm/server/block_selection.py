@@ -49,7 +49,12 @@ def choose_span(servers: dict[str, ServerInfo], num_blocks: int, length: int, ow
 
 def should_move(servers: dict[str, ServerInfo], num_blocks: int, me: str, current: tuple[int, int],
                 own_throughput: float, margin: float = MOVE_MARGIN) -> tuple[int, int] | None:
-    """The span to move to, if leaving ``current`` for it raises the weakest block's throughput by ``margin``x."""
+    """The span to move to, if leaving ``current`` for it clearly helps the swarm's weakest blocks.
+
+    Compares the sorted per-block throughputs with and without the move, weakest first: at the first block where
+    they differ, the move must be ``margin`` times better (any coverage beats none). Comparing only the very weakest
+    block would never fill one of two separate gaps, since no single move covers both.
+    """
     others = block_throughputs(servers, num_blocks, exclude=me)
     length = current[1] - current[0]
     staying = others.copy()
@@ -59,6 +64,8 @@ def should_move(servers: dict[str, ServerInfo], num_blocks: int, me: str, curren
         return None
     moved = others.copy()
     moved[start : start + length] += own_throughput
-    if moved.min() > staying.min() * margin:
+    before, after = np.sort(staying), np.sort(moved)
+    differs = np.nonzero(before != after)[0]
+    if len(differs) and after[differs[0]] > before[differs[0]] * margin:
         return start, start + length
     return None

@@ -229,10 +229,17 @@ class Server:
 
     # ---- rebalancing
 
+    async def _move_target(self) -> tuple[int, int] | None:
+        return should_move(await self.fetch_servers(), self.model_info.num_blocks, self.peer_id,
+                           (self.start, self.end), self.speed.forward_tps)
+
     async def rebalance(self, source: ModelSource) -> None:
-        servers = await self.fetch_servers()
-        target = should_move(servers, self.model_info.num_blocks, self.peer_id, (self.start, self.end),
-                             self.speed.forward_tps)
+        target = await self._move_target()
+        if target is None:
+            return
+        # Servers that see the same gap at once would all rush to it: wait a little and look again.
+        await asyncio.sleep(random.uniform(0, min(5.0, self.config.update_period * 2)))
+        target = await self._move_target()
         if target is None:
             return
         old = (self.start, self.end)
