@@ -199,25 +199,12 @@ def cheapest_chain(model: CostModel, start: int, end: int, model_id: str = "the 
     pair_server, pair_entry, pair_stop, pair_cost = (a[order] for a in (pair_server, pair_entry, pair_stop, pair_cost))
     bounds = np.searchsorted(pair_entry, np.arange(start, end + 1))
 
-    best = np.full(end + 1, np.inf)
+    best = np.full(end + 1, np.inf)  # cheapest cost of having run blocks [start, b)
     best[start] = 0.0
-    came_from = np.full(end + 1, -1, dtype=np.int64)  # the pair that reached each block most cheaply
     for block in range(start, end):
-        if not np.isfinite(best[block]):
-            continue
         lo, hi = bounds[block - start], bounds[block - start + 1]
-        if lo == hi:
-            continue
-        totals = best[block] + pair_cost[lo:hi]
-        targets = pair_stop[lo:hi]
-        # keep, for each target block, the cheapest pair of this entry block
-        cheapest = np.lexsort((totals, targets))
-        first = np.ones(len(cheapest), dtype=bool)
-        first[1:] = targets[cheapest][1:] != targets[cheapest][:-1]
-        winners = cheapest[first]
-        improved = totals[winners] < best[targets[winners]]
-        best[targets[winners[improved]]] = totals[winners[improved]]
-        came_from[targets[winners[improved]]] = lo + winners[improved]
+        if lo < hi and np.isfinite(best[block]):
+            np.minimum.at(best, pair_stop[lo:hi], best[block] + pair_cost[lo:hi])
 
     if not np.isfinite(best[end]):
         # Every block that some usable server covers is reachable, so the first uncovered one is the culprit.
@@ -228,9 +215,13 @@ def cheapest_chain(model: CostModel, start: int, end: int, model_id: str = "the 
         detail = f" usable by this request ({len(holders)} excluded: {'; '.join(sorted(set(holders)))})" \
             if holders else ""
         raise MissingBlocksError(f"no server holds block {missing} of {model_id}{detail}")
+    # Walk back: the pair that produced best[block] is one whose entry cost plus hop cost equals it exactly
+    # (the same float additions as above).
     hops, block = [], end
     while block > start:
-        pair = came_from[block]
+        candidates = np.nonzero(pair_stop == block)[0]
+        totals = best[pair_entry[candidates]] + pair_cost[candidates]
+        pair = candidates[int(np.argmin(totals))]
         server, entry = int(index[pair_server[pair]]), int(pair_entry[pair])
         hops.append(model.hop(server, entry, block))
         block = entry
