@@ -143,3 +143,72 @@ def test_cache_is_freed_after_generate(swarm):
     while free_tokens() != before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert free_tokens() == before
+
+
+def _pushes(swarm) -> list[dict]:
+    manager = swarm["model"].get_remote().manager
+    return [manager.loop.run(call(manager.p2p, s.peer_id, protocol.INFO, {}, timeout=10))["pushes"]
+            for s in swarm["servers"]]
+
+
+def test_servers_push_steps_to_each_other(swarm):
+    before = _pushes(swarm)
+    ids = prompt(seed=20)
+    out = swarm["model"].generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    after = _pushes(swarm)
+    assert after[0]["sent"] - before[0]["sent"] == 10  # prefill + 9 decode steps went 0:3 -> 3:6 directly
+    assert after[1]["received"] - before[1]["received"] == 10
+    assert after[0]["failed"] == before[0]["failed"]
+
+    relay_only = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"],
+                                                                 compression="none", push=False)
+    try:
+        assert torch.equal(relay_only.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None), out)
+    finally:
+        relay_only.shutdown()
+    assert _pushes(swarm) == after  # no push without the client asking
+    assert torch.equal(out, swarm["local"].generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None))
+
+
+def test_refused_push_falls_back_to_the_client_relaying(swarm):
+    """The second server refuses pushes from anyone but the upstream its client named: the first reports the push
+    failed, the client relays the step itself, and the result is the same as a pushed step's."""
+    from swarm.blocks.span import BlockSpan
+    from swarm.compression import deserialize_tensor, serialize_tensor
+    from swarm.rpc.client import Stream
+
+    manager = swarm["model"].get_remote().manager
+    first, second = swarm["servers"]
+    hidden = torch.randn(1, 5, 64)
+    expected = BlockSpan.from_pretrained(str(swarm["path"]), 0, 6)(hidden, torch.arange(5)[None])
+
+    async def one_step(upstream_of_second: str) -> tuple[bool, torch.Tensor]:
+        streams = [await Stream.open(manager.p2p, s.peer_id, protocol.INFERENCE, 10) for s in (first, second)]
+        try:
+            spans = [(0, 3), (3, 6)]
+            ids = []
+            for stream, (start, end), upstream in zip(streams, spans, (None, upstream_of_second), strict=True):
+                reply = await stream.request({"type": "open", "start": start, "end": end, "max_length": 8,
+                                              "upstream": upstream}, timeout=10)
+                ids.append(reply["session_id"])
+            await streams[0].request({"type": "link", "downstream": {"peer": second.peer_id, "session_id": ids[1],
+                                                                     "start": 3, "end": 6}}, timeout=10)
+            step = {"type": "step", "position": 0, "step_id": 1, "push": True,
+                    "position_ids": serialize_tensor(torch.arange(5)[None])}
+            await streams[0].send({**step, "session_id": ids[0], "start": 0, "end": 3,
+                                   "hidden": serialize_tensor(hidden)})
+            reply = await streams[0].receive(10)
+            assert reply["pushing"] is True
+            pushed = (await streams[0].receive(10))["pushed"]
+            if not pushed:  # relay, as the client does
+                await streams[1].send({**step, "session_id": ids[1], "start": 3, "end": 6, "hidden": reply["hidden"]})
+            return pushed, deserialize_tensor((await streams[1].receive(10))["hidden"])
+        finally:
+            for stream in streams:
+                stream.close()
+
+    pushed, via_push = manager.loop.run(one_step(first.peer_id))
+    refused, via_relay = manager.loop.run(one_step("12D3KooWNotTheRightUpstreamPeerIdXXXXXXXXXXXXXXXXXX"))
+    assert pushed and not refused
+    assert torch.equal(via_push, via_relay)
+    assert torch.allclose(via_push, expected, atol=1e-5)

@@ -1,66 +1,29 @@
 """Streaming inference through a chain of servers, each keeping its part of the KV cache.
 
-The client keeps, per hop, every hidden state it sent. If a server becomes unreachable mid-session, its blocks are
-routed to other servers and that history is replayed to them (one prefill), so generation continues with the same
-output. Every step carries its start position, so a client can also rewind (regenerate from an earlier point).
+By default the servers push each step's output straight to the next server (the client names who follows whom);
+each still answers the client, which keeps every hop's inputs. If a server dies, stalls or errs mid-session, its
+blocks are routed to other servers and that history is replayed to them (one prefill), so generation continues
+with the same output. Every step carries its start position, so a client can also rewind (regenerate from an
+earlier point), and an id, so that a step both pushed and relayed runs once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 
 import torch
 
-from swarm.client.remote_forward import span_request
-from swarm.client.routing import Hop, RemoteSpan, RouteRequest
+from swarm.client.hop_session import HopSession
+from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, serialize_tensor
-from swarm.rpc import protocol
-from swarm.rpc.client import PeerUnavailable, RemoteError, Stream
+from swarm.rpc.client import PeerUnavailable, RemoteError
+from swarm.rpc.protocol import PUSH_TIMEOUT
 
 logger = logging.getLogger(__name__)
-
-
-class _HopSession:
-    """One server's part of the session: its stream and the inputs it has been sent."""
-
-    def __init__(self, hop: Hop, stream: Stream, session_id: str):
-        self.hop, self.span, self.stream, self.session_id = hop, hop.span, stream, session_id
-        self.inputs: torch.Tensor | None = None  # (batch, position, hidden): everything sent so far
-
-    @classmethod
-    async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int) -> _HopSession:
-        span = hop.span
-        stream = await Stream.open(manager.p2p, span.peer_id, protocol.INFERENCE, manager.config.connect_timeout)
-        try:
-            reply = await stream.request({"type": "open", "start": span.start, "end": span.end,
-                                          "max_length": max_length, "batch_size": batch_size},
-                                         timeout=manager.config.request_timeout)
-        except BaseException:
-            stream.close()
-            raise
-        return cls(hop, stream, reply["session_id"])
-
-    async def step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   position: int, hypo_ids: torch.Tensor | None, output_codec: str, timeout: float) -> dict:
-        """Send encoded ``hidden``; returns the server's encoded output."""
-        extra = {"type": "step", "session_id": self.session_id, "position": position}
-        if hypo_ids is not None:
-            extra["hypo_ids"] = serialize_tensor(hypo_ids)
-        reply = await self.stream.request(
-            span_request(self.span, hidden, position_ids, attention_mask, output_codec, **extra), timeout=timeout)
-        if not isinstance(reply.get("hidden"), dict):
-            raise PeerUnavailable(f"server {self.span} sent a step reply without hidden states", self.span.peer_id)
-        return reply["hidden"]
-
-    async def close(self) -> None:
-        try:
-            await self.stream.send({"type": "close"})
-        except PeerUnavailable:
-            pass
-        finally:
-            self.stream.close()
 
 
 class InferenceSession:
@@ -70,11 +33,12 @@ class InferenceSession:
         self.manager, self.max_length = manager, max_length
         self.position = 0  # positions every server has cached
         self.batch_size: int | None = None
-        self.hops: list[_HopSession] = []
+        self.hops: list[HopSession] = []
         self.position_ids: torch.Tensor | None = None  # (batch, position) history, for replays
         self.attention_mask: torch.Tensor | None = None  # (batch, position) history, for replays
         self.token_ids: torch.Tensor | None = None  # kept by the causal LM to detect rewinds and beam reorders
         self._pending_hypo_ids: torch.Tensor | None = None
+        self._step_ids = itertools.count()
         self.closed = False
 
     def __enter__(self) -> InferenceSession:
@@ -144,22 +108,25 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if not self.hops:
-            self.hops = await self._open_chain(0, self.manager.num_blocks)
         config = self.manager.config
+        if not self.hops:
+            self.hops = await self._open_chain(0, self.manager.num_blocks, upstream=None)
+            await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
-        sent: dict[_HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
-        payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs are relayed as is
-        failures, index, last_error = 0, 0, None
+        step_id, push = next(self._step_ids), config.push and len(self.hops) > 1
+        sent: dict[HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
+        payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs travel as they are
+        await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
+        failures, index, last_error, relinked = 0, 0, None, False
         while index < len(self.hops):
             hop = self.hops[index]
-            codec = config.edge_codec if index == len(self.hops) - 1 else config.compression
             started = time.perf_counter()
             try:
-                output = await hop.step(payload, position_ids, attention_mask, self.position,
-                                        hypo_ids if hop in reordered_before else None, codec,
-                                        config.request_timeout)
+                reply = await hop.receive_step(step_id, config.request_timeout)
+                # The push status follows the reply once the next server took the step (or failed to).
+                pushed = reply.get("pushing") and await hop.receive_push_status(
+                    step_id, config.request_timeout + PUSH_TIMEOUT)
             except (PeerUnavailable, RemoteError) as e:
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
                 # its replacement repeats on the same step is ours to report.
@@ -167,35 +134,63 @@ class InferenceSession:
                 if failures > config.max_retries or (isinstance(e, RemoteError) and isinstance(last_error,
                                                                                               RemoteError)):
                     raise
-                last_error = e
+                last_error, relinked = e, True
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
                 await self._replace_hop(index)
+                await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
                 continue
-            if hidden.shape[1] == 1:  # decode steps calibrate the per-hop overhead routing expects
+            if hidden.shape[1] == 1 and not push:  # decode steps calibrate the per-hop overhead routing expects
                 self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
             sent[hop] = payload
-            payload, index = output, index + 1
+            payload = reply["hidden"]
+            if index + 1 < len(self.hops) and not pushed:  # the client relays it
+                next_hop = self.hops[index + 1]
+                await self._send(next_hop, payload, position_ids, attention_mask,
+                                 hypo_ids if next_hop in reordered_before else None, step_id, push)
+            index += 1
         for hop, inputs in sent.items():
             hop.inputs = self._extend(hop.inputs, deserialize_tensor(inputs))
+        if relinked:
+            await self._link()
         return deserialize_tensor(payload)
 
-    async def _open_chain(self, start: int, end: int) -> list[_HopSession]:
-        """Sessions on a chain covering blocks [start, end). A server that cannot be reached is banned and the
-        chain chosen again, up to ``max_retries`` times."""
-        failures = 0
+    async def _send(self, hop: HopSession, payload: dict, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None, hypo_ids: torch.Tensor | None, step_id: int,
+                    push: bool) -> None:
+        try:
+            await hop.send_step(payload, position_ids, attention_mask, self.position, hypo_ids, step_id, push)
+        except PeerUnavailable:
+            pass  # the broken stream shows when its reply is awaited, where failover happens
+
+    async def _link(self) -> None:
+        """Tell every server of the chain whom it pushes to and whom it accepts pushes from."""
+        if not self.manager.config.push or len(self.hops) < 2:
+            return
+        timeout = self.manager.config.request_timeout
+        hops = self.hops
+        await asyncio.gather(*(hop.link(hops[i + 1] if i + 1 < len(hops) else None, hops[i - 1] if i else None,
+                                        timeout) for i, hop in enumerate(hops)))
+
+    async def _open_chain(self, start: int, end: int, upstream: str | None) -> list[HopSession]:
+        """Sessions on a chain covering blocks [start, end). A server that cannot be reached or refuses is banned
+        and the chain chosen again, up to ``max_retries`` times."""
+        config, failures = self.manager.config, 0
         while True:
             request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length)
             chain, opened = await self.manager.route(start, end, request), []
             try:
                 for hop in chain:
-                    opened.append(await _HopSession.open(self.manager, hop, self.batch_size, self.max_length))
+                    codec = config.edge_codec if hop.span.end == self.manager.num_blocks else config.compression
+                    previous = opened[-1].span.peer_id if opened else upstream
+                    opened.append(await HopSession.open(self.manager, hop, self.batch_size, self.max_length, codec,
+                                                        previous))
                 return opened
             except BaseException as e:
                 for hop in opened:
                     await hop.close()
                 failures += 1
                 # unreachable, or refused (e.g. its cache filled up since it announced): try another server
-                if not isinstance(e, (PeerUnavailable, RemoteError)) or failures > self.manager.config.max_retries:
+                if not isinstance(e, (PeerUnavailable, RemoteError)) or failures > config.max_retries:
                     raise
                 logger.warning(f"Cannot open a session on {chain[len(opened)].span} ({e}); choosing another server")
                 self.manager.ban(getattr(e, "peer", None) or chain[len(opened)].span.peer_id)
@@ -206,9 +201,10 @@ class InferenceSession:
         failed = self.hops.pop(index)
         failed.stream.close()
         self.manager.ban(failed.span.peer_id)
+        upstream = self.hops[index - 1].span.peer_id if index else None
         failures = 0
         while True:
-            hops = await self._open_chain(failed.span.start, failed.span.end)
+            hops = await self._open_chain(failed.span.start, failed.span.end, upstream)
             try:
                 await self._replay(hops, failed.inputs)
             except (PeerUnavailable, RemoteError) as e:
@@ -224,15 +220,17 @@ class InferenceSession:
             self.manager.record_failover_time(time.perf_counter() - started)
             return
 
-    async def _replay(self, hops: list[_HopSession], history: torch.Tensor | None) -> None:
+    async def _replay(self, hops: list[HopSession], history: torch.Tensor | None) -> None:
         """Rebuild the replacement hops' caches: the first gets the lost hop's inputs exactly (uncompressed)."""
         if history is None or self.position == 0:
             return
         mask = self.attention_mask[:, : self.position] if self.attention_mask is not None else None
         payload = serialize_tensor(history, "none")
+        timeout = self.manager.config.request_timeout
         for hop in hops:
-            output = await hop.step(payload, self.position_ids, mask, 0, None, self.manager.config.compression,
-                                    self.manager.config.request_timeout)
+            step_id = next(self._step_ids)
+            await hop.send_step(payload, self.position_ids, mask, 0, None, step_id, push=False)
+            output = (await hop.receive_step(step_id, timeout))["hidden"]
             hop.inputs = deserialize_tensor(payload)
             payload = output
 

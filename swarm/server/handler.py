@@ -1,4 +1,4 @@
-"""The server's RPCs: info, forward, backward and streaming inference over one span of blocks.
+"""The server's RPCs: info, forward, backward, and (in inference.py) streaming inference and push.
 
 Every request is validated before it reaches the blocks or a cache. A bad request gets an error reply for its
 caller only; other callers and their sessions are never touched.
@@ -17,19 +17,18 @@ from functools import partial
 import torch
 from hivemind.p2p import P2P
 
-from swarm.blocks import compat
 from swarm.blocks.span import BlockSpan
 from swarm.compression import CODECS, PayloadError, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.framing import MalformedMessage, MessageTooLarge, read_message, write_message
 from swarm.rpc.protocol import RequestError, get_field
-from swarm.server.sessions import ServerSession, SessionTable
+from swarm.server.inference import accept_push, serve_session
+from swarm.server.sessions import SessionTable
 from swarm.server.validation import (
     read_attention_mask,
     read_block_range,
     read_hidden,
     read_position_ids,
-    read_tensor,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,11 +50,14 @@ class BlockHandler:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.pending = 0  # requests waiting for or running on the compute thread
         self.steps_served = 0
+        self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
         self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
 
     async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p  # also for pushing session outputs to the next server
         for name, rpc in ((protocol.INFO, self.rpc_info), (protocol.FORWARD, self.rpc_forward),
-                          (protocol.BACKWARD, self.rpc_backward), (protocol.INFERENCE, self.rpc_inference)):
+                          (protocol.BACKWARD, self.rpc_backward), (protocol.INFERENCE, self.rpc_inference),
+                          (protocol.PUSH, self.rpc_push)):
             await p2p.add_binary_stream_handler(name, partial(self._serve, rpc))
 
     def set_span(self, span: BlockSpan) -> None:
@@ -101,17 +103,17 @@ class BlockHandler:
         with suppress(Exception):
             await write_message(writer, {"error": message})
 
-    async def _compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    async def compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         self.pending += 1  # announced as the server's load
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         finally:
             self.pending -= 1
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> dict | None:
+    async def read_request(self, reader: asyncio.StreamReader) -> dict | None:
         return await read_message(reader, self.limits.max_message_bytes)
 
-    def _read_span_inputs(self, message: dict, span: BlockSpan, past: int = 0):
+    def read_span_inputs(self, message: dict, span: BlockSpan, past: int = 0):
         """Local layer range in ``span``, hidden states, positions and mask of a forward/backward/step request."""
         start, end = read_block_range(message, span.start, span.end)
         hidden = read_hidden(message, span.hidden_size, self.limits.max_batch_tokens)
@@ -121,49 +123,49 @@ class BlockHandler:
         return start - span.start, end - span.start, hidden, positions, mask
 
     @staticmethod
-    def _encode(tensor: torch.Tensor, codec: str) -> dict:
+    def encode(tensor: torch.Tensor, codec: str) -> dict:
         try:
             return serialize_tensor(tensor, codec)
         except PayloadError as e:  # e.g. the blocks produced inf in float16
             raise RequestError(f"cannot encode the output: {e}") from None
 
     @staticmethod
-    def _output_codec(message: dict) -> str:
-        codec = get_field(message, "output_codec", str, default="none")
+    def output_codec(message: dict, default: str = "none") -> str:
+        codec = get_field(message, "output_codec", str, default=default)
         if codec not in CODECS:
             raise RequestError(f"unknown output codec {codec!r}; known: {sorted(CODECS)}")
         return codec
 
     async def rpc_info(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._read_request(reader)
+        await self.read_request(reader)
         await write_message(writer, self.info())
 
     async def rpc_forward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        message = await self._read_request(reader)
+        message = await self.read_request(reader)
         if message is None:
             return
         span = self.span
-        first, last, hidden, positions, mask = self._read_span_inputs(message, span)
-        codec = self._output_codec(message)
+        first, last, hidden, positions, mask = self.read_span_inputs(message, span)
+        codec = self.output_codec(message)
 
         def run() -> torch.Tensor:
             with torch.no_grad():
                 return span(hidden.to(span.dtype), positions, mask, None, first, last)
 
-        output = await self._compute(run)
-        await write_message(writer, {"hidden": self._encode(output.to(hidden.dtype), codec)})
+        output = await self.compute(run)
+        await write_message(writer, {"hidden": self.encode(output.to(hidden.dtype), codec)})
 
     async def rpc_backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Gradient of the span's output w.r.t. its input, recomputing the forward (nothing is kept between calls)."""
-        message = await self._read_request(reader)
+        message = await self.read_request(reader)
         if message is None:
             return
         span = self.span
-        first, last, hidden, positions, mask = self._read_span_inputs(message, span)
+        first, last, hidden, positions, mask = self.read_span_inputs(message, span)
         grad_output = read_hidden(message, span.hidden_size, self.limits.max_batch_tokens, name="grad_output")
         if grad_output.shape != hidden.shape:
             raise RequestError(f"grad_output has shape {list(grad_output.shape)}, hidden {list(hidden.shape)}")
-        codec = self._output_codec(message)
+        codec = self.output_codec(message)
 
         def run() -> torch.Tensor:
             with torch.enable_grad():
@@ -172,93 +174,13 @@ class BlockHandler:
                 (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.dtype))
             return grad
 
-        grad = await self._compute(run)
-        await write_message(writer, {"grad_input": self._encode(grad.to(hidden.dtype), codec)})
+        grad = await self.compute(run)
+        await write_message(writer, {"grad_input": self.encode(grad.to(hidden.dtype), codec)})
 
     async def rpc_inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Stream: ``open`` -> reply with a session id; then steps, each answered; ``close`` or EOF frees the cache."""
-        message = await self._read_request(reader)
-        if message is None:
-            return
-        kind = get_field(message, "type", str)
-        if kind == "step":  # sessions live and die with their stream, so a step on a new stream is always stale
-            raise RequestError(f"unknown session {message.get('session_id')!r}: open a session first")
-        if kind != "open":
-            raise RequestError(f"expected an 'open' message, got {kind!r}")
-        session = self._open_session(peer, message)
-        try:
-            await write_message(writer, {"session_id": session.session_id, "max_length": session.max_length,
-                                         "cache_tokens_left": self.sessions.tokens_left})
-            while True:
-                try:
-                    message = await asyncio.wait_for(self._read_request(reader), self.limits.session_timeout)
-                except TimeoutError:
-                    raise RequestError(f"session idle for {self.limits.session_timeout:.0f} s; closed") from None
-                if message is None or message.get("type") == "close":
-                    return
-                try:
-                    reply = await self._step(session, message)
-                except RequestError as e:  # this step is refused; the session and its cache stay as they were
-                    logger.info(f"Refused a step of session {session.session_id[:8]} from {peer[-8:]}: {e}")
-                    reply = {"error": str(e)}
-                await write_message(writer, reply)
-        finally:
-            self.sessions.close(session.session_id)
-            logger.debug(f"Closed session {session.session_id[:8]}: {session.tokens_processed} tokens")
+        await serve_session(self, peer, reader, writer)
 
-    def _open_session(self, peer: str, message: dict) -> ServerSession:
-        start, end = read_block_range(message, self.span.start, self.span.end)
-        max_length = get_field(message, "max_length", int)
-        batch_size = get_field(message, "batch_size", int, default=1)
-        if not 0 < max_length <= self.limits.max_session_length:
-            raise RequestError(f"max_length must be in [1, {self.limits.max_session_length}], got {max_length}")
-        if not 0 < batch_size <= self.limits.max_batch_tokens:
-            raise RequestError(f"batch_size must be in [1, {self.limits.max_batch_tokens}], got {batch_size}")
-        return self.sessions.open(peer, start, end, batch_size, max_length, self.span)
-
-    async def _step(self, session: ServerSession, message: dict) -> dict:
-        self.steps_served += 1
-        if self.limits.fail_after_steps is not None and self.steps_served > self.limits.fail_after_steps:
-            raise RequestError("injected fault (--inject-fault-after-steps)")
-        if get_field(message, "type", str) != "step":
-            raise RequestError(f"expected a 'step' or 'close' message, got {message.get('type')!r}")
-        if message.get("session_id") != session.session_id:
-            raise RequestError(f"unknown session {message.get('session_id')!r}")
-        position = get_field(message, "position", int, default=session.length)
-        if not 0 <= position <= session.length:
-            raise RequestError(f"step starts at position {position}, but {session.length} positions are cached")
-        start, end = read_block_range(message, session.start, session.end)
-        if (start, end) != (session.start, session.end):
-            raise RequestError(f"this session runs blocks {session.start}:{session.end}, not {start}:{end}")
-        span = session.span
-        first, last, hidden, positions, mask = self._read_span_inputs(message, span, past=position)
-        batch, tokens, _ = hidden.shape
-        if batch != session.batch_size:
-            raise RequestError(f"batch of {batch} rows, but the session was opened for {session.batch_size}")
-        if position + tokens > session.max_length:
-            raise RequestError(f"length {position + tokens} exceeds the session's max_length {session.max_length}")
-        hypo_ids = read_tensor(message, "hypo_ids", max_numel=batch, required=False)
-        if hypo_ids is not None and (hypo_ids.dtype != torch.int64 or list(hypo_ids.shape) != [batch]
-                                     or hypo_ids.min() < 0 or hypo_ids.max() >= batch):
-            raise RequestError(f"hypo_ids must be int64 of shape [{batch}] with values in [0, {batch})")
-        codec = self._output_codec(message)
-
-        def run() -> torch.Tensor:
-            compat.truncate_cache(session.cache, position)  # a client rewinding (or replaying) to `position`
-            if hypo_ids is not None:
-                compat.reorder_cache(session.cache, hypo_ids)
-            try:
-                with torch.no_grad():
-                    return span(hidden.to(span.dtype), positions, mask, session.cache, first, last)
-            except BaseException:
-                compat.truncate_cache(session.cache, position)  # undo what the layers that ran have written
-                raise
-
-        try:
-            output = await self._compute(run)
-        except ValueError as e:  # e.g. rewinding a sliding window past what it kept
-            raise RequestError(str(e)) from None
-        session.length = position + tokens
-        session.tokens_processed += batch * tokens
-        session.steps += 1
-        return {"hidden": self._encode(output.to(hidden.dtype), codec), "position": session.length}
+    async def rpc_push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        message = await self.read_request(reader)
+        if message is not None:
+            await write_message(writer, await accept_push(self, peer, message))

@@ -95,6 +95,7 @@ class Server:
         return {**self.info().to_dict(), "model_id": self.model_id, "protocol": protocol.PROTOCOL_VERSION,
                 "hidden_size": self.span.hidden_size, "sessions": len(self.sessions.sessions),
                 "max_message_bytes": self.config.limits.max_message_bytes,
+                "pushes": dict(self.handler.pushes) if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens}
 
     # ---- lifecycle

@@ -29,6 +29,10 @@ class ServerSession:
     length: int = 0  # positions currently cached
     tokens_processed: int = 0  # batch rows x new positions computed, replays included (usage)
     steps: int = 0
+    upstream: str | None = None  # the peer allowed to push steps into this session
+    downstream: dict | None = None  # where to push outputs: peer, session_id, start, end
+    output_codec: str = "none"  # for steps that do not name one (pushed steps)
+    inbox: object = None  # asyncio.Queue of steps from the client's stream and from pushes
     opened_at: float = field(default_factory=time.monotonic)
 
     @property

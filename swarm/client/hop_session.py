@@ -1,0 +1,79 @@
+"""One server's part of a client's inference session: its stream, its place in the chain, what it was sent."""
+
+from __future__ import annotations
+
+import torch
+
+from swarm.client.remote_forward import span_request
+from swarm.client.routing import Hop
+from swarm.client.sequence_manager import SequenceManager
+from swarm.compression import serialize_tensor
+from swarm.rpc import protocol
+from swarm.rpc.client import PeerUnavailable, Stream
+
+
+class HopSession:
+    def __init__(self, hop: Hop, stream: Stream, session_id: str, output_codec: str):
+        self.hop, self.span, self.stream, self.session_id = hop, hop.span, stream, session_id
+        self.output_codec = output_codec
+        self.inputs: torch.Tensor | None = None  # (batch, position, hidden): everything sent so far, for replays
+
+    @classmethod
+    async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int, output_codec: str,
+                   upstream: str | None) -> HopSession:
+        """Reserve the server's cache; ``upstream``: the server allowed to push steps into this session."""
+        span = hop.span
+        stream = await Stream.open(manager.p2p, span.peer_id, protocol.INFERENCE, manager.config.connect_timeout)
+        try:
+            reply = await stream.request({"type": "open", "start": span.start, "end": span.end,
+                                          "max_length": max_length, "batch_size": batch_size,
+                                          "output_codec": output_codec, "upstream": upstream},
+                                         timeout=manager.config.request_timeout)
+        except BaseException:
+            stream.close()
+            raise
+        return cls(hop, stream, reply["session_id"], output_codec)
+
+    async def send_step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position: int, hypo_ids: torch.Tensor | None, step_id: int, push: bool) -> None:
+        """Send encoded ``hidden`` for positions from ``position``; ``push``: the server hands its output on to
+        the next one itself."""
+        extra = {"type": "step", "session_id": self.session_id, "position": position, "step_id": step_id,
+                 "push": push}
+        if hypo_ids is not None:
+            extra["hypo_ids"] = serialize_tensor(hypo_ids)
+        await self.stream.send(span_request(self.span, hidden, position_ids, attention_mask, self.output_codec,
+                                            **extra))
+
+    async def receive_step(self, step_id: int, timeout: float) -> dict:
+        """The server's reply to step ``step_id``: its ``hidden`` output, and whether it is ``pushing`` it on."""
+        reply = await self._receive(step_id, "hidden", timeout)
+        if not isinstance(reply.get("hidden"), dict):
+            raise PeerUnavailable(f"server {self.span} sent a step reply without hidden states", self.span.peer_id)
+        return reply
+
+    async def receive_push_status(self, step_id: int, timeout: float) -> bool:
+        """Whether the server handed step ``step_id``'s output to the next server (sent after its reply)."""
+        return bool((await self._receive(step_id, "pushed", timeout))["pushed"])
+
+    async def _receive(self, step_id: int, field: str, timeout: float) -> dict:
+        while True:
+            reply = await self.stream.receive(timeout)
+            # replies to earlier steps can only be leftovers of a relayed duplicate: skip them
+            if reply.get("step_id") == step_id and field in reply:
+                return reply
+
+    async def link(self, downstream: HopSession | None, upstream: HopSession | None, timeout: float) -> None:
+        """Tell the server where to push its outputs and whose pushes to accept."""
+        target = None if downstream is None else {"peer": downstream.span.peer_id, "session_id": downstream.session_id,
+                                                  "start": downstream.span.start, "end": downstream.span.end}
+        await self.stream.request({"type": "link", "downstream": target,
+                                   "upstream": None if upstream is None else upstream.span.peer_id}, timeout=timeout)
+
+    async def close(self) -> None:
+        try:
+            await self.stream.send({"type": "close"})
+        except PeerUnavailable:
+            pass
+        finally:
+            self.stream.close()

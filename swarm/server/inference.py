@@ -1,0 +1,211 @@
+"""Streaming inference sessions on a server, with server-to-server push.
+
+A session lives as long as its client's stream: ``open`` reserves cache and answers with a session id; then
+``step`` messages are answered one by one. Steps reach a session from two sources: its client's stream, and
+``push`` calls from the server before it in the chain (its ``upstream``, named by the client at open). After a
+step, a session that was ``link``ed to a ``downstream`` session sends its output there directly, so a decode step
+costs one pass along the chain instead of a client round trip per server. It still answers its client at once (who
+keeps every hop's inputs for replays), then tells it whether the push went through, so that the client relays the
+step itself otherwise. Steps carry ids: a step that arrives twice (pushed, then relayed) is run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import torch
+
+from swarm.blocks import compat
+from swarm.rpc import protocol
+from swarm.rpc.client import call
+from swarm.rpc.framing import write_message
+from swarm.rpc.protocol import RequestError, get_field
+from swarm.server.sessions import ServerSession
+from swarm.server.validation import read_block_range, read_tensor
+
+if TYPE_CHECKING:
+    from swarm.server.handler import BlockHandler
+
+logger = logging.getLogger(__name__)
+
+REMEMBERED_STEPS = 64  # step ids kept per session to drop duplicates
+
+
+async def serve_session(handler: BlockHandler, peer: str, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+    message = await handler.read_request(reader)
+    if message is None:
+        return
+    kind = get_field(message, "type", str)
+    if kind == "step":  # sessions live and die with their stream, so a step on a new stream is always stale
+        raise RequestError(f"unknown session {message.get('session_id')!r}: open a session first")
+    if kind != "open":
+        raise RequestError(f"expected an 'open' message, got {kind!r}")
+    session = open_session(handler, peer, message)
+    inbox: asyncio.Queue = asyncio.Queue()
+    session.inbox = inbox
+    pump = asyncio.create_task(_pump_client(handler, reader, inbox))
+    try:
+        await write_message(writer, {"session_id": session.session_id, "max_length": session.max_length,
+                                     "cache_tokens_left": handler.sessions.tokens_left})
+        done_steps: deque = deque(maxlen=REMEMBERED_STEPS)
+        while True:
+            try:
+                item = await asyncio.wait_for(inbox.get(), handler.limits.session_timeout)
+            except TimeoutError:
+                raise RequestError(f"session idle for {handler.limits.session_timeout:.0f} s; closed") from None
+            if isinstance(item, BaseException):
+                raise item  # the client's stream broke or sent something unreadable
+            if item is None or item.get("type") == "close":
+                return
+            if item.get("type") == "link":
+                await write_message(writer, _link(session, item))
+                continue
+            step_id = item.get("step_id")
+            if step_id is not None and step_id in done_steps:
+                continue  # pushed and then relayed too: already answered
+            output = None
+            try:
+                reply, output = await run_step(handler, session, item)
+                if step_id is not None:
+                    done_steps.append(step_id)
+                reply["pushing"] = bool(item.get("push") and session.downstream is not None)
+            except RequestError as e:  # this step is refused; the session and its cache stay as they were
+                logger.info(f"Refused a step of session {session.session_id[:8]} from {peer[-8:]}: {e}")
+                reply = {"error": str(e)}
+            reply["step_id"] = step_id
+            await write_message(writer, reply)
+            if reply.get("pushing"):  # after the reply, so a slow next server never delays our answer
+                await write_message(writer, {"step_id": step_id, "pushed": await _push(handler, session, item,
+                                                                                        output)})
+    finally:
+        pump.cancel()
+        handler.sessions.close(session.session_id)
+        logger.debug(f"Closed session {session.session_id[:8]}: {session.tokens_processed} tokens")
+
+
+async def _pump_client(handler: BlockHandler, reader: asyncio.StreamReader, inbox: asyncio.Queue) -> None:
+    try:
+        while True:
+            message = await handler.read_request(reader)
+            await inbox.put(message)
+            if message is None:
+                return
+    except Exception as e:
+        await inbox.put(e)
+
+
+def open_session(handler: BlockHandler, peer: str, message: dict) -> ServerSession:
+    span = handler.span
+    start, end = read_block_range(message, span.start, span.end)
+    max_length = get_field(message, "max_length", int)
+    batch_size = get_field(message, "batch_size", int, default=1)
+    limits = handler.limits
+    if not 0 < max_length <= limits.max_session_length:
+        raise RequestError(f"max_length must be in [1, {limits.max_session_length}], got {max_length}")
+    if not 0 < batch_size <= limits.max_batch_tokens:
+        raise RequestError(f"batch_size must be in [1, {limits.max_batch_tokens}], got {batch_size}")
+    upstream = get_field(message, "upstream", str, default=None)
+    output_codec = handler.output_codec(message)
+    session = handler.sessions.open(peer, start, end, batch_size, max_length, span)
+    session.upstream, session.output_codec = upstream, output_codec
+    return session
+
+
+def _link(session: ServerSession, message: dict) -> dict:
+    """Set where this session pushes its outputs, and/or whom it accepts pushes from."""
+    if "downstream" in message:
+        downstream = message["downstream"]
+        if downstream is None:
+            session.downstream = None
+        else:
+            if not isinstance(downstream, dict):
+                raise RequestError("downstream must be a map or null")
+            session.downstream = {key: get_field(downstream, key, kind) for key, kind in
+                                  (("peer", str), ("session_id", str), ("start", int), ("end", int))}
+    if "upstream" in message:
+        session.upstream = get_field(message, "upstream", str, default=None)
+    return {"linked": True}
+
+
+async def accept_push(handler: BlockHandler, peer: str, message: dict) -> dict:
+    """A step pushed by the server before us in the chain: queued into that session like a client's step."""
+    session = handler.sessions.get(message.get("session_id"))
+    if session.upstream != peer:
+        raise RequestError("pushes to this session are accepted only from the server its client named")
+    step = message.get("step")
+    if not isinstance(step, dict):
+        raise RequestError("a push must carry a step")
+    await session.inbox.put(step)
+    handler.pushes["received"] += 1
+    return {"queued": True}
+
+
+async def _push(handler: BlockHandler, session: ServerSession, step: dict, output: dict) -> bool:
+    downstream = session.downstream
+    pushed = {key: step[key] for key in ("position", "position_ids", "attention_mask", "hypo_ids", "step_id")
+              if key in step}
+    pushed.update(type="step", push=True, session_id=downstream["session_id"], start=downstream["start"],
+                  end=downstream["end"], hidden=output)
+    try:
+        await call(handler.p2p, downstream["peer"], protocol.PUSH,
+                   {"session_id": downstream["session_id"], "step": pushed}, timeout=protocol.PUSH_TIMEOUT)
+        handler.pushes["sent"] += 1
+        return True
+    except Exception as e:  # unreachable, refused, slow: the client relays this step itself
+        logger.info(f"Push to {downstream['peer'][-8:]} failed ({e}); the client will relay")
+        handler.pushes["failed"] += 1
+        return False
+
+
+async def run_step(handler: BlockHandler, session: ServerSession, message: dict) -> tuple[dict, dict]:
+    """Validate and run one step; returns the reply and the encoded output (also what a push carries)."""
+    handler.steps_served += 1
+    if handler.limits.fail_after_steps is not None and handler.steps_served > handler.limits.fail_after_steps:
+        raise RequestError("injected fault (--inject-fault-after-steps)")
+    if get_field(message, "type", str) != "step":
+        raise RequestError(f"expected a 'step', 'link' or 'close' message, got {message.get('type')!r}")
+    if message.get("session_id") != session.session_id:
+        raise RequestError(f"unknown session {message.get('session_id')!r}")
+    position = get_field(message, "position", int, default=session.length)
+    if not 0 <= position <= session.length:
+        raise RequestError(f"step starts at position {position}, but {session.length} positions are cached")
+    start, end = read_block_range(message, session.start, session.end)
+    if (start, end) != (session.start, session.end):
+        raise RequestError(f"this session runs blocks {session.start}:{session.end}, not {start}:{end}")
+    span = session.span
+    first, last, hidden, positions, mask = handler.read_span_inputs(message, span, past=position)
+    batch, tokens, _ = hidden.shape
+    if batch != session.batch_size:
+        raise RequestError(f"batch of {batch} rows, but the session was opened for {session.batch_size}")
+    if position + tokens > session.max_length:
+        raise RequestError(f"length {position + tokens} exceeds the session's max_length {session.max_length}")
+    hypo_ids = read_tensor(message, "hypo_ids", max_numel=batch, required=False)
+    if hypo_ids is not None and (hypo_ids.dtype != torch.int64 or list(hypo_ids.shape) != [batch]
+                                 or hypo_ids.min() < 0 or hypo_ids.max() >= batch):
+        raise RequestError(f"hypo_ids must be int64 of shape [{batch}] with values in [0, {batch})")
+    codec = handler.output_codec(message, default=session.output_codec)
+
+    def run() -> torch.Tensor:
+        compat.truncate_cache(session.cache, position)  # a client rewinding (or replaying) to `position`
+        if hypo_ids is not None:
+            compat.reorder_cache(session.cache, hypo_ids)
+        try:
+            with torch.no_grad():
+                return span(hidden.to(span.dtype), positions, mask, session.cache, first, last)
+        except BaseException:
+            compat.truncate_cache(session.cache, position)  # undo what the layers that ran have written
+            raise
+
+    try:
+        output = await handler.compute(run)
+    except ValueError as e:  # e.g. rewinding a sliding window past what it kept
+        raise RequestError(str(e)) from None
+    session.length = position + tokens
+    session.tokens_processed += batch * tokens
+    session.steps += 1
+    encoded = handler.encode(output.to(hidden.dtype), codec)
+    return {"hidden": encoded, "position": session.length}, encoded
