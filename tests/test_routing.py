@@ -119,3 +119,16 @@ def test_should_move_only_for_a_clear_gain():
     # a gap appears when "c" leaves: the duplicate moves to fill it
     del servers["c"]
     assert should_move(servers, 6, "b", (0, 3), 1000.0) == (3, 6)
+
+
+def test_large_batches_split_over_parallel_chains_only_when_faster():
+    from swarm.client.routing import CostModel, parallel_chains
+
+    def plan(forward_tps: float) -> list[list[str]]:
+        servers = {"a": server(0, 6, forward_tps=forward_tps), "b": server(0, 6, forward_tps=forward_tps)}
+        model = CostModel.build(servers, rtts(a=0.01, b=0.01), RoutingPolicy(),
+                                RouteRequest(mode="throughput", tokens=4096))
+        return [[hop.span.peer_id for hop in chain] for chain in parallel_chains(model, 0, 6, max_chains=4)]
+
+    assert sorted(plan(forward_tps=1000.0)) == [["a"], ["b"]]  # 4 s of compute: halve it on two servers
+    assert len(plan(forward_tps=1e7)) == 1  # compute is negligible next to a second round trip: one chain

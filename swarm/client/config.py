@@ -21,6 +21,7 @@ class ClientConfig:
     routing_policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # how to weigh servers, which to avoid
     max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split
+    max_parallel_chains: int = 4  # a large forward/backward batch may be split over this many chains at once
     # Wire codec of hidden states passed from one server to the next ("none" is bit-exact).
     compression: str = "blockwise8"
     # Codec of the chain's ends: what the client sends the first server and what the last one sends back. None:

@@ -12,6 +12,8 @@ request is at fault and the error is raised.
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from swarm.client.routing import RemoteSpan, RouteRequest
@@ -41,12 +43,13 @@ async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, m
 
 
 async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None, start: int = 0,
-                        end: int | None = None) -> tuple[dict, Record]:
-    """Run blocks [start, end) on encoded ``hidden``; returns the encoded output and each hop with its input."""
+                        attention_mask: torch.Tensor | None, start: int = 0, end: int | None = None,
+                        chain: list[RemoteSpan] | None = None) -> tuple[dict, Record]:
+    """Run blocks [start, end) on encoded ``hidden`` (through ``chain`` if given, else the cheapest one);
+    returns the encoded output and each hop with its input."""
     end = manager.num_blocks if end is None else end
     request = RouteRequest(mode="throughput", tokens=position_ids.numel())
-    chain = await manager.make_sequence(start, end, request)
+    chain = chain or await manager.make_sequence(start, end, request)
     record: Record = []
     failures, index, last_error = 0, 0, None
     while index < len(chain):
@@ -95,19 +98,51 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
 
 
 class RemoteChainFunction(torch.autograd.Function):
-    """Autograd through remote blocks: forward calls servers' forward, backward their backward."""
+    """Autograd through remote blocks: forward calls servers' forward, backward their backward.
+
+    The batch is cut into row chunks of at most ``max_batch_tokens`` tokens, spread over parallel chains when the
+    routing finds that splitting finishes sooner; chunks on different chains run concurrently.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 manager: SequenceManager) -> torch.Tensor:
-        encoded = serialize_tensor(hidden.detach(), manager.config.edge_codec)
-        output, record = manager.loop.run(forward_chain(manager, encoded, position_ids, attention_mask))
-        ctx.manager, ctx.record, ctx.position_ids, ctx.attention_mask = manager, record, position_ids, attention_mask
-        return deserialize_tensor(output).to(hidden.dtype)
+        config = manager.config
+        batch, tokens = hidden.shape[:2]
+        chains = [None]
+        if batch > 1 and config.max_parallel_chains > 1:
+            request = RouteRequest(mode="throughput", tokens=batch * tokens)
+            chains = manager.loop.run(manager.parallel_routes(request, config.max_parallel_chains))
+        rows = max(1, min(config.max_batch_tokens // max(1, tokens), -(-batch // len(chains))))
+        chunks = [slice(i, i + rows) for i in range(0, batch, rows)]
+        mask_of = (lambda rows_: None) if attention_mask is None else (lambda rows_: attention_mask[rows_])
+
+        async def run_chain(chain, assigned: list[slice]) -> list[tuple[dict, Record]]:
+            return [await forward_chain(manager, serialize_tensor(hidden[rows_].detach(), config.edge_codec),
+                                        position_ids[rows_], mask_of(rows_), chain=chain) for rows_ in assigned]
+
+        async def run_all() -> list[list[tuple[dict, Record]]]:
+            plan = [chunks[i :: len(chains)] for i in range(len(chains))]  # chunk i goes to chain i mod n
+            return await asyncio.gather(*(run_chain(chain, assigned) for chain, assigned in zip(chains, plan,
+                                                                                               strict=True)))
+
+        results = manager.loop.run(run_all())
+        done = {rows_.start: result for i, per_chain in enumerate(results)
+                for rows_, result in zip(chunks[i :: len(chains)], per_chain, strict=True)}
+        ctx.manager, ctx.position_ids, ctx.attention_mask, ctx.mask_of = manager, position_ids, attention_mask, mask_of
+        ctx.chunks = [(rows_, done[rows_.start][1]) for rows_ in chunks]
+        return torch.cat([deserialize_tensor(done[rows_.start][0]) for rows_ in chunks]).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         manager = ctx.manager
-        encoded = serialize_tensor(grad_output.contiguous(), manager.config.edge_codec)
-        grad = manager.loop.run(backward_chain(manager, ctx.record, encoded, ctx.position_ids, ctx.attention_mask))
-        return deserialize_tensor(grad).to(grad_output.dtype), None, None, None
+
+        async def run_all() -> list[dict]:
+            return await asyncio.gather(*(
+                backward_chain(manager, record, serialize_tensor(grad_output[rows_].contiguous(),
+                                                                 manager.config.edge_codec),
+                               ctx.position_ids[rows_], ctx.mask_of(rows_))
+                for rows_, record in ctx.chunks))
+
+        grads = manager.loop.run(run_all())
+        return torch.cat([deserialize_tensor(g) for g in grads]).to(grad_output.dtype), None, None, None

@@ -35,14 +35,7 @@ class RemoteSequential(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.active_session is not None:
             return self.active_session.step(hidden, position_ids, attention_mask)
-        # Split big batches by rows so no request exceeds the servers' per-request token limit.
-        rows = max(1, self.client_config.max_batch_tokens // max(1, hidden.shape[1]))
-        outputs = [
-            RemoteChainFunction.apply(hidden[i : i + rows], position_ids[i : i + rows],
-                                      None if attention_mask is None else attention_mask[i : i + rows], self.manager)
-            for i in range(0, hidden.shape[0], rows)
-        ]
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager)
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[InferenceSession]:

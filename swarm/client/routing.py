@@ -27,6 +27,7 @@ DEFAULT_RTT = 0.05  # s: until the client has pinged any server
 DEFAULT_INFERENCE_RPS = 10.0  # decode steps/s over a span: for servers that announce no speed
 DEFAULT_FORWARD_TPS = 500.0  # tokens/s over a span: likewise
 DEFAULT_FAILURE_COST = 2.0  # s: what a failover costs, until the client has timed one
+SPLIT_GAIN = 0.8  # split a batch over one more chain only if that finishes at least 20% sooner
 
 
 class MissingBlocksError(RuntimeError):
@@ -177,6 +178,37 @@ def find_chain(servers: dict[str, ServerInfo], start: int, end: int, *, stats: d
     """The cheapest chain of hops covering blocks [start, end). Raises ``MissingBlocksError`` if there is none."""
     model = CostModel.build(servers, stats or {}, policy or RoutingPolicy(), request or RouteRequest(), failure_cost)
     return cheapest_chain(model, start, end, model_id)
+
+
+def parallel_chains(model: CostModel, start: int, end: int, max_chains: int,
+                    model_id: str = "the model") -> list[list[Hop]]:
+    """Chains to split one large throughput-mode request over, when that finishes sooner than one chain.
+
+    Each chain is the cheapest once the servers of the previous ones count as busy with their share; the batch is
+    then split evenly over the first k chains, k growing while that clearly shortens the slowest chain's time (its
+    fixed costs plus its compute for 1/k of the batch). Raises ``MissingBlocksError`` if no chain exists at all.
+    """
+    chains: list[list[Hop]] = []
+    position = {peer: i for i, peer in enumerate(model.peers)}
+    while len(chains) < max_chains:
+        try:
+            chain = cheapest_chain(model, start, end, model_id)
+        except MissingBlocksError:
+            if not chains:
+                raise
+            break
+        chains.append(chain)
+        for hop in chain:  # busy with this chain's part from now on
+            model.queue[position[hop.span.peer_id]] += hop.compute
+
+    def makespan(k: int) -> float:
+        return max(sum(h.cost - h.compute + h.compute / k for h in chain) for chain in chains[:k])
+
+    best = 1
+    for k in range(2, len(chains) + 1):  # another chain must pay for its extra requests and client work
+        if makespan(k) < SPLIT_GAIN * makespan(best):
+            best = k
+    return chains[:best]
 
 
 def cheapest_chain(model: CostModel, start: int, end: int, model_id: str = "the model") -> list[Hop]:

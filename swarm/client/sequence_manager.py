@@ -23,6 +23,7 @@ from swarm.client.routing import (
     RemoteSpan,
     RouteRequest,
     cheapest_chain,
+    parallel_chains,
 )
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos
@@ -142,6 +143,12 @@ class SequenceManager:
         except MissingBlocksError:  # our view may be stale: look again before giving up
             await self.update(force=True)
             return cheapest_chain(await self.cost_model(request), start, end, self.model_id)
+
+    async def parallel_routes(self, request: RouteRequest, max_chains: int) -> list[list[RemoteSpan]]:
+        """Chains to split a large forward/backward batch over (just one when splitting would not be faster)."""
+        model = await self.cost_model(request)
+        return [[hop.span for hop in chain] for chain in parallel_chains(model, 0, self.num_blocks, max_chains,
+                                                                          self.model_id)]
 
     async def make_sequence(self, start: int = 0, end: int | None = None,
                             request: RouteRequest | None = None) -> list[RemoteSpan]:

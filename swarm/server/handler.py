@@ -51,6 +51,7 @@ class BlockHandler:
         self.pending = 0  # requests waiting for or running on the compute thread
         self.steps_served = 0
         self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
+        self.served = {"forward": 0, "backward": 0}  # requests answered, shown by info
         self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
 
     async def register(self, p2p: P2P) -> None:
@@ -153,6 +154,7 @@ class BlockHandler:
                 return span(hidden.to(span.dtype), positions, mask, None, first, last)
 
         output = await self.compute(run)
+        self.served["forward"] += 1
         await write_message(writer, {"hidden": self.encode(output.to(hidden.dtype), codec)})
 
     async def rpc_backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -175,6 +177,7 @@ class BlockHandler:
             return grad
 
         grad = await self.compute(run)
+        self.served["backward"] += 1
         await write_message(writer, {"grad_input": self.encode(grad.to(hidden.dtype), codec)})
 
     async def rpc_inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -96,6 +96,7 @@ class Server:
                 "hidden_size": self.span.hidden_size, "sessions": len(self.sessions.sessions),
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "pushes": dict(self.handler.pushes) if self.handler else {},
+                "served": {**self.handler.served, "steps": self.handler.steps_served} if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens}
 
     # ---- lifecycle
