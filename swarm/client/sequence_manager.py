@@ -26,10 +26,9 @@ from swarm.client.routing import (
     parallel_chains,
 )
 from swarm.dht.node import start_dht, stop_dht
-from swarm.dht.records import fetch_block_infos
-from swarm.dht.schema import ServerInfo, ServerState
-from swarm.rpc import protocol
-from swarm.rpc.client import call
+from swarm.dht.records import fetch_block_infos, merge_records
+from swarm.dht.schema import ServerInfo
+from swarm.rpc.client import measure_rtt
 from swarm.utils.loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -85,14 +84,8 @@ class SequenceManager:
         (a busy server is not a dead one: opening a session on it decides)."""
 
         async def ping_one(peer: str) -> None:
-            started = time.perf_counter()
-            try:
-                await call(self.p2p, peer, protocol.INFO, {}, timeout=PING_TIMEOUT)
-            except Exception as e:
-                logger.debug(f"Ping to {peer[-8:]} failed: {e}")
-                self.record_rtt(peer, PING_TIMEOUT)
-                return
-            self.record_rtt(peer, time.perf_counter() - started)
+            rtt = await measure_rtt(self.p2p, peer, PING_TIMEOUT)
+            self.record_rtt(peer, PING_TIMEOUT if rtt is None else rtt)
 
         await asyncio.gather(*(ping_one(peer) for peer in peers))
 
@@ -160,14 +153,3 @@ class SequenceManager:
         finally:
             self.loop.stop()
 
-
-def merge_records(per_block: list[dict[str, ServerInfo]]) -> dict[str, ServerInfo]:
-    """One record per server from the per-block records (a server moving its span announces two: prefer the
-    online one)."""
-    servers: dict[str, ServerInfo] = {}
-    for block_servers in per_block:
-        for peer, info in block_servers.items():
-            known = servers.get(peer)
-            if known is None or (known.state != ServerState.ONLINE and info.state == ServerState.ONLINE):
-                servers[peer] = info
-    return servers

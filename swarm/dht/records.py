@@ -5,7 +5,7 @@ from __future__ import annotations
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from swarm.dht.schema import MODELS_KEY, ModelInfo, ServerInfo, block_key
+from swarm.dht.schema import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
 
 
 async def announce_span(node: DHTNode, model_id: str, info: ServerInfo, model_info: ModelInfo | None,
@@ -39,6 +39,18 @@ async def fetch_block_infos(node: DHTNode, model_id: str, block_indices: list[in
                     servers[peer] = info
         result.append(servers)
     return result
+
+
+def merge_records(per_block: list[dict[str, ServerInfo]]) -> dict[str, ServerInfo]:
+    """One record per server from per-block records (a server moving its span announces two: prefer the online
+    one)."""
+    servers: dict[str, ServerInfo] = {}
+    for block_servers in per_block:
+        for peer, info in block_servers.items():
+            known = servers.get(peer)
+            if known is None or (known.state != ServerState.ONLINE and info.state == ServerState.ONLINE):
+                servers[peer] = info
+    return servers
 
 
 async def fetch_models(node: DHTNode) -> dict[str, ModelInfo]:

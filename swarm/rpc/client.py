@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import suppress
 
 from hivemind.p2p import P2P, PeerID
 
+from swarm.rpc import protocol
 from swarm.rpc.framing import DEFAULT_MAX_MESSAGE_BYTES, read_message, write_message
 
 
@@ -84,6 +86,16 @@ class Stream:
     def close(self) -> None:
         with suppress(Exception):
             self.writer.close()
+
+
+async def measure_rtt(p2p: P2P, peer: PeerID | str, timeout: float) -> float | None:
+    """Seconds for an ``info`` round trip to ``peer`` (handler time included), or None if it did not answer."""
+    started = time.perf_counter()
+    try:
+        await call(p2p, peer, protocol.INFO, {}, timeout=timeout)
+    except Exception:
+        return None
+    return time.perf_counter() - started
 
 
 async def call(p2p: P2P, peer: PeerID | str, handler: str, message: dict, timeout: float | None = None) -> dict:

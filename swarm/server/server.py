@@ -23,11 +23,11 @@ from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.span import BlockSpan, load_config
 from swarm.compression import blockwise
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
-from swarm.dht.records import announce_span, fetch_block_infos
+from swarm.dht.records import announce_span, fetch_block_infos, merge_records
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
-from swarm.rpc.client import call
+from swarm.rpc.client import measure_rtt
 from swarm.server.block_selection import choose_span, should_move
 from swarm.server.handler import BlockHandler, Limits
 from swarm.server.sessions import SessionTable
@@ -180,13 +180,8 @@ class Server:
 
     async def fetch_servers(self) -> dict[str, ServerInfo]:
         """Every server of this model, one record each (its online one if it announces several spans)."""
-        per_block = await fetch_block_infos(self.node, self.model_id, list(range(self.model_info.num_blocks)))
-        servers: dict[str, ServerInfo] = {}
-        for block_servers in per_block:
-            for peer, info in block_servers.items():
-                if peer not in servers or info.state == ServerState.ONLINE:
-                    servers[peer] = info
-        return servers
+        return merge_records(await fetch_block_infos(self.node, self.model_id,
+                                                     list(range(self.model_info.num_blocks))))
 
     async def load_span(self, source: ModelSource, start: int, end: int) -> BlockSpan:
         cfg = self.config
@@ -216,14 +211,11 @@ class Server:
         random.shuffle(peers)
 
         async def ping(peer: str) -> None:
-            started = time.perf_counter()
-            try:
-                await call(self.node.p2p, peer, protocol.INFO, {}, timeout=5)
-            except Exception:
+            rtt, old = await measure_rtt(self.node.p2p, peer, timeout=5), self.next_pings.get(peer)
+            if rtt is None:
                 self.next_pings.pop(peer, None)
-                return
-            rtt, old = time.perf_counter() - started, self.next_pings.get(peer)
-            self.next_pings[peer] = rtt if old is None else 0.7 * old + 0.3 * rtt
+            else:
+                self.next_pings[peer] = rtt if old is None else 0.7 * old + 0.3 * rtt
 
         await asyncio.gather(*(ping(peer) for peer in peers[:max_peers]))
         for peer in set(self.next_pings) - set(peers):
