@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -20,14 +21,15 @@ class RemoteSequential(nn.Module):
     """``hidden = remote(hidden, position_ids, attention_mask)``; differentiable w.r.t. ``hidden``.
 
     Inside ``with remote.inference_session(max_length)`` calls go through that session's server-side KV caches
-    (each call brings only the new positions); outside, each call is a stateless forward (with backward).
+    (each call brings only the new positions); outside, each call is a stateless forward (with backward). Sessions
+    are per thread, so several threads can generate through one model at once.
     """
 
     def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int):
         super().__init__()
         self.client_config, self.model_id, self.num_blocks = client_config, model_id, num_blocks
         self.manager = SequenceManager(client_config, model_id, num_blocks)
-        self.active_session: InferenceSession | None = None
+        self._local = threading.local()  # each thread has its own active session: concurrent generate() calls
         if "blockwise8" in (client_config.compression, client_config.edge_codec):
             blockwise.warm_up()  # the first 8-bit call imports bitsandbytes (~3 s): not inside the first request
 
@@ -37,6 +39,11 @@ class RemoteSequential(nn.Module):
             return self.active_session.step(hidden, position_ids, attention_mask)
         return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager)
 
+    @property
+    def active_session(self) -> InferenceSession | None:
+        """The session this thread opened with ``inference_session``, if any."""
+        return getattr(self._local, "session", None)
+
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
         """Keep server-side caches across calls (and across several ``generate`` calls) for up to
@@ -44,11 +51,11 @@ class RemoteSequential(nn.Module):
         if self.active_session is not None:
             raise RuntimeError("an inference session is already active for this model")
         session = InferenceSession(self.manager, max_length)
-        self.active_session = session
+        self._local.session = session
         try:
             yield session
         finally:
-            self.active_session = None
+            self._local.session = None
             session.close()
 
     def route(self) -> list[RemoteSpan]:
