@@ -1,0 +1,71 @@
+"""The monitor: joins the DHT as a client and refreshes a ``SwarmState`` periodically.
+
+Models come from the DHT's model index (nothing is hard-coded); servers from each model's block records; every
+online server gets an ``info`` call, whose round trip is its RTT and whose failure marks it unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from swarm.dht.node import start_dht, stop_dht
+from swarm.dht.records import fetch_block_infos, fetch_models, merge_records
+from swarm.dht.schema import ServerState
+from swarm.health.history import History
+from swarm.health.state import SwarmState, model_status
+from swarm.rpc.client import measure_rtt
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 5.0  # s: a server slower than this to answer counts as unreachable
+
+
+class Monitor:
+    def __init__(self, initial_peers: list[str], history: History, refresh_period: float = 30.0,
+                 host: str = "127.0.0.1"):
+        self.initial_peers, self.history, self.refresh_period, self.host = initial_peers, history, refresh_period, host
+        self.state = SwarmState(updated_at=0.0)
+        self.p2p: P2P | None = None
+        self.node: DHTNode | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.p2p, self.node = await start_dht(self.initial_peers, host=self.host, client_mode=True)
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.node is not None:
+            await stop_dht(self.p2p, self.node)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_period)
+            try:
+                await self.refresh()
+            except Exception:
+                logger.exception("Refresh failed; keeping the previous state")
+
+    async def refresh(self) -> SwarmState:
+        models = await fetch_models(self.node)
+        per_model = {}
+        for model_id, info in sorted(models.items()):
+            per_model[model_id] = merge_records(await fetch_block_infos(self.node, model_id,
+                                                                        list(range(info.num_blocks))))
+        online = {peer for servers in per_model.values() for peer, record in servers.items()
+                  if record.state == ServerState.ONLINE}
+        rtts = await asyncio.gather(*(measure_rtt(self.p2p, peer, PROBE_TIMEOUT) for peer in sorted(online)))
+        probes = dict(zip(sorted(online), rtts, strict=True))
+        state = SwarmState(updated_at=time.time(), rtts_ms=[r * 1000 for r in rtts if r is not None])
+        state.models = [model_status(model_id, models[model_id], servers, probes)
+                        for model_id, servers in per_model.items()]
+        self.state = state
+        self.history.record(state)
+        return state

@@ -1,0 +1,103 @@
+"""The health page: server-rendered HTML (no JavaScript), refreshing itself, with an SVG history chart."""
+
+from __future__ import annotations
+
+import time
+from html import escape
+
+from swarm.health.state import ModelStatus, ServerStatus, SwarmState
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { margin: 0 0 .2em; } .totals { color: #555; margin-bottom: 1em; }
+section.model { border: 1px solid #ddd; border-radius: 8px; padding: .8em 1em; margin-bottom: 1.2em; }
+.badge { padding: .1em .5em; border-radius: 4px; color: white; font-size: .85em; margin-left: .5em; }
+.badge.healthy { background: #2e7d32; } .badge.broken { background: #c62828; }
+.coverage { display: flex; gap: 2px; margin: .6em 0; flex-wrap: wrap; }
+.block { min-width: 1.6em; text-align: center; font-size: .75em; padding: .25em 0; border-radius: 3px; color: white; }
+.block.ok { background: #2e7d32; } .block.weak { background: #f9a825; } .block.missing { background: #c62828; }
+table { border-collapse: collapse; font-size: .85em; } th, td { padding: .25em .6em; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #fafafa; } tr.unreachable td { color: #c62828; } tr.offline td { color: #999; }
+.chart { margin: .4em 0; } .legend { font-size: .8em; color: #555; }
+"""
+
+
+def render_page(state: SwarmState, history: dict[str, list[tuple[float, int, int, int]]],
+                refresh_seconds: int) -> str:
+    totals = state.totals
+    updated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.updated_at)) if state.updated_at else "never"
+    sections = "\n".join(_model_section(m, history.get(m.model_id, [])) for m in state.models) or \
+        "<p id='no-models'>No model is announced in this swarm yet.</p>"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh_seconds}">
+<title>Swarm health</title><style>{STYLE}</style></head>
+<body>
+<h1>Swarm health</h1>
+<div class="totals" id="totals" data-models="{totals['models']}" data-healthy="{totals['healthy_models']}"
+     data-servers-online="{totals['servers_online']}" data-servers-unreachable="{totals['servers_unreachable']}">
+  {totals['models']} models ({totals['healthy_models']} healthy) &middot; {totals['servers_online']} servers online
+  &middot; {totals['servers_unreachable']} unreachable &middot; updated {updated}
+  &middot; <a href="/api/v1/state">JSON</a> &middot; <a href="/metrics">metrics</a>
+</div>
+{sections}
+</body></html>"""
+
+
+def _model_section(model: ModelStatus, samples: list[tuple[float, int, int, int]]) -> str:
+    model_id = escape(model.model_id)
+    status = "healthy" if model.healthy else "broken"
+    blocks = "".join(
+        f'<span class="block {state}" data-block="{i}" data-servers="{count}" '
+        f'title="block {i}: {count} server(s)">{count}</span>'
+        for i, (count, state) in enumerate(zip(model.coverage, model.block_states, strict=True)))
+    rows = "\n".join(_server_row(s) for s in model.servers)
+    return f"""<section class="model" data-model="{model_id}" data-healthy="{str(model.healthy).lower()}">
+<h2>{model_id}<span class="badge {status}">{status}</span></h2>
+<div>{model.num_blocks} blocks, {model.missing_blocks} without a server &middot; announced throughput
+ {model.throughput_sum:.0f} tokens/s, weakest block {model.weakest_block_throughput:.0f} tokens/s</div>
+<div class="coverage" data-model="{model_id}">{blocks}</div>
+{_chart(samples, model.num_blocks)}
+<table class="servers" data-model="{model_id}">
+<thead><tr><th>peer</th><th>name</th><th>blocks</th><th>state</th><th>precision</th><th>throughput</th>
+<th>decode steps/s</th><th>free cache</th><th>RTT</th><th>version</th><th>reachable</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+</section>"""
+
+
+def _server_row(server: ServerStatus) -> str:
+    kind = "offline" if server.state != "online" else "reachable" if server.reachable else "unreachable"
+    reachable = {True: "yes", False: "no", None: "-"}[server.reachable]
+
+    def number(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return (f'<tr class="server {kind}" data-peer="{escape(server.peer_id)}">'
+            f"<td title='{escape(server.peer_id)}'>{escape(server.short_id)}</td>"
+            f"<td>{escape(server.public_name or '')}</td><td>{server.start}:{server.end}</td>"
+            f"<td>{escape(server.state)}</td><td>{escape(server.dtype)} / {escape(server.quantization)}</td>"
+            f"<td>{number(server.throughput, 0)}</td><td>{number(server.inference_rps)}</td>"
+            f"<td>{server.cache_tokens_left}</td><td>{'-' if server.rtt_ms is None else f'{server.rtt_ms:.1f} ms'}</td>"
+            f"<td>{escape(server.version)}</td><td class='reachable'>{reachable}</td></tr>")
+
+
+def _chart(samples: list[tuple[float, int, int, int]], num_blocks: int, width: int = 480, height: int = 70) -> str:
+    """Servers online (blue) and covered blocks in % (green) over the sampled period, as an inline SVG."""
+    if len(samples) < 2:
+        return '<div class="chart legend">history: collecting samples...</div>'
+    t0, t1 = samples[0][0], samples[-1][0]
+    top = max(max(s[1] for s in samples), 1)
+
+    def points(value) -> str:
+        return " ".join(f"{(t - t0) / max(t1 - t0, 1e-9) * width:.1f},{height - value(s) * (height - 4) - 2:.1f}"
+                        for s in samples for t in [s[0]])
+
+    servers = points(lambda s: s[1] / top)
+    covered = points(lambda s: s[2] / max(s[3], 1))
+    minutes = (t1 - t0) / 60
+    return (f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'style="background:#fafafa"><polyline fill="none" stroke="#1565c0" stroke-width="2" points="{servers}"/>'
+            f'<polyline fill="none" stroke="#2e7d32" stroke-width="2" points="{covered}"/></svg>'
+            f'<div class="legend">last {minutes:.0f} min: <span style="color:#1565c0">servers online (max {top})</span>'
+            f', <span style="color:#2e7d32">blocks covered (% of {num_blocks})</span></div>')

@@ -1,0 +1,155 @@
+"""What the health monitor knows about the swarm at one moment, as dataclasses and as documented JSON.
+
+Built from the DHT's announcements plus the monitor's own probes (an ``info`` call to every online server):
+a server that does not answer is *unreachable* and does not count towards coverage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
+
+
+@dataclass
+class ServerStatus:
+    peer_id: str
+    short_id: str  # last 8 characters of the peer id
+    public_name: str | None
+    start: int
+    end: int
+    state: str  # online / joining / offline, as announced
+    reachable: bool | None  # answered the monitor's info call (None: not probed, the server is not online)
+    rtt_ms: float | None  # round trip of that call, from the monitor
+    dtype: str
+    quantization: str
+    throughput: float | None  # announced tokens/s over its span
+    inference_rps: float | None  # announced decode steps/s over its span
+    cache_tokens_left: int
+    load: float
+    version: str
+
+
+@dataclass
+class ModelStatus:
+    model_id: str
+    num_blocks: int
+    repository: str | None
+    healthy: bool  # every block has an online, reachable server
+    coverage: list[int]  # per block: online, reachable servers holding it
+    block_states: list[str]  # per block: "ok" (2+ servers), "weak" (1), "missing" (0)
+    servers: list[ServerStatus]
+    throughput_sum: float  # announced throughput of the online, reachable servers
+    weakest_block_throughput: float  # per block sum of those throughputs, minimum over blocks
+
+    @property
+    def missing_blocks(self) -> int:
+        return sum(1 for count in self.coverage if count == 0)
+
+
+@dataclass
+class SwarmState:
+    updated_at: float  # unix time of the refresh
+    models: list[ModelStatus] = field(default_factory=list)
+    rtts_ms: list[float] = field(default_factory=list)  # every reachable server's RTT, for quantiles
+
+    @property
+    def totals(self) -> dict:
+        servers = {s.peer_id: s for m in self.models for s in m.servers}
+        return {"models": len(self.models), "healthy_models": sum(m.healthy for m in self.models),
+                "servers": len(servers), "servers_online": sum(s.reachable is True for s in servers.values()),
+                "servers_unreachable": sum(s.reachable is False for s in servers.values())}
+
+    def to_json(self) -> dict:
+        return {"updated_at": self.updated_at, "totals": self.totals,
+                "models": [{**dataclasses.asdict(m), "missing_blocks": m.missing_blocks} for m in self.models]}
+
+
+def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
+                 probes: dict[str, float | None]) -> ModelStatus:
+    """``probes``: RTT in seconds of each online server that answered, None for those that did not."""
+    statuses, coverage, throughput = [], [0] * info.num_blocks, [0.0] * info.num_blocks
+    for peer, record in sorted(servers.items(), key=lambda item: (item[1].start, item[0])):
+        online = record.state == ServerState.ONLINE
+        rtt = probes.get(peer) if online else None
+        reachable = (rtt is not None) if online else None
+        statuses.append(ServerStatus(
+            peer_id=peer, short_id=peer[-8:], public_name=record.public_name, start=record.start, end=record.end,
+            state=record.state.name.lower(), reachable=reachable, rtt_ms=None if rtt is None else rtt * 1000,
+            dtype=record.dtype, quantization=record.quantization, throughput=record.throughput,
+            inference_rps=record.inference_rps, cache_tokens_left=record.cache_tokens_left, load=record.load,
+            version=record.version))
+        if reachable:
+            for block in range(record.start, min(record.end, info.num_blocks)):
+                coverage[block] += 1
+                throughput[block] += record.throughput or 0.0
+    states = ["missing" if n == 0 else "weak" if n == 1 else "ok" for n in coverage]
+    return ModelStatus(
+        model_id=model_id, num_blocks=info.num_blocks, repository=info.repository, healthy=all(coverage),
+        coverage=coverage, block_states=states, servers=statuses,
+        throughput_sum=sum((s.throughput or 0.0) for s in statuses if s.reachable),
+        weakest_block_throughput=min(throughput) if throughput else 0.0)
+
+
+_SERVER_SCHEMA = {
+    "type": "object",
+    "required": ["peer_id", "short_id", "start", "end", "state", "reachable", "dtype", "quantization",
+                 "cache_tokens_left", "version"],
+    "properties": {
+        "peer_id": {"type": "string", "description": "libp2p peer id (base58)"},
+        "short_id": {"type": "string", "description": "last 8 characters of the peer id"},
+        "public_name": {"type": ["string", "null"], "description": "name the server chose to show"},
+        "start": {"type": "integer", "minimum": 0, "description": "first block of its span"},
+        "end": {"type": "integer", "minimum": 1, "description": "one past its last block"},
+        "state": {"enum": ["online", "joining", "offline"], "description": "as announced in the DHT"},
+        "reachable": {"type": ["boolean", "null"],
+                      "description": "answered the monitor's info call; null when not online (not probed)"},
+        "rtt_ms": {"type": ["number", "null"], "description": "round trip of the monitor's info call"},
+        "dtype": {"type": "string"},
+        "quantization": {"type": "string", "description": "weight quantization: none, int8 or nf4"},
+        "throughput": {"type": ["number", "null"], "description": "announced tokens/s over its span"},
+        "inference_rps": {"type": ["number", "null"], "description": "announced decode steps/s over its span"},
+        "cache_tokens_left": {"type": "integer", "minimum": 0, "description": "free KV cache, batch x positions"},
+        "load": {"type": "number", "minimum": 0, "description": "requests queued or running when announced"},
+        "version": {"type": "string", "description": "swarm software version"},
+    },
+}
+
+STATE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "swarm health state (/api/v1/state)",
+    "type": "object",
+    "required": ["updated_at", "totals", "models"],
+    "properties": {
+        "updated_at": {"type": "number", "description": "unix time of the monitor's last refresh"},
+        "totals": {
+            "type": "object",
+            "required": ["models", "healthy_models", "servers", "servers_online", "servers_unreachable"],
+            "properties": {key: {"type": "integer", "minimum": 0} for key in
+                           ("models", "healthy_models", "servers", "servers_online", "servers_unreachable")},
+        },
+        "models": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["model_id", "num_blocks", "healthy", "coverage", "block_states", "servers",
+                             "missing_blocks"],
+                "properties": {
+                    "model_id": {"type": "string", "description": "the name servers announce the model under"},
+                    "num_blocks": {"type": "integer", "minimum": 1},
+                    "repository": {"type": ["string", "null"]},
+                    "healthy": {"type": "boolean", "description": "every block has an online, reachable server"},
+                    "coverage": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                 "description": "per block: online, reachable servers holding it"},
+                    "block_states": {"type": "array", "items": {"enum": ["ok", "weak", "missing"]},
+                                     "description": "per block: 2+ servers, 1 server, none"},
+                    "missing_blocks": {"type": "integer", "minimum": 0},
+                    "throughput_sum": {"type": "number"},
+                    "weakest_block_throughput": {"type": "number"},
+                    "servers": {"type": "array", "items": _SERVER_SCHEMA},
+                },
+            },
+        },
+    },
+}

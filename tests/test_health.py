@@ -1,0 +1,157 @@
+"""The health service over a real swarm, read in a real browser (Debian's Chromium driven by Playwright)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from swarm.health.state import STATE_SCHEMA
+from swarm.utils.local_swarm import free_port
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+
+class HealthService:
+    def __init__(self, peers: list[str], history: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarm.health", "--initial-peers", *peers, "--host", "127.0.0.1", "--port",
+             str(self.port), "--refresh", "1", "--history", str(history)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=2)
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("the health service did not start") from None
+                time.sleep(0.2)
+
+    def get(self, path: str) -> str:
+        return urllib.request.urlopen(self.url + path, timeout=10).read().decode()
+
+    def state(self) -> dict:
+        return json.loads(self.get("/api/v1/state"))
+
+    def wait_for_state(self, predicate, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while not predicate(state := self.state()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return state
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) for this test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def metrics(service: HealthService) -> dict[tuple[str, str], float]:
+    values = {}
+    for family in text_string_to_metric_families(service.get("/metrics")):
+        for sample in family.samples:
+            values[(sample.name, sample.labels.get("model", sample.labels.get("quantile", "")))] = sample.value
+    return values
+
+
+def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, browser, tmp_path):
+    path = tiny_model("llama")
+    first = launcher.start_server(path, "0:2", [], "--public-name", "first <server>")
+    others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6")]
+    for server in others:
+        server.wait_ready()
+    history = tmp_path / "history.sqlite3"
+    service = HealthService([first.maddr], history)
+    page = browser.new_page(viewport={"width": 1100, "height": 600})
+    try:
+        state = service.wait_for_state(lambda s: s["totals"]["servers_online"] == 3)
+        jsonschema.validate(state, STATE_SCHEMA)
+        assert state["models"][0]["model_id"] == "tiny-llama" and state["models"][0]["healthy"]
+
+        page.goto(service.url + "/")
+        model = page.locator("section.model[data-model='tiny-llama']")
+        assert model.get_attribute("data-healthy") == "true"
+        blocks = model.locator(".coverage .block")
+        assert blocks.count() == 6
+        assert [blocks.nth(i).get_attribute("data-servers") for i in range(6)] == ["1"] * 6
+        rows = model.locator("table.servers tbody tr.server")
+        assert rows.count() == 3
+        spans = sorted(rows.nth(i).locator("td").nth(2).inner_text() for i in range(3))
+        assert spans == ["0:2", "2:4", "4:6"]
+        assert "first <server>" in model.inner_text()  # shown as text, escaped, not as markup
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "health-page.png"), full_page=True)
+
+        lost = others[0]
+        lost.signal(signal.SIGKILL)  # its DHT record says online until it expires; the probe finds it silent
+        state = service.wait_for_state(lambda s: s["models"][0]["missing_blocks"] == 2)
+        jsonschema.validate(state, STATE_SCHEMA)
+        assert state["models"][0]["coverage"] == [1, 1, 0, 0, 1, 1] and not state["models"][0]["healthy"]
+
+        page.goto(service.url + "/")  # the page also reloads itself every refresh period
+        assert model.get_attribute("data-healthy") == "false"
+        assert [blocks.nth(i).get_attribute("class") for i in (2, 3)] == ["block missing"] * 2
+        row = model.locator(f"tr.server[data-peer='{lost.peer_id}']")
+        assert row.get_attribute("class") == "server unreachable" and row.locator("td.reachable").inner_text() == "no"
+        page.screenshot(path=str(ARTIFACTS / "health-page-broken.png"), full_page=True)
+
+        values = metrics(service)
+        assert values[("swarm_blocks_zero_coverage", "tiny-llama")] == 2
+        assert values[("swarm_model_healthy", "tiny-llama")] == 0
+        assert values[("swarm_servers_online", "tiny-llama")] == 2
+        assert values[("swarm_servers_unreachable", "tiny-llama")] == 1
+        assert values[("swarm_server_rtt_seconds", "0.5")] > 0
+    finally:
+        page.close()
+        service.stop()
+
+    # The history is in SQLite: a restarted service shows the chart at once.
+    restarted = HealthService([first.maddr], history)
+    try:
+        page = browser.new_page()
+        page.goto(restarted.url + "/")
+        assert page.locator("svg.chart polyline").count() == 2
+        page.close()
+    finally:
+        restarted.stop()
+
+
+def test_healthz_and_schema_endpoints(launcher, tiny_model, tmp_path):
+    first = launcher.start_server(tiny_model("llama"), "0:6", [])
+    service = HealthService([first.maddr], tmp_path / "history.sqlite3")
+    try:
+        assert json.loads(service.get("/healthz"))["ok"] is True
+        assert json.loads(service.get("/api/v1/schema")) == json.loads(json.dumps(STATE_SCHEMA))
+        jsonschema.validate(service.state(), STATE_SCHEMA)
+    finally:
+        service.stop()
