@@ -6,16 +6,19 @@ Subpackages: ``dht`` (announcements), ``blocks`` (what a block is per model fami
 
 __version__ = "0.1.0"
 
+from swarm.blocks.latent_shift import LatentShiftUNet  # noqa: E402
 from swarm.blocks.span import BlockSpan  # noqa: E402
 from swarm.client import (  # noqa: E402
     AutoDistributedModel,
     AutoDistributedModelForCausalLM,
+    AutoDistributedPipeline,
     ClientConfig,
     DistributedModel,
     DistributedModelForCausalLM,
     InferenceSession,
     MissingBlocksError,
     RemoteSequential,
+    RemoteUNet,
     RoutingPolicy,
 )
 from swarm.hub.embedded import EMBEDDED_MODEL  # noqa: E402
@@ -25,6 +28,9 @@ from swarm.rpc.client import RemoteError  # noqa: E402
 __all__ = [
     "EMBEDDED_MODEL",
     "AutoDistributedModel",
+    "AutoDistributedPipeline",
+    "LatentShiftUNet",
+    "RemoteUNet",
     "AutoDistributedModelForCausalLM",
     "BlockSpan",
     "ClientConfig",

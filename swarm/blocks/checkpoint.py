@@ -10,27 +10,31 @@ from safetensors import safe_open
 
 from swarm.hub.source import ModelSource
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
 
 class Checkpoint:
-    """The tensor names of a checkpoint and which file holds each; files are fetched only when read."""
+    """The tensor names of a checkpoint and which file holds each; files are fetched only when read.
 
-    def __init__(self, source: ModelSource):
-        self.source = source
-        index = source.fetch(INDEX_FILE, required=False)
+    ``stem``: "model" for transformers checkpoints, "diffusion_pytorch_model" for diffusers ones; ``subfolder``:
+    e.g. "unet" inside a diffusers pipeline directory.
+    """
+
+    def __init__(self, source: ModelSource, subfolder: str | None = None, stem: str = "model"):
+        self.source, self.subfolder = source, subfolder
+        index_file, single_file = f"{stem}.safetensors.index.json", f"{stem}.safetensors"
+        index = source.fetch(self._path(index_file), required=False)
         if index is not None:
             self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         else:
-            single = source.fetch(SINGLE_FILE, required=False)
+            single = source.fetch(self._path(single_file), required=False)
             if single is None:
-                raise FileNotFoundError(
-                    f"{source.name} has no {INDEX_FILE} or {SINGLE_FILE}; only safetensors checkpoints are supported"
-                )
+                raise FileNotFoundError(f"{source.name} has no {self._path(index_file)} or {self._path(single_file)}"
+                                        "; only safetensors checkpoints are supported")
             with safe_open(str(single), framework="pt") as f:
-                self.weight_map = {name: SINGLE_FILE for name in f.keys()}
+                self.weight_map = {name: single_file for name in f.keys()}
         self.opened_files: set[str] = set()  # for logs and tests: what this process actually read
+
+    def _path(self, filename: str) -> str:
+        return f"{self.subfolder}/{filename}" if self.subfolder else filename
 
     def resolve_prefix(self, module_path: str) -> str:
         """Checkpoint prefix of a module: ``model.layers.3.`` or, for checkpoints saved from the base model alone,
@@ -52,14 +56,17 @@ class Checkpoint:
 
     def load_module(self, module_path: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """All tensors under ``module_path``, keyed relative to it (ready for ``module.load_state_dict``)."""
-        prefix = self.resolve_prefix(module_path)
+        return self.load_prefix(self.resolve_prefix(module_path), dtype)
+
+    def load_prefix(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All tensors whose names start with ``prefix``, keyed by the rest of their names."""
         by_file: dict[str, list[str]] = {}
         for name, file in self.weight_map.items():
             if name.startswith(prefix):
                 by_file.setdefault(file, []).append(name)
         tensors = {}
         for file, names in sorted(by_file.items()):
-            path: Path = self.source.fetch(file)
+            path: Path = self.source.fetch(self._path(file))
             self.opened_files.add(file)
             with safe_open(str(path), framework="pt") as f:
                 for name in names:

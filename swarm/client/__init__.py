@@ -6,10 +6,13 @@
 - remote_forward.py: stateless forward/backward through a chain (training), as an autograd function
 - routing.py: ``RoutingPolicy`` and the cheapest-chain search over measured costs (pure functions)
 - sequence_manager.py: ``SequenceManager``: the DHT view, RTT pings, per-server statistics, bans with backoff
+- diffusion.py: ``RemoteUNet``: a diffusers U-Net whose blocks run in the swarm (U-shaped: skips stay on servers)
+- pipeline.py: ``AutoDistributedPipeline``: a diffusers pipeline with a ``RemoteUNet``
 - config.py: ``ClientConfig``
 """
 
 from swarm.client.config import ClientConfig
+from swarm.client.diffusion import RemoteUNet
 from swarm.client.inference_session import InferenceSession
 from swarm.client.model import (
     AutoDistributedModel,
@@ -17,10 +20,13 @@ from swarm.client.model import (
     DistributedModel,
     DistributedModelForCausalLM,
 )
+from swarm.client.pipeline import AutoDistributedPipeline
 from swarm.client.remote_sequential import RemoteSequential
 from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest, RoutingPolicy
 
 __all__ = [
+    "AutoDistributedPipeline",
+    "RemoteUNet",
     "AutoDistributedModel",
     "AutoDistributedModelForCausalLM",
     "ClientConfig",

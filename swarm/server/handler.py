@@ -41,29 +41,33 @@ class Limits:
     max_session_length: int = 8192  # prompt + generated positions of one inference session
     session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
     fail_after_steps: int | None = None  # fault injection for failover tests: err on every step after this many
+    max_diffusion_sessions: int = 16  # generations a U-Net server serves at once (each keeps skips per step)
 
 
-class BlockHandler:
-    def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
+class HandlerBase:
+    """What every kind of server handler shares: error handling per request, the compute thread, codecs."""
+
+    def __init__(self, span: torch.nn.Module, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         # One compute thread: requests run one at a time in arrival order, the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.pending = 0  # requests waiting for or running on the compute thread
-        self.steps_served = 0
-        self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
-        self.served = {"forward": 0, "backward": 0}  # requests answered, shown by info
-        self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
+        self.served: dict[str, int] = {}  # requests answered, by kind, shown by info
+
+    def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
+        return {protocol.INFO: self.rpc_info}
 
     async def register(self, p2p: P2P) -> None:
-        self.p2p = p2p  # also for pushing session outputs to the next server
-        for name, rpc in ((protocol.INFO, self.rpc_info), (protocol.FORWARD, self.rpc_forward),
-                          (protocol.BACKWARD, self.rpc_backward), (protocol.INFERENCE, self.rpc_inference),
-                          (protocol.PUSH, self.rpc_push)):
+        self.p2p = p2p  # also for calling other servers (pushes)
+        for name, rpc in self.rpcs().items():
             await p2p.add_binary_stream_handler(name, partial(self._serve, rpc))
 
-    def set_span(self, span: BlockSpan) -> None:
+    def set_span(self, span: torch.nn.Module) -> None:
         """Serve new requests and sessions from ``span``; sessions already open keep the span they started on."""
         self.span = span
+
+    def count(self, kind: str) -> None:
+        self.served[kind] = self.served.get(kind, 0) + 1
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -114,15 +118,6 @@ class BlockHandler:
     async def read_request(self, reader: asyncio.StreamReader) -> dict | None:
         return await read_message(reader, self.limits.max_message_bytes)
 
-    def read_span_inputs(self, message: dict, span: BlockSpan, past: int = 0):
-        """Local layer range in ``span``, hidden states, positions and mask of a forward/backward/step request."""
-        start, end = read_block_range(message, span.start, span.end)
-        hidden = read_hidden(message, span.hidden_size, self.limits.max_batch_tokens)
-        batch, tokens, _ = hidden.shape
-        positions = read_position_ids(message, batch, tokens, self.max_position)
-        mask = read_attention_mask(message, batch, past + tokens)
-        return start - span.start, end - span.start, hidden, positions, mask
-
     @staticmethod
     def encode(tensor: torch.Tensor, codec: str) -> dict:
         try:
@@ -141,6 +136,30 @@ class BlockHandler:
         await self.read_request(reader)
         await write_message(writer, self.info())
 
+
+class BlockHandler(HandlerBase):
+    """Transformer blocks: forward, backward, inference sessions and pushes between servers."""
+
+    def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
+        super().__init__(span, sessions, limits, info)
+        self.steps_served = 0
+        self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
+        self.served = {"forward": 0, "backward": 0}
+        self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
+
+    def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
+        return {**super().rpcs(), protocol.FORWARD: self.rpc_forward, protocol.BACKWARD: self.rpc_backward,
+                protocol.INFERENCE: self.rpc_inference, protocol.PUSH: self.rpc_push}
+
+    def read_span_inputs(self, message: dict, span: BlockSpan, past: int = 0):
+        """Local layer range in ``span``, hidden states, positions and mask of a forward/backward/step request."""
+        start, end = read_block_range(message, span.start, span.end)
+        hidden = read_hidden(message, span.hidden_size, self.limits.max_batch_tokens)
+        batch, tokens, _ = hidden.shape
+        positions = read_position_ids(message, batch, tokens, self.max_position)
+        mask = read_attention_mask(message, batch, past + tokens)
+        return start - span.start, end - span.start, hidden, positions, mask
+
     async def rpc_forward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         message = await self.read_request(reader)
         if message is None:
@@ -154,7 +173,7 @@ class BlockHandler:
                 return span(hidden.to(span.dtype), positions, mask, None, first, last)
 
         output = await self.compute(run)
-        self.served["forward"] += 1
+        self.count("forward")
         await write_message(writer, {"hidden": self.encode(output.to(hidden.dtype), codec)})
 
     async def rpc_backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -177,7 +196,7 @@ class BlockHandler:
             return grad
 
         grad = await self.compute(run)
-        self.served["backward"] += 1
+        self.count("backward")
         await write_message(writer, {"grad_input": self.encode(grad.to(hidden.dtype), codec)})
 
     async def rpc_inference(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -21,6 +21,7 @@ import torch
 import swarm
 from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.span import BlockSpan, load_config
+from swarm.blocks.unet import UNetLevels, build_unet_skeleton, is_unet_source, load_unet_config, num_levels
 from swarm.compression import blockwise
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
 from swarm.dht.records import announce_span, fetch_block_infos, merge_records
@@ -29,6 +30,7 @@ from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
 from swarm.rpc.client import measure_rtt
 from swarm.server.block_selection import choose_span, should_move
+from swarm.server.diffusion import UNetHandler
 from swarm.server.handler import BlockHandler, Limits
 from swarm.server.sessions import SessionTable
 from swarm.server.throughput import SpanSpeed, get_span_speed
@@ -93,7 +95,7 @@ class Server:
 
     def rpc_info(self) -> dict:
         return {**self.info().to_dict(), "model_id": self.model_id, "protocol": protocol.PROTOCOL_VERSION,
-                "hidden_size": self.span.hidden_size, "sessions": len(self.sessions.sessions),
+                "hidden_size": getattr(self.span, "hidden_size", None), "sessions": len(self.sessions.sessions),
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "pushes": dict(self.handler.pushes) if self.handler else {},
                 "served": {**self.handler.served, "steps": self.handler.steps_served} if self.handler else {},
@@ -104,9 +106,16 @@ class Server:
     async def run(self) -> None:
         cfg = self.config
         source = await asyncio.to_thread(resolve_model, cfg.model)
-        model_config = await asyncio.to_thread(load_config, source)
-        self.model_info = ModelInfo(model_config.num_hidden_layers, repository=source.repo_id or source.name,
-                                    model_type=model_config.model_type)
+        self.is_unet = await asyncio.to_thread(is_unet_source, source)
+        if self.is_unet:  # blocks are U-Net levels: (down i, up n-1-i), and the mid block last
+            unet_config, _ = load_unet_config(source)
+            self.model_info = ModelInfo(num_levels(build_unet_skeleton(unet_config)),
+                                        repository=source.repo_id or source.name,
+                                        model_type=unet_config["_class_name"])
+        else:
+            model_config = await asyncio.to_thread(load_config, source)
+            self.model_info = ModelInfo(model_config.num_hidden_layers, repository=source.repo_id or source.name,
+                                        model_type=model_config.model_type)
         total = self.model_info.num_blocks
         if cfg.num_blocks is None and not 0 <= cfg.start < cfg.end <= total:
             raise ValueError(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{total}")
@@ -129,7 +138,8 @@ class Server:
             self.span = await self.load_span(source, self.start, self.end)
             self.speed = await asyncio.to_thread(self.measure_speed)
             self.sessions = SessionTable(cfg.cache_tokens, self.end - self.start)
-            self.handler = BlockHandler(self.span, self.sessions, cfg.limits, self.rpc_info)
+            handler_class = UNetHandler if self.is_unet else BlockHandler
+            self.handler = handler_class(self.span, self.sessions, cfg.limits, self.rpc_info)
             await self.handler.register(p2p)
 
             self.state = ServerState.ONLINE
@@ -183,20 +193,29 @@ class Server:
         return merge_records(await fetch_block_infos(self.node, self.model_id,
                                                      list(range(self.model_info.num_blocks))))
 
-    async def load_span(self, source: ModelSource, start: int, end: int) -> BlockSpan:
+    async def load_span(self, source: ModelSource, start: int, end: int) -> BlockSpan | UNetLevels:
         cfg = self.config
         logger.info(f"Loading blocks {start}:{end} of {source.name} ({cfg.dtype}, {cfg.quantization} weights, "
                     f"on {cfg.device})...")
-        span = await asyncio.to_thread(BlockSpan.from_pretrained, source, start, end, dtype=DTYPES[cfg.dtype],
-                                       device=cfg.device, quantization=cfg.quantization)
-        logger.info(f"Blocks hold {parameter_bytes(span.layers) / (end - start) / 2**20:.1f} MiB each")
+        if self.is_unet:
+            if cfg.quantization != "none":
+                raise NotImplementedError("weight quantization of U-Net levels is not supported yet")
+            span = await asyncio.to_thread(UNetLevels.from_pretrained, source, start, end, dtype=DTYPES[cfg.dtype],
+                                           device=cfg.device)
+            logger.info(f"Levels hold {parameter_bytes(span) / (end - start) / 2**20:.1f} MiB each")
+        else:
+            span = await asyncio.to_thread(BlockSpan.from_pretrained, source, start, end, dtype=DTYPES[cfg.dtype],
+                                           device=cfg.device, quantization=cfg.quantization)
+            logger.info(f"Blocks hold {parameter_bytes(span.layers) / (end - start) / 2**20:.1f} MiB each")
         await asyncio.to_thread(blockwise.warm_up)  # bitsandbytes' first call imports it (~2-3 s)
         return span
 
-    def measure_speed(self) -> SpanSpeed:
+    def measure_speed(self) -> SpanSpeed | None:
         if isinstance(self.config.throughput, (int, float)):
             value = float(self.config.throughput)
             return SpanSpeed(inference_rps=value, forward_tps=value)
+        if self.is_unet:
+            return None  # not measured for U-Net levels yet: routing then goes by RTT and load
         return get_span_speed(self.span, self.model_id, force=self.config.throughput == "eval")
 
     # ---- measurements of the swarm around us
@@ -225,7 +244,7 @@ class Server:
 
     async def _move_target(self) -> tuple[int, int] | None:
         return should_move(await self.fetch_servers(), self.model_info.num_blocks, self.peer_id,
-                           (self.start, self.end), self.speed.forward_tps)
+                           (self.start, self.end), self.speed.forward_tps if self.speed else 1.0)
 
     async def rebalance(self, source: ModelSource) -> None:
         target = await self._move_target()

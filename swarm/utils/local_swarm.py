@@ -142,3 +142,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_process(swarm: LocalSwarm, args: list[str], ready_marker: str, name: str,
+                  timeout: float = 300) -> SwarmProcess:
+    """``python ARGS`` as one of ``swarm``'s processes (its own process group and log file, stopped with the
+    others); returns once ``ready_marker`` appears in its output (e.g. an API gateway, a chat)."""
+    return swarm._start(args, ready_marker, name).wait_ready(timeout)

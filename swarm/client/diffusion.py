@@ -1,0 +1,205 @@
+"""A drop-in diffusers U-Net whose down, mid and up blocks run in the swarm; head and tail stay here.
+
+Each evaluation goes down the chain of servers (each runs the down blocks of its levels and keeps their skips)
+and back up (each runs its up blocks on those skips): only ``sample`` and the time embedding travel. What stays
+fixed for a generation (encoder hidden states, extra block arguments) is sent once, when the session opens. A
+server failing mid-evaluation is banned, its levels are routed elsewhere, and the evaluation is run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+from swarm.blocks.unet import HeadOutput, run_head, run_tail
+from swarm.client.config import ClientConfig
+from swarm.client.routing import Hop, RouteRequest
+from swarm.client.sequence_manager import SequenceManager
+from swarm.compression import deserialize_tensor, serialize_tensor
+from swarm.rpc import protocol
+from swarm.rpc.client import PeerUnavailable, RemoteError, Stream
+from swarm.rpc.framing import encode_message
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HopTraffic:
+    """Bytes one hop's messages took on the wire during one evaluation (for people, benchmarks and tests)."""
+
+    peer_id: str
+    levels: tuple[int, int]
+    sent: int = 0
+    received: int = 0
+
+
+class _HopSession:
+    def __init__(self, hop: Hop, stream: Stream):
+        self.hop, self.span, self.stream = hop, hop.span, stream
+
+    @classmethod
+    async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str) -> _HopSession:
+        stream = await Stream.open(manager.p2p, hop.span.peer_id, protocol.DIFFUSION, manager.config.connect_timeout)
+        extra = {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
+                 for key, value in head.extra.items()}
+        message = {"type": "open", "start": hop.span.start, "end": hop.span.end, "extra": extra,
+                   "forward_upsample_size": head.forward_upsample_size, "output_codec": codec,
+                   "latent_shift_frames": head.latent_shift_frames}
+        if head.encoder_hidden_states is not None:
+            message["encoder_hidden_states"] = serialize_tensor(head.encoder_hidden_states, codec)
+        try:
+            await stream.request(message, timeout=manager.config.request_timeout)
+        except BaseException:
+            stream.close()
+            raise
+        return cls(hop, stream)
+
+    async def request(self, message: dict, timeout: float, traffic: HopTraffic) -> dict:
+        traffic.sent += len(encode_message(message))
+        reply = await self.stream.request(message, timeout=timeout)
+        traffic.received += len(encode_message(reply))
+        if not isinstance(reply.get("sample"), dict):
+            raise PeerUnavailable(f"server {self.span} sent a reply without a sample", self.span.peer_id)
+        return reply
+
+    async def close(self) -> None:
+        try:
+            await self.stream.send({"type": "close"})
+        except PeerUnavailable:
+            pass
+        finally:
+            self.stream.close()
+
+
+class DiffusionSession:
+    """One generation's sessions on a chain of servers covering every level."""
+
+    def __init__(self, manager: SequenceManager, head: HeadOutput):
+        self.manager, self.head, self.hops = manager, head, []
+        self.traffic: list[list[HopTraffic]] = []  # per evaluation, per hop
+        self._step_ids = itertools.count()
+
+    def matches(self, head: HeadOutput) -> bool:
+        """Whether ``head`` belongs to the same generation (same fixed conditioning) as this session."""
+        mine, other = self.head.encoder_hidden_states, head.encoder_hidden_states
+        same_ehs = (mine is None and other is None) or (
+            mine is not None and other is not None and mine.shape == other.shape and torch.equal(mine, other))
+        return same_ehs and self.head.forward_upsample_size == head.forward_upsample_size and \
+            self.head.latent_shift_frames == head.latent_shift_frames and \
+            self.head.extra.keys() == head.extra.keys() and all(
+                torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                for a, b in ((self.head.extra[k], head.extra[k]) for k in head.extra))
+
+    def evaluate(self, head: HeadOutput) -> torch.Tensor:
+        """The up path's output for this evaluation's head state (to be fed to the tail)."""
+        return self.manager.loop.run(self._evaluate(head.sample, head.temb))
+
+    async def _evaluate(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        config, failures = self.manager.config, 0
+        while True:
+            if not self.hops:
+                self.hops = await self._open_chain(0, self.manager.num_blocks)
+            try:
+                return await self._pass(sample, temb)
+            except (PeerUnavailable, RemoteError) as e:
+                failures += 1
+                if failures > config.max_retries:
+                    raise
+                # The failed server's skips are gone: route its levels elsewhere and run the evaluation again.
+                failed = next((hop for hop in self.hops if hop.span.peer_id == e.peer), None)
+                logger.warning(f"Server {failed.span if failed else e.peer} failed ({e}); re-routing its levels")
+                if failed is None:
+                    raise
+                index = self.hops.index(failed)
+                self.hops.pop(index).stream.close()
+                self.manager.ban(failed.span.peer_id)
+                self.hops[index:index] = await self._open_chain(failed.span.start, failed.span.end)
+
+    async def _pass(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        config = self.manager.config
+        timeout, step_id = config.request_timeout, next(self._step_ids)
+        traffic = [HopTraffic(h.span.peer_id, (h.span.start, h.span.end)) for h in self.hops]
+        payload, sizes, temb_payload = serialize_tensor(sample, config.edge_codec), [], serialize_tensor(temb)
+        last = len(self.hops) - 1
+        for index, hop in enumerate(self.hops):  # down; the last server holds the mid level and goes back up
+            reply = await hop.request({"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
+                                       "input_sizes": sizes,
+                                       "output_codec": config.edge_codec if last == 0 else config.compression},
+                                      timeout, traffic[index])
+            payload, sizes = reply["sample"], reply["input_sizes"]
+        for index in reversed(range(last)):  # up, relaying each output untouched
+            codec = config.edge_codec if index == 0 else config.compression
+            payload = (await self.hops[index].request({"type": "up", "step_id": step_id, "sample": payload,
+                                                       "input_sizes": sizes, "output_codec": codec},
+                                                      timeout, traffic[index]))["sample"]
+        self.traffic.append(traffic)
+        return deserialize_tensor(payload)
+
+    async def _open_chain(self, start: int, end: int) -> list[_HopSession]:
+        config, failures = self.manager.config, 0
+        while True:
+            chain, opened = await self.manager.route(start, end, RouteRequest(mode="latency")), []
+            try:
+                for hop in chain:
+                    opened.append(await _HopSession.open(self.manager, hop, self.head, config.edge_codec))
+                return opened
+            except (PeerUnavailable, RemoteError) as e:
+                for hop in opened:
+                    await hop.close()
+                failures += 1
+                if failures > config.max_retries:
+                    raise
+                self.manager.ban(e.peer or chain[len(opened)].span.peer_id)
+
+    def close(self) -> None:
+        async def close_all() -> None:
+            await asyncio.gather(*(hop.close() for hop in self.hops))
+
+        try:
+            self.manager.loop.run(close_all(), timeout=10)
+        except Exception:
+            logger.debug("Failed to close a diffusion session cleanly", exc_info=True)
+        self.hops = []
+
+
+class RemoteUNet(nn.Module):
+    """Stands in for a pipeline's ``unet``: same call, same ``config``; blocks computed by the swarm."""
+
+    def __init__(self, local: nn.Module, client_config: ClientConfig, model_id: str):
+        super().__init__()
+        self.local = local  # head and tail loaded; blocks are weightless stand-ins
+        self.manager = SequenceManager(client_config, model_id, local.swarm_num_levels)
+        self.session: DiffusionSession | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.local, name)  # config, dtype, add_embedding, ... as pipelines expect
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None,
+                return_dict: bool = True, latent_shift_frames: int | None = None, **kwargs):
+        """As the U-Net's forward; ``latent_shift_frames``: frames folded in the batch to apply Latent-Shift along
+        (see ``swarm.blocks.latent_shift.LatentShiftUNet``)."""
+        head = run_head(self.local, sample, timestep, encoder_hidden_states, **kwargs)
+        head.latent_shift_frames = latent_shift_frames
+        if self.session is None or not self.session.matches(head):
+            self.close_session()
+            self.session = DiffusionSession(self.manager, head)
+        output = run_tail(self.local, self.session.evaluate(head), head)
+        return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+    def close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def shutdown(self) -> None:
+        self.close_session()
+        self.manager.shutdown()

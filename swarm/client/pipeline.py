@@ -1,0 +1,51 @@
+"""``AutoDistributedPipeline.from_pretrained(MODEL_DIR, initial_peers=[...])``: a diffusers pipeline whose U-Net
+runs in the swarm while the text encoders, scheduler and VAE stay local."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+
+from swarm.blocks.unet import load_head_and_tail
+from swarm.client.config import ClientConfig
+from swarm.client.diffusion import RemoteUNet
+from swarm.hub.source import default_model_id, resolve_model
+
+
+class AutoDistributedPipeline:
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | os.PathLike, *, initial_peers: Sequence[str] = (),
+                        model_id: str | None = None, client_config: ClientConfig | None = None,
+                        dtype: torch.dtype = torch.float32, **client_options: object) -> DiffusionPipeline:
+        """The pipeline of ``model_name_or_path`` with ``pipe.unet`` replaced by a ``RemoteUNet``. Keywords as for
+        ``AutoDistributedModelForCausalLM.from_pretrained`` (``compression``, ``routing_policy``, ...)."""
+        client_config = client_config or ClientConfig()
+        if initial_peers:
+            client_config.initial_peers = list(initial_peers)
+        for key, value in client_options.items():
+            if not hasattr(client_config, key):
+                raise TypeError(f"unknown option {key!r}")
+            setattr(client_config, key, value)
+        source = resolve_model(model_name_or_path)
+        model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
+        unet = RemoteUNet(load_head_and_tail(source, dtype), client_config, model_id)
+        pipe = DiffusionPipeline.from_pretrained(source.config_path, unet=unet, torch_dtype=dtype)
+        pipe.__class__ = _closing_sessions(type(pipe))
+        return pipe
+
+
+@functools.cache
+def _closing_sessions(pipeline_class: type) -> type:
+    """The pipeline class, with each call closing its swarm session at the end (freeing servers' state)."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return pipeline_class.__call__(self, *args, **kwargs)
+        finally:
+            self.unet.close_session()
+
+    return type(f"Distributed{pipeline_class.__name__}", (pipeline_class,), {"__call__": __call__})

@@ -1,0 +1,183 @@
+"""Serving U-Net levels: one session per generation, two passes per U-Net evaluation.
+
+``open`` brings what stays fixed for a whole generation (encoder hidden states, extra block arguments), cached
+with the session. Then each evaluation is a ``down`` message (run the down blocks of our levels, keep their
+skips; the server holding the mid level goes straight on up) and, for the others, an ``up`` message once the
+deeper servers are done. Skips never leave the server: only ``sample`` (and the small time embedding) travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.blocks import latent_shift
+from swarm.blocks.unet import LevelStash, UNetLevels
+from swarm.compression import PayloadError, deserialize_tensor
+from swarm.rpc import protocol
+from swarm.rpc.framing import write_message
+from swarm.rpc.protocol import RequestError, get_field
+from swarm.server.handler import HandlerBase
+from swarm.server.validation import read_block_range, read_tensor
+
+logger = logging.getLogger(__name__)
+
+MAX_NUMEL = 2**28  # elements in one tensor of a request
+EXTRA_KEYS = {"num_frames": int, "image_only_indicator": "tensor"}  # block arguments a client may set
+
+
+@dataclass
+class DiffusionSession:
+    start: int
+    end: int
+    encoder_hidden_states: torch.Tensor | None
+    extra: dict
+    forward_upsample_size: bool
+    output_codec: str
+    latent_shift_frames: int | None = None  # frames folded in the batch to shift along (Latent-Shift)
+    temb: torch.Tensor | None = None  # of the evaluation in progress
+    stashes: dict[int, LevelStash] = field(default_factory=dict)  # skips of the evaluation in progress
+    evaluations: int = 0
+
+
+class UNetHandler(HandlerBase):
+    span: UNetLevels
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active_sessions = 0
+        self.served = {"down": 0, "up": 0}
+
+    def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
+        return {**super().rpcs(), protocol.DIFFUSION: self.rpc_diffusion}
+
+    async def rpc_diffusion(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        message = await self.read_request(reader)
+        if message is None:
+            return
+        if get_field(message, "type", str) != "open":
+            raise RequestError(f"expected an 'open' message, got {message.get('type')!r}")
+        levels = self.span
+        if self.active_sessions >= self.limits.max_diffusion_sessions:
+            raise RequestError(f"this server already runs {self.active_sessions} generations; try another")
+        session = self._open(message, levels)
+        self.active_sessions += 1
+        try:
+            await write_message(writer, {"opened": True, "levels": [session.start, session.end]})
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.read_request(reader), self.limits.session_timeout)
+                except TimeoutError:
+                    raise RequestError(f"session idle for {self.limits.session_timeout:.0f} s; closed") from None
+                if message is None or message.get("type") == "close":
+                    return
+                try:
+                    reply = await self._evaluate(session, levels, message)
+                except RequestError as e:  # refused; the session stays usable
+                    reply = {"error": str(e)}
+                reply["step_id"] = message.get("step_id")
+                await write_message(writer, reply)
+        finally:
+            self.active_sessions -= 1
+
+    def _open(self, message: dict, levels: UNetLevels) -> DiffusionSession:
+        start, end = read_block_range(message, levels.start, levels.end)
+        ehs = read_tensor(message, "encoder_hidden_states", MAX_NUMEL, required=False)
+        if ehs is not None and (not ehs.is_floating_point() or ehs.dim() != 3 or not torch.isfinite(ehs).all()):
+            raise RequestError("encoder_hidden_states must be a finite float tensor (batch, tokens, width)")
+        extra = self._read_extra(message.get("extra") or {})
+        frames = get_field(message, "latent_shift_frames", int, default=None)
+        if frames is not None and frames <= 0:
+            raise RequestError("latent_shift_frames must be positive")
+        return DiffusionSession(start, end, ehs, extra, bool(get_field(message, "forward_upsample_size", bool,
+                                                                      default=False)),
+                                self.output_codec(message), latent_shift_frames=frames)
+
+    @staticmethod
+    def _read_extra(extra: object) -> dict:
+        if not isinstance(extra, dict):
+            raise RequestError("extra must be a map")
+        result = {}
+        for key, value in extra.items():
+            kind = EXTRA_KEYS.get(key)
+            if kind is None:
+                raise RequestError(f"unsupported block argument {key!r}; supported: {sorted(EXTRA_KEYS)}")
+            if kind == "tensor":
+                try:
+                    result[key] = deserialize_tensor(value, max_numel=MAX_NUMEL)
+                except PayloadError as e:
+                    raise RequestError(f"bad tensor {key!r}: {e}") from None
+            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise RequestError(f"{key} must be a positive integer")
+            else:
+                result[key] = value
+        return result
+
+    async def _evaluate(self, session: DiffusionSession, levels: UNetLevels, message: dict) -> dict:
+        kind = get_field(message, "type", str)
+        if kind not in ("down", "up"):
+            raise RequestError(f"expected 'down', 'up' or 'close', got {kind!r}")
+        sample = read_tensor(message, "sample", MAX_NUMEL)
+        if sample.dim() != 4 or not sample.is_floating_point() or not torch.isfinite(sample).all():
+            raise RequestError(f"sample must be a finite float tensor (batch, channels, height, width), got "
+                               f"{sample.dtype} {list(sample.shape)}")
+        sizes = message.get("input_sizes")
+        if not isinstance(sizes, list) or not all(isinstance(s, list) and len(s) == 2 and
+                                                  all(isinstance(d, int) and d > 0 for d in s) for s in sizes):
+            raise RequestError("input_sizes must be a list of [height, width]")
+        codec = self.output_codec(message, default=session.output_codec)
+        if kind == "down":
+            if len(sizes) != session.start:
+                raise RequestError(f"input_sizes must list the {session.start} levels before ours, got {len(sizes)}")
+            temb = read_tensor(message, "temb", MAX_NUMEL)
+            if temb.dim() != 2 or temb.shape[0] != sample.shape[0] or not torch.isfinite(temb).all():
+                raise RequestError(f"temb must be a finite (batch, width) tensor with batch {sample.shape[0]}")
+            self._check_channels(levels, session.start, sample)
+            output, sizes, went_up = await self.compute(lambda: self._down(session, levels, sample, temb, sizes))
+            self.count("down")
+            return {"sample": self.encode(output, codec), "input_sizes": sizes, "went_up": went_up}
+        if session.temb is None or len(sizes) < min(session.end, levels.n):
+            raise RequestError("an 'up' pass needs the 'down' pass of the same evaluation first")
+        output = await self.compute(lambda: self._up(session, levels, sample, sizes))
+        self.count("up")
+        return {"sample": self.encode(output, codec)}
+
+    @staticmethod
+    def _check_channels(levels: UNetLevels, level: int, sample: torch.Tensor) -> None:
+        unet = levels.unet
+        block = unet.mid_block if level == levels.n else unet.down_blocks[level]
+        expected = block.resnets[0].in_channels
+        if sample.shape[1] != expected:
+            raise RequestError(f"sample has {sample.shape[1]} channels, level {level} takes {expected}")
+
+    @staticmethod
+    def _down(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, temb: torch.Tensor,
+              sizes: list) -> tuple[torch.Tensor, list, bool]:
+        sizes, stashes = [list(s) for s in sizes], {}
+        with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
+            for level in range(session.start, session.end):
+                if level < levels.n:
+                    sizes.append(list(sample.shape[-2:]))
+                sample, stash = levels.down(level, sample, temb, session.encoder_hidden_states, session.extra)
+                if stash is not None:
+                    stashes[level] = stash
+        session.temb, session.stashes = temb, stashes
+        went_up = session.end == levels.n + 1  # we hold the mid level: go straight back up through our levels
+        if went_up:
+            sample = UNetHandler._up(session, levels, sample, sizes)
+        return sample, sizes, went_up
+
+    @staticmethod
+    def _up(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, sizes: list) -> torch.Tensor:
+        with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
+            for level in reversed(range(session.start, min(session.end, levels.n))):
+                size = levels.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
+                sample = levels.up(level, sample, session.temb, session.encoder_hidden_states, session.extra,
+                                   session.stashes.pop(level), size)
+        session.temb = None
+        session.evaluations += 1
+        return sample
