@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from diffusers import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
@@ -44,13 +45,14 @@ class _HopSession:
         self.hop, self.span, self.stream = hop, hop.span, stream
 
     @classmethod
-    async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str) -> _HopSession:
+    async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str,
+                   carry_skips: bool = False) -> _HopSession:
         stream = await Stream.open(manager.p2p, hop.span.peer_id, protocol.DIFFUSION, manager.config.connect_timeout)
         extra = {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
                  for key, value in head.extra.items()}
         message = {"type": "open", "start": hop.span.start, "end": hop.span.end, "extra": extra,
                    "forward_upsample_size": head.forward_upsample_size, "output_codec": codec,
-                   "latent_shift_frames": head.latent_shift_frames}
+                   "latent_shift_frames": head.latent_shift_frames, "carry_skips": carry_skips}
         if head.encoder_hidden_states is not None:
             message["encoder_hidden_states"] = serialize_tensor(head.encoder_hidden_states, codec)
         try:
@@ -80,8 +82,9 @@ class _HopSession:
 class DiffusionSession:
     """One generation's sessions on a chain of servers covering every level."""
 
-    def __init__(self, manager: SequenceManager, head: HeadOutput):
+    def __init__(self, manager: SequenceManager, head: HeadOutput, carry_skips: bool = False):
         self.manager, self.head, self.hops = manager, head, []
+        self.carry_skips = carry_skips  # benchmark only: skips cross the network as in a linear chain
         self.traffic: list[list[HopTraffic]] = []  # per evaluation, per hop
         self._step_ids = itertools.count()
 
@@ -127,16 +130,20 @@ class DiffusionSession:
         traffic = [HopTraffic(h.span.peer_id, (h.span.start, h.span.end)) for h in self.hops]
         payload, sizes, temb_payload = serialize_tensor(sample, config.edge_codec), [], serialize_tensor(temb)
         last = len(self.hops) - 1
+        carried = {}
         for index, hop in enumerate(self.hops):  # down; the last server holds the mid level and goes back up
             reply = await hop.request({"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
                                        "input_sizes": sizes,
                                        "output_codec": config.edge_codec if last == 0 else config.compression},
                                       timeout, traffic[index])
             payload, sizes = reply["sample"], reply["input_sizes"]
+            if "skips" in reply:
+                carried[index] = {"skips": reply["skips"], "temb": reply["temb"]}
         for index in reversed(range(last)):  # up, relaying each output untouched
             codec = config.edge_codec if index == 0 else config.compression
             payload = (await self.hops[index].request({"type": "up", "step_id": step_id, "sample": payload,
-                                                       "input_sizes": sizes, "output_codec": codec},
+                                                       "input_sizes": sizes, "output_codec": codec,
+                                                       **carried.get(index, {})},
                                                       timeout, traffic[index]))["sample"]
         self.traffic.append(traffic)
         return deserialize_tensor(payload)
@@ -147,7 +154,8 @@ class DiffusionSession:
             chain, opened = await self.manager.route(start, end, RouteRequest(mode="latency")), []
             try:
                 for hop in chain:
-                    opened.append(await _HopSession.open(self.manager, hop, self.head, config.edge_codec))
+                    opened.append(await _HopSession.open(self.manager, hop, self.head, config.edge_codec,
+                                                         self.carry_skips))
                 return opened
             except (PeerUnavailable, RemoteError) as e:
                 for hop in opened:
@@ -168,14 +176,16 @@ class DiffusionSession:
         self.hops = []
 
 
-class RemoteUNet(nn.Module):
-    """Stands in for a pipeline's ``unet``: same call, same ``config``; blocks computed by the swarm."""
+class RemoteUNet(ModelMixin):
+    """Stands in for a pipeline's ``unet``: same call, same ``config``; blocks computed by the swarm. A
+    ``ModelMixin``, because pipelines check their components' base class when given one."""
 
     def __init__(self, local: nn.Module, client_config: ClientConfig, model_id: str):
         super().__init__()
         self.local = local  # head and tail loaded; blocks are weightless stand-ins
         self.manager = SequenceManager(client_config, model_id, local.swarm_num_levels)
         self.session: DiffusionSession | None = None
+        self.carry_skips = False  # benchmarks only: make skips cross the network, as a linear chain would
 
     def __getattr__(self, name: str):
         try:
@@ -191,7 +201,7 @@ class RemoteUNet(nn.Module):
         head.latent_shift_frames = latent_shift_frames
         if self.session is None or not self.session.matches(head):
             self.close_session()
-            self.session = DiffusionSession(self.manager, head)
+            self.session = DiffusionSession(self.manager, head, self.carry_skips)
         output = run_tail(self.local, self.session.evaluate(head), head)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
 

@@ -33,7 +33,7 @@ class AutoDistributedPipeline:
         source = resolve_model(model_name_or_path)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
         unet = RemoteUNet(load_head_and_tail(source, dtype), client_config, model_id)
-        pipe = DiffusionPipeline.from_pretrained(source.config_path, unet=unet, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(source.config_path, unet=unet, dtype=dtype)
         pipe.__class__ = _closing_sessions(type(pipe))
         return pipe
 

@@ -39,6 +39,7 @@ class DiffusionSession:
     forward_upsample_size: bool
     output_codec: str
     latent_shift_frames: int | None = None  # frames folded in the batch to shift along (Latent-Shift)
+    carry_skips: bool = False  # for comparison only: send skips back to the client instead of keeping them
     temb: torch.Tensor | None = None  # of the evaluation in progress
     stashes: dict[int, LevelStash] = field(default_factory=dict)  # skips of the evaluation in progress
     evaluations: int = 0
@@ -95,7 +96,8 @@ class UNetHandler(HandlerBase):
             raise RequestError("latent_shift_frames must be positive")
         return DiffusionSession(start, end, ehs, extra, bool(get_field(message, "forward_upsample_size", bool,
                                                                       default=False)),
-                                self.output_codec(message), latent_shift_frames=frames)
+                                self.output_codec(message), latent_shift_frames=frames,
+                                carry_skips=get_field(message, "carry_skips", bool, default=False))
 
     @staticmethod
     def _read_extra(extra: object) -> dict:
@@ -139,7 +141,20 @@ class UNetHandler(HandlerBase):
             self._check_channels(levels, session.start, sample)
             output, sizes, went_up = await self.compute(lambda: self._down(session, levels, sample, temb, sizes))
             self.count("down")
-            return {"sample": self.encode(output, codec), "input_sizes": sizes, "went_up": went_up}
+            reply = {"sample": self.encode(output, codec), "input_sizes": sizes, "went_up": went_up}
+            if session.carry_skips and session.stashes:  # a linear chain's traffic, for comparison
+                reply["skips"] = {str(level): [self.encode(t, codec) for t in stash.skips]
+                                  for level, stash in session.stashes.items()}
+                reply["temb"] = self.encode(session.temb, "none")
+                session.stashes, session.temb = {}, None
+            return reply
+        if session.carry_skips and isinstance(message.get("skips"), dict):  # given back by the client
+            try:
+                session.stashes = {int(level): LevelStash([deserialize_tensor(t, MAX_NUMEL) for t in tensors])
+                                   for level, tensors in message["skips"].items()}
+                session.temb = deserialize_tensor(message.get("temb"), MAX_NUMEL)
+            except (PayloadError, ValueError, TypeError) as e:
+                raise RequestError(f"bad skips: {e}") from None
         if session.temb is None or len(sizes) < min(session.end, levels.n):
             raise RequestError("an 'up' pass needs the 'down' pass of the same evaluation first")
         output = await self.compute(lambda: self._up(session, levels, sample, sizes))
