@@ -57,12 +57,13 @@ def main() -> None:
                 input_ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                                           return_tensors="pt", return_dict=True)["input_ids"]
                 print("Assistant: ", end="", flush=True)
-                sent_before = session.position
+                sent_before = session.tokens_sent
                 output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                                         streamer=streamer)
-                answer = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+                # Kept as generated (not stripped), so the next turn's prompt re-tokenizes to what is cached.
+                answer = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
                 conversation.append({"role": "assistant", "content": answer})
-                print(f"[turn: {input_ids.shape[1] - sent_before} new prompt tokens sent, "
+                print(f"[turn: {session.tokens_sent - sent_before} positions sent, "
                       f"{session.position} positions cached on the servers]", file=sys.stderr, flush=True)
 
 

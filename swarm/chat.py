@@ -12,6 +12,11 @@ import logging
 import os
 import sys
 
+import torch
+from transformers import PreTrainedTokenizerBase, TextStreamer
+
+from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, InferenceSession, load_tokenizer
+from swarm.client.model import DistributedModelForCausalLM
 from swarm.compression import CODECS
 
 PROMPT = "You: "  # printed when the next user turn is awaited (tests wait for it too)
@@ -43,14 +48,22 @@ def read_turn() -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
+def reused_positions(session: InferenceSession, input_ids: torch.Tensor) -> int:
+    """How many leading positions of ``input_ids`` the session's servers hold already (what generate will not
+    send again; an edited history rewinds to the common prefix)."""
+    known = session.token_ids
+    if known is None:
+        return 0
+    length = min(known.shape[1], input_ids.shape[1] - 1, session.position)  # the last token is always sent
+    return int((known[0, :length] == input_ids[0, :length]).long().cumprod(0).sum())
+
+
 class Chat:
     """Conversations with ``model``: ``run()`` until /exit or the end of input."""
 
-    def __init__(self, model, tokenizer, args: argparse.Namespace):
-        from transformers import TextStreamer
-
+    def __init__(self, model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase,
+                 args: argparse.Namespace):
         self.model, self.tokenizer, self.args = model, tokenizer, args
-        self.streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.sampling = (dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
                          if args.temperature > 0 else dict(do_sample=False))
 
@@ -68,7 +81,7 @@ class Chat:
     def opening(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.args.system}] if self.args.system else []
 
-    def turns(self, session, conversation: list[dict[str, str]]) -> str:
+    def turns(self, session: InferenceSession, conversation: list[dict[str, str]]) -> str:
         """Answer user turns within ``session``: returns "exit", "reset" or "failed" (go on in a new session)."""
         while True:
             text = read_turn()
@@ -89,11 +102,13 @@ class Chat:
                 print(f"The conversation is longer than this session's {self.args.max_length} tokens; /reset "
                       f"starts a new one (or use a larger --max-length).", file=sys.stderr, flush=True)
                 continue
-            cached_before = session.position
+            reused = reused_positions(session, input_ids)
             print(ANSWER, end="", flush=True)
+            # A new streamer each turn: one cut off by Ctrl-C would keep its half-printed state.
+            streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             try:
                 output = self.model.generate(input_ids, max_new_tokens=min(self.args.max_new_tokens, room),
-                                             streamer=self.streamer, **self.sampling)
+                                             streamer=streamer, **self.sampling)
             except KeyboardInterrupt:
                 conversation.pop()
                 print("\n(interrupted)", flush=True)
@@ -103,19 +118,17 @@ class Chat:
                 print(f"\nError: {e}", file=sys.stderr, flush=True)
                 return "failed"
             answer = self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-            conversation.append({"role": "assistant", "content": answer.strip()})
+            # Kept as generated (not stripped) so that it tokenizes back to the cached tokens as far as possible.
+            conversation.append({"role": "assistant", "content": answer})
             if self.args.verbose:
-                sent = input_ids.shape[1] - min(cached_before, input_ids.shape[1])
-                print(f"[{sent} new prompt tokens sent, {session.position} positions cached on the servers]",
-                      file=sys.stderr, flush=True)
+                print(f"[{input_ids.shape[1] - reused} new prompt tokens sent, {session.position} positions cached "
+                      f"on the servers]", file=sys.stderr, flush=True)
 
 
 def main() -> None:
     args = build_parser().parse_args()
     logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer
-
     tokenizer = load_tokenizer(args.model)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                             compression=args.compression)

@@ -54,3 +54,30 @@ def save_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, max_shard_size="60KB")
     return directory
+
+
+def save_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with the embedded SmolLM2 tokenizer (vocabulary and chat template), for the API gateway
+    and the terminal chat: text in, text out. Random weights write gibberish; tests compare against ``generate``."""
+    from transformers import GenerationConfig
+
+    from swarm import load_tokenizer
+
+    tokenizer = load_tokenizer()  # the embedded default model's, prepared into ~/.cache/swarm on first use
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, **special)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # as in save_tiny_model: large enough that greedy tokens vary along the sequence
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.2)
+    model.generation_config = GenerationConfig(**special)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size="200KB")
+    tokenizer.save_pretrained(directory)
+    return directory

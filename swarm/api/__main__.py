@@ -6,8 +6,15 @@ import argparse
 import logging
 import os
 
+import uvicorn
+
+from swarm import AutoDistributedModelForCausalLM, load_tokenizer
+from swarm.api.app import Gateway, build_app
+from swarm.api.generation import Generator
+from swarm.api.prompts import PromptBuilder
 from swarm.api.schemas import Limits
 from swarm.compression import CODECS
+from swarm.hub.source import default_model_id
 
 READY = "OpenAI-compatible API at "  # printed once the model is loaded, right before the server starts listening
 
@@ -36,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which first stops the generations in flight when told to exit: their streams then end at
+    once (with an error event) instead of being cut at the end of the grace period."""
+
+    def __init__(self, config: uvicorn.Config, generator: Generator):
+        super().__init__(config)
+        self.generator = generator
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.generator.cancel_all()
+        super().handle_exit(sig, frame)
+
+
 def main() -> None:
     args = build_parser().parse_args()
     logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "INFO"),
@@ -46,32 +66,24 @@ def main() -> None:
         if value < 1:
             raise SystemExit(f"{name} must be at least 1, got {value}")
 
-    # Imported here so that --help answers at once.
-    import uvicorn
-
-    from swarm import AutoDistributedModelForCausalLM, load_tokenizer
-    from swarm.api.app import Gateway, build_app
-    from swarm.api.generation import Generator
-    from swarm.api.prompts import PromptBuilder
-    from swarm.hub.source import default_model_id
-
     tokenizer = load_tokenizer(args.model)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers,
                                                             model_id=args.model_id, compression=args.compression)
+    generator = Generator(model, tokenizer, args.max_concurrency)
     try:
         limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         names = [args.served_model_name or default_model_id(args.model)]
         if args.model is not None:
             names.append(str(args.model))  # also accepted as typed on the command line
-        gateway = Gateway(Generator(model, tokenizer, args.max_concurrency), PromptBuilder(tokenizer, limits, context),
-                          names, limits)
+        gateway = Gateway(generator, PromptBuilder(tokenizer, limits, context), names, limits)
+        # In-flight requests get a few seconds to end at shutdown; the app's shutdown then closes the generator.
+        config = uvicorn.Config(build_app(gateway), host=args.host, port=args.port, log_level="info",
+                                timeout_graceful_shutdown=5)
         print(f"{READY}http://{args.host}:{args.port}/v1 serving {names[0]}", flush=True)
-        # In-flight streams get a few seconds to end at shutdown, then the lifespan hook cancels their generations.
-        uvicorn.run(build_app(gateway), host=args.host, port=args.port, log_level="info",
-                    timeout_graceful_shutdown=5)
+        Server(config, generator).run()
     finally:
-        model.shutdown()
+        generator.close()  # done already by the app's shutdown, unless it never started
 
 
 if __name__ == "__main__":

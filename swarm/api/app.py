@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from swarm.api.errors import APIError, generation_failed, install_error_handlers, invalid_body
@@ -94,13 +94,13 @@ class Gateway:
         self._check_model(model)
         return self._model_card()
 
-    async def completions(self, request: Request):
+    async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
         prompts = self.prompts.completion_prompts(body)
         max_new = self.prompts.max_new_tokens(body.max_tokens, [len(p) for p in prompts], DEFAULT_COMPLETION_TOKENS)
         return await self._answer(request, self._plan("text_completion", "cmpl", body, prompts, max_new), body.stream)
 
-    async def chat_completions(self, request: Request):
+    async def chat_completions(self, request: Request) -> Response:
         body = await self._parse(request, ChatCompletionRequest)
         prompt = self.prompts.chat_prompt(body)
         max_new = self.prompts.max_new_tokens(body.max_new_tokens, [len(prompt)], None)
@@ -145,7 +145,7 @@ class Gateway:
         return Plan(kind, f"{prefix}-{uuid.uuid4().hex}", self.served_names[0], jobs, choices,
                     sum(len(p) for p in prompts), body.include_usage)
 
-    async def _answer(self, request: Request, plan: Plan, stream: bool):
+    async def _answer(self, request: Request, plan: Plan, stream: bool) -> Response:
         cancel = threading.Event()
         watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
         events = self.generator.run(plan.jobs, cancel)
@@ -232,12 +232,12 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
 
 
 def build_app(gateway: Gateway) -> FastAPI:
-    """A FastAPI app serving ``gateway``; its shutdown stops the generations in flight."""
+    """A FastAPI app serving ``gateway``; its shutdown stops the generations in flight and closes the model."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        await asyncio.to_thread(gateway.generator.shutdown)
+        await asyncio.to_thread(gateway.generator.close)
 
     app = FastAPI(title="swarm OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from swarm.api.generation import ShuttingDown
 from swarm.api.schemas import FIELD_NAMES
 from swarm.client.routing import MissingBlocksError
 from swarm.rpc.client import PeerUnavailable, RemoteError
@@ -63,6 +64,8 @@ def invalid_body(error: ValidationError) -> APIError:
 
 def generation_failed(error: BaseException) -> APIError:
     """What to answer when the swarm could not generate: 503 for the swarm's failures, 500 for anything else."""
+    if isinstance(error, ShuttingDown):
+        return APIError(503, "The gateway is shutting down", type="server_error", code="shutting_down")
     if isinstance(error, MissingBlocksError | RemoteError | PeerUnavailable | TimeoutError):
         return APIError(503, f"The swarm could not serve this request: {error}", type="server_error",
                         code="swarm_unavailable")

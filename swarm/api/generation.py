@@ -25,6 +25,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from swarm.client.model import DistributedModelForCausalLM
+
 logger = logging.getLogger(__name__)
 
 # What decode() shows for a character whose UTF-8 bytes are split over several tokens not all generated yet.
@@ -75,15 +77,21 @@ class _Failed:
     error: BaseException
 
 
+class ShuttingDown(RuntimeError):
+    """A generation stopped because the gateway stops."""
+
+
 class Generator:
     """``async for event in generator.run(jobs, cancel)``: runs each job in a worker thread of its own."""
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, max_concurrency: int):
+    def __init__(self, model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBase, max_concurrency: int):
         self.model, self.tokenizer = model, tokenizer
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="generate")
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._running: set[threading.Event] = set()  # cancellation flags of requests in flight, for shutdown
+        self.closing = False  # set when the gateway stops: cancelled generations then fail with ShuttingDown
+        self.closed = False
 
     async def run(self, jobs: Sequence[Job], cancel: threading.Event) -> AsyncIterator[TextDelta | Finished]:
         """Run all ``jobs`` at once; yields their text as it is generated and a ``Finished`` for each one.
@@ -100,6 +108,8 @@ class Generator:
             except RuntimeError:  # the event loop is closed: nobody listens any more
                 cancel.set()
 
+        if self.closing:
+            raise ShuttingDown("the gateway is shutting down")
         self._running.add(cancel)
         for index, job in enumerate(jobs):
             self.pool.submit(self._work, index, job, cancel, emit)
@@ -117,11 +127,21 @@ class Generator:
                 cancel.set()
             self._running.discard(cancel)
 
-    def shutdown(self) -> None:
-        """Stop every generation in flight (each closes its session) and the worker threads."""
+    def cancel_all(self) -> None:
+        """Stop every generation in flight after its current step (each closes its session)."""
+        self.closing = True
         for cancel in list(self._running):
             cancel.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the generations in flight, the worker threads, and the model's connection to the swarm (the
+        generator owns the model). Safe to call more than once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cancel_all()
+        self.pool.shutdown(wait=True)  # queued jobs still start, see their flag and end at once
+        self.model.shutdown()
 
     def _work(self, index: int, job: Job, cancel: threading.Event, emit: Callable) -> None:
         try:
@@ -129,6 +149,8 @@ class Generator:
                 emit(Finished(index, Completion("", len(job.input_ids), 0, "cancelled")))
                 return
             completion = self.generate(job, cancel, lambda text: emit(TextDelta(index, text)))
+            if completion.finish_reason == "cancelled" and self.closing:
+                raise ShuttingDown("the gateway is shutting down")
             emit(Finished(index, completion))
         except BaseException as e:  # handed to the request's coroutine, which answers with an error
             emit(_Failed(index, e))

@@ -32,6 +32,7 @@ class InferenceSession:
     def __init__(self, manager: SequenceManager, max_length: int):
         self.manager, self.max_length = manager, max_length
         self.position = 0  # positions every server has cached
+        self.tokens_sent = 0  # positions sent so far, replays and rewinds included (what the servers computed)
         self.batch_size: int | None = None
         self.hops: list[HopSession] = []
         self.position_ids: torch.Tensor | None = None  # (batch, position) history, for replays
@@ -95,6 +96,7 @@ class InferenceSession:
         self.batch_size = batch
         output = self.manager.loop.run(self._step(hidden.detach(), position_ids.long(), attention_mask))
         self.position += tokens
+        self.tokens_sent += tokens
         self.position_ids = self._extend(self.position_ids, position_ids.long())
         if attention_mask is not None:
             self.attention_mask = attention_mask.long()

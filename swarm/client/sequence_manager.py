@@ -148,6 +148,9 @@ class SequenceManager:
         return [hop.span for hop in await self.route(start, end, request)]
 
     def shutdown(self) -> None:
+        """Stop the libp2p daemon and the loop; calling it again does nothing."""
+        if not self.loop.thread.is_alive():
+            return
         try:
             self.loop.run(stop_dht(self.p2p, self.dht), timeout=15)
         finally:

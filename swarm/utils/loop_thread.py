@@ -18,6 +18,9 @@ class LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result (cancelling it if ``timeout`` passes)."""
+        if not self.thread.is_alive():
+            coro.close()
+            raise RuntimeError("this client was shut down")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)

@@ -1,0 +1,112 @@
+"""The terminal chat (python -m swarm.chat) driven through a pseudo-terminal, as a person would use it."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tiny_models import save_tiny_chat_model
+
+from swarm import AutoDistributedModelForCausalLM, load_tokenizer
+from swarm.chat import PROMPT
+
+MAX_NEW_TOKENS = 12
+STATS = re.compile(r"\[(\d+) new prompt tokens sent, (\d+) positions cached on the servers\]")
+
+
+@pytest.fixture(scope="module")
+def swarm(launcher, tmp_path_factory):
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
+    first = launcher.start_server(path, "0:2", [])
+    launcher.start_server(path, "2:4", [first.maddr])
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none")
+    yield {"path": path, "peers": [first.maddr], "model": model, "tokenizer": load_tokenizer(path)}
+    model.shutdown()
+
+
+class Terminal:
+    """A process on a pseudo-terminal: ``expect`` reads its output until a text has appeared enough times."""
+
+    def __init__(self, args: list[str]):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        os.close(slave)
+        self.output = ""
+
+    def expect(self, text: str, count: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while self.output.count(text) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{text!r} did not appear {count} times:\n{self.output}")
+            ready, _, _ = select.select([self.master], [], [], min(remaining, 1.0))
+            if ready:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:  # EIO: the process closed the terminal
+                    data = b""
+                if not data:
+                    raise RuntimeError(f"the chat exited early ({self.proc.poll()}):\n{self.output}")
+                self.output += data.decode("utf-8", errors="replace")
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        os.close(self.master)
+
+
+def test_chat_answers_two_turns_over_one_session(swarm):
+    terminal = Terminal([sys.executable, "-m", "swarm.chat", str(swarm["path"]), "--initial-peers", *swarm["peers"],
+                         "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS), "--compression", "none",
+                         "--verbose"])
+    turns = ["Hello! Who are you?", "Tell me a story about a cat."]
+    try:
+        terminal.expect(PROMPT, 1)
+        for number, turn in enumerate(turns, start=2):
+            terminal.send(turn.encode() + b"\n")
+            terminal.expect(PROMPT, number)  # the answer was printed and the next turn is awaited
+        terminal.send(b"\x04")  # Ctrl-D on an empty line: end of input
+        terminal.proc.wait(60)
+    finally:
+        terminal.close()
+    output = terminal.output
+    assert terminal.proc.returncode == 0, output
+
+    # The same two turns through one session of the reference client, greedy.
+    model, tokenizer = swarm["model"], swarm["tokenizer"]
+    conversation, expected = [], []
+    with model.inference_session(max_length=2048):
+        for turn in turns:
+            conversation.append({"role": "user", "content": turn})
+            input_ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
+                                                      return_dict=True)["input_ids"]
+            out = model.generate(input_ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            expected.append(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+            conversation.append({"role": "assistant", "content": expected[-1]})
+
+    # Each answer runs from "Assistant: " to the stats line printed after it (the terminal turns \n into \r\n).
+    answers = re.findall(r"Assistant: (.*?)\r?\n" + STATS.pattern, output, flags=re.S)
+    assert len(answers) == 2, output
+    for (answer, _, _), reference in zip(answers, expected, strict=True):
+        assert reference.strip()
+        assert re.sub(r"\s", "", answer) == re.sub(r"\s", "", reference)
+    prompt_lengths = [len(tokenizer.apply_chat_template(conversation[:end], add_generation_prompt=True,
+                                                        return_dict=True)["input_ids"]) for end in (1, 3)]
+    (first_sent, first_cached), (second_sent, second_cached) = [(int(a), int(b)) for _, a, b in answers]
+    assert first_sent == prompt_lengths[0]
+    # The session kept the first turn on the servers: the second turn sent at most its new part of the prompt (the
+    # answer's tokens are reused too where its text tokenizes back to the same tokens).
+    assert second_sent <= prompt_lengths[1] - prompt_lengths[0]
+    assert second_cached > first_cached
