@@ -99,9 +99,8 @@ def _one_evaluation(pipe, seed: int = 0):
     return sample, torch.tensor(500), ehs
 
 
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
 def test_skips_never_cross_the_network(served_pipeline):
-    if served_pipeline["name"] != "sd":
-        pytest.skip("checked once, on the SD pipeline")
     unet = served_pipeline["remote"].unet
     sample, timestep, ehs = _one_evaluation(served_pipeline["remote"])
 
@@ -133,9 +132,8 @@ def test_skips_never_cross_the_network(served_pipeline):
     assert skips > 0.5 * crossing
 
 
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
 def test_8bit_activations_stay_close(served_pipeline):
-    if served_pipeline["name"] != "sd":
-        pytest.skip("checked once, on the SD pipeline")
     compressed = AutoDistributedPipeline.from_pretrained(served_pipeline["path"],
                                                          initial_peers=served_pipeline["peers"])
     try:
@@ -170,9 +168,8 @@ def test_latent_shift_one_frame_is_the_image_model_and_shifts_stay_within_a_vide
     assert not torch.allclose(base.permute(0, 2, 1, 3, 4).reshape(10, 4, 16, 16), plain)  # it is not a no-op
 
 
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
 def test_latent_shift_through_the_swarm_equals_local(served_pipeline):
-    if served_pipeline["name"] != "sd":
-        pytest.skip("checked once, on the SD pipeline")
     generator = torch.Generator().manual_seed(2)
     latents = torch.randn(1, 4, 3, 8, 8, generator=generator)
     ehs = torch.randn(1, 77, 32, generator=generator)
