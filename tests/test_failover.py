@@ -25,8 +25,8 @@ def swarm(tiny_model, tmp_path):
     with LocalSwarm(tmp_path) as launcher:
         first = launcher.start_server(path, "0:10", [])
 
-        def start(blocks: str, *extra: str):
-            return launcher.start_server(path, blocks, [first.maddr], *extra, wait=False)
+        def start(blocks: str, *extra: str, env: dict | None = None):
+            return launcher.start_server(path, blocks, [first.maddr], *extra, wait=False, env=env)
 
         yield {"path": path, "launcher": launcher, "peers": [first.maddr], "start": start,
                "local": AutoModelForCausalLM.from_pretrained(path).eval()}
@@ -51,8 +51,8 @@ def prompt(seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("fault", ["sigkill", "stall", "error"])
 def test_generation_survives_a_failing_server(swarm, fault):
-    extra = ("--inject-fault-after-steps", "6") if fault == "error" else ()
-    fast = swarm["start"]("10:20", "--throughput", FAST, *extra)
+    env = {"SWARM_TEST_FAULT": "error-after-steps:6"} if fault == "error" else None
+    fast = swarm["start"]("10:20", "--throughput", FAST, env=env)
     others = [swarm["start"]("10:20", "--throughput", SLOW), swarm["start"]("20:30")]
     for process in [fast, *others]:
         process.wait_ready()

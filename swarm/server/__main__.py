@@ -66,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
     parser.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, in MiB")
     parser.add_argument("--session-timeout", type=float, default=300, help="close sessions idle this many seconds")
-    parser.add_argument("--inject-fault-after-steps", type=int, default=None, metavar="N",
-                        help="for failover testing only: answer every inference step after the first N with an error")
     return parser
 
 
@@ -81,8 +79,7 @@ def main() -> None:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
-                    max_session_length=args.max_session_length, session_timeout=args.session_timeout,
-                    fail_after_steps=args.inject_fault_after_steps)
+                    max_session_length=args.max_session_length, session_timeout=args.session_timeout)
     config = ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,

@@ -30,6 +30,8 @@ from swarm.server.validation import (
     read_hidden,
     read_position_ids,
 )
+from swarm.trust.commitment import commit
+from swarm.trust.faults import Faults
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ class Limits:
     max_batch_tokens: int = 8192  # batch rows x new tokens in one request
     max_session_length: int = 8192  # prompt + generated positions of one inference session
     session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
-    fail_after_steps: int | None = None  # fault injection for failover tests: err on every step after this many
     max_diffusion_sessions: int = 16  # generations a U-Net server serves at once (each keeps skips per step)
 
 
@@ -53,6 +54,9 @@ class HandlerBase:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.pending = 0  # requests waiting for or running on the compute thread
         self.served: dict[str, int] = {}  # requests answered, by kind, shown by info
+        self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
+        if self.faults.active:
+            logger.warning(f"This server misbehaves on purpose for tests: {self.faults}")
 
     def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
         return {protocol.INFO: self.rpc_info}
@@ -172,9 +176,10 @@ class BlockHandler(HandlerBase):
             with torch.no_grad():
                 return span(hidden.to(span.dtype), positions, mask, None, first, last)
 
-        output = await self.compute(run)
+        output = self.faults.corrupt(await self.compute(run))
         self.count("forward")
-        await write_message(writer, {"hidden": self.encode(output.to(hidden.dtype), codec)})
+        await write_message(writer, {"hidden": self.encode(output.to(hidden.dtype), codec),
+                                     "commitment": commit(output)})
 
     async def rpc_backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Gradient of the span's output w.r.t. its input, recomputing the forward (nothing is kept between calls)."""

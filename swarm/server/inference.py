@@ -25,6 +25,7 @@ from swarm.rpc.framing import write_message
 from swarm.rpc.protocol import RequestError, get_field
 from swarm.server.sessions import ServerSession
 from swarm.server.validation import read_block_range, read_tensor
+from swarm.trust.commitment import commit
 
 if TYPE_CHECKING:
     from swarm.server.handler import BlockHandler
@@ -164,8 +165,9 @@ async def _push(handler: BlockHandler, session: ServerSession, step: dict, outpu
 async def run_step(handler: BlockHandler, session: ServerSession, message: dict) -> tuple[dict, dict]:
     """Validate and run one step; returns the reply and the encoded output (also what a push carries)."""
     handler.steps_served += 1
-    if handler.limits.fail_after_steps is not None and handler.steps_served > handler.limits.fail_after_steps:
-        raise RequestError("injected fault (--inject-fault-after-steps)")
+    fail_after = handler.faults.error_after_steps
+    if fail_after is not None and handler.steps_served > fail_after:
+        raise RequestError(f"injected fault ({fail_after} steps served)")
     if get_field(message, "type", str) != "step":
         raise RequestError(f"expected a 'step', 'link' or 'close' message, got {message.get('type')!r}")
     if message.get("session_id") != session.session_id:
@@ -207,5 +209,6 @@ async def run_step(handler: BlockHandler, session: ServerSession, message: dict)
     session.length = position + tokens
     session.tokens_processed += batch * tokens
     session.steps += 1
+    output = handler.faults.corrupt(output)
     encoded = handler.encode(output.to(hidden.dtype), codec)
-    return {"hidden": encoded, "position": session.length}, encoded
+    return {"hidden": encoded, "position": session.length, "commitment": commit(output)}, encoded

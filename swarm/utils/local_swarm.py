@@ -24,10 +24,10 @@ PROXY_READY = "WAN proxy ready: "
 class SwarmProcess:
     """A ``python -m swarm.server`` / ``python -m swarm.dht`` process writing to a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, ready_marker: str):
+    def __init__(self, args: list[str], log_path: Path, ready_marker: str, env: dict[str, str] | None = None):
         self.args, self.log_path, self.ready_marker = args, log_path, ready_marker
         self.log = open(log_path, "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, *args], stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.maddr: str | None = None
@@ -93,7 +93,7 @@ class LocalSwarm:
         return self._start(["-m", "swarm.dht", "--host", "127.0.0.1"], DHT_READY, "dht").wait_ready()
 
     def start_server(self, model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str], *extra: str,
-                     wait: bool = True) -> SwarmProcess:
+                     wait: bool = True, env: dict[str, str] | None = None) -> SwarmProcess:
         """``python -m swarm.server [model] --blocks ... --host 127.0.0.1``; ``model=None``: the embedded one;
         ``blocks=None``: pass ``--num-blocks N`` in ``extra``."""
         args = ["-m", "swarm.server"] + ([str(model)] if model else []) + ["--host", "127.0.0.1"]
@@ -101,7 +101,7 @@ class LocalSwarm:
         if initial_peers:
             args += ["--initial-peers", *initial_peers]
         name = f"server-{blocks.replace(':', '-')}" if blocks else "server-auto"
-        process = self._start(args + list(extra), SERVER_READY, name)
+        process = self._start(args + list(extra), SERVER_READY, name, env)
         return process.wait_ready() if wait else process
 
     def start_wan_proxy(self, target_port: int, listen_port: int, rtt_ms: float,
@@ -111,8 +111,8 @@ class LocalSwarm:
                 "--rtt-ms", str(rtt_ms)] + (["--mbit", str(mbit)] if mbit else [])
         return self._start(args, PROXY_READY, f"proxy-{listen_port}").wait_ready()
 
-    def _start(self, args: list[str], marker: str, name: str) -> SwarmProcess:
-        process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker)
+    def _start(self, args: list[str], marker: str, name: str, env: dict[str, str] | None = None) -> SwarmProcess:
+        process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker, env)
         self.processes.append(process)
         return process
 

@@ -1,0 +1,5 @@
+"""Trust between peers that do not know each other.
+
+- commitment.py: short hashes of step outputs, checkable later by recomputation
+- faults.py: deliberate misbehaviour for tests (``SWARM_TEST_FAULT``), never reachable from normal use
+"""

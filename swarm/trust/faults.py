@@ -1,0 +1,50 @@
+"""Deliberate misbehaviour for tests of failover and verification: a server that errs, perturbs or invents its
+outputs. Read only from the ``SWARM_TEST_FAULT`` environment variable, never from a flag or a request, so it
+cannot be switched on by normal use:
+
+- ``error-after-steps:N``: answer every inference step after the first N with an error
+- ``perturb:EPS``: add Gaussian noise of relative size EPS (||noise|| = EPS * ||output||) to every output
+- ``random``: return random tensors of the right shape and scale
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENV = "SWARM_TEST_FAULT"
+
+
+@dataclass(frozen=True)
+class Faults:
+    error_after_steps: int | None = None
+    perturb: float | None = None
+    random: bool = False
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        spec = os.environ.get(ENV, "").strip()
+        if not spec:
+            return cls()
+        kind, _, value = spec.partition(":")
+        if kind == "error-after-steps":
+            return cls(error_after_steps=int(value))
+        if kind == "perturb":
+            return cls(perturb=float(value))
+        if kind == "random":
+            return cls(random=True)
+        raise ValueError(f"unknown {ENV} {spec!r}")
+
+    @property
+    def active(self) -> bool:
+        return self != Faults()
+
+    def corrupt(self, output: torch.Tensor) -> torch.Tensor:
+        if self.random:
+            return torch.randn_like(output) * output.float().std().to(output.dtype)
+        if self.perturb:
+            noise = torch.randn_like(output)
+            return output + noise * (self.perturb * output.norm() / noise.norm().clamp_min(1e-12))
+        return output
