@@ -6,6 +6,11 @@ Subpackages: ``dht`` (announcements), ``blocks`` (what a block is per model fami
 
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
+# bitsandbytes, imported by diffusers and our codecs, warns at import about an optional 4-bit CPU kernel package.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 from swarm.blocks.latent_shift import LatentShiftUNet  # noqa: E402
 from swarm.blocks.span import BlockSpan  # noqa: E402
 from swarm.client import (  # noqa: E402

@@ -17,6 +17,8 @@ class ClientConfig:
     max_retries: int = 3  # other servers tried after a server fails, per request
     update_period: float = 15.0  # re-read the DHT when the cached view is older than this
     ban_time: float = 30.0  # a server that failed is avoided for this long
+    local_blocks: int = 0  # the first k blocks run on the client too: servers never see the embeddings' output
+    verify_probability: float = 0.05  # chance that a step's hop is recomputed by another server and compared
     push: bool = True  # servers hand step outputs straight to the next server (the client relays if they can't)
     routing_policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # how to weigh servers, which to avoid
     max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 
 import torch
 
+from swarm.blocks import compat
 from swarm.client.hop_session import HopSession
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
+from swarm.client.verification import Verdict, check_output
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.rpc.client import PeerUnavailable, RemoteError
 from swarm.rpc.protocol import PUSH_TIMEOUT
@@ -38,8 +41,10 @@ class InferenceSession:
         self.position_ids: torch.Tensor | None = None  # (batch, position) history, for replays
         self.attention_mask: torch.Tensor | None = None  # (batch, position) history, for replays
         self.token_ids: torch.Tensor | None = None  # kept by the causal LM to detect rewinds and beam reorders
+        self.local_cache = None  # KV cache of the blocks the client runs itself (``local_blocks``)
         self._pending_hypo_ids: torch.Tensor | None = None
         self._step_ids = itertools.count()
+        self.checks: list[Verdict] = []  # redundant checks run in this session
         self.closed = False
 
     def __enter__(self) -> InferenceSession:
@@ -63,6 +68,8 @@ class InferenceSession:
         for hop in self.hops:
             if hop.inputs is not None:
                 hop.inputs = hop.inputs[:, :position]
+        if self.local_cache is not None:
+            compat.truncate_cache(self.local_cache, position)
 
     def reorder(self, hypo_ids: torch.Tensor) -> None:
         """Row i continues the hypothesis of row ``hypo_ids[i]`` (beam search); applied with the next step."""
@@ -73,6 +80,8 @@ class InferenceSession:
         for hop in self.hops:
             if hop.inputs is not None:
                 hop.inputs = hop.inputs[hypo_ids]
+        if self.local_cache is not None:
+            compat.reorder_cache(self.local_cache, hypo_ids)
         previous = self._pending_hypo_ids
         self._pending_hypo_ids = hypo_ids if previous is None else previous[hypo_ids]
 
@@ -110,14 +119,32 @@ class InferenceSession:
 
     async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> torch.Tensor:
-        config = self.manager.config
         if not self.hops:
-            self.hops = await self._open_chain(0, self.manager.num_blocks, upstream=None)
+            self.hops = await self._open_chain(self.manager.first_block, self.manager.num_blocks, upstream=None)
             await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
+        for _ in range(self.manager.config.max_retries + 1):
+            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids)
+            hypo_ids = None  # applied: a re-run of this step must not reorder the caches again
+            liar = await self._verify(sent, received, position_ids, attention_mask)
+            if liar is None:
+                break
+            logger.warning(f"Server {self.hops[liar].span} returned a wrong output; rebuilding the chain from it")
+            await self._rebuild_from(liar)
+        else:
+            raise RuntimeError("redundant checks kept finding wrong outputs; giving up on this step")
+        for hop, inputs in sent.items():
+            hop.inputs = self._extend(hop.inputs, deserialize_tensor(inputs))
+        return deserialize_tensor(output)
+
+    async def _run_hops(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        hypo_ids: torch.Tensor | None) -> tuple[dict, dict, dict]:
+        """One pass of the step along the chain; returns what each hop was sent and answered, and the output."""
+        config = self.manager.config
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
         step_id, push = next(self._step_ids), config.push and len(self.hops) > 1
         sent: dict[HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
+        received: dict[HopSession, dict] = {}
         payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs travel as they are
         await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
         failures, index, last_error, relinked = 0, 0, None, False
@@ -143,18 +170,52 @@ class InferenceSession:
                 continue
             if hidden.shape[1] == 1 and not push:  # decode steps calibrate the per-hop overhead routing expects
                 self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
-            sent[hop] = payload
+            sent[hop], received[hop] = payload, reply["hidden"]
             payload = reply["hidden"]
             if index + 1 < len(self.hops) and not pushed:  # the client relays it
                 next_hop = self.hops[index + 1]
                 await self._send(next_hop, payload, position_ids, attention_mask,
                                  hypo_ids if next_hop in reordered_before else None, step_id, push)
             index += 1
-        for hop, inputs in sent.items():
-            hop.inputs = self._extend(hop.inputs, deserialize_tensor(inputs))
         if relinked:
             await self._link()
-        return deserialize_tensor(payload)
+        return sent, received, payload
+
+    async def _verify(self, sent: dict, received: dict, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> int | None:
+        """Redundant checks of this step's hops, each with probability ``verify_probability``; the index of the
+        first hop the check found wrong, if any."""
+        probability = self.manager.config.verify_probability
+        for index, hop in enumerate(self.hops):
+            if probability <= 0 or random.random() >= probability or hop not in sent:
+                continue
+            current = deserialize_tensor(sent[hop])
+            inputs = current if hop.inputs is None else torch.cat([hop.inputs, current], dim=1)
+            positions = position_ids if self.position_ids is None else torch.cat([self.position_ids, position_ids],
+                                                                                   dim=1)
+            mask = attention_mask
+            if mask is None and self.attention_mask is not None:
+                mask = self._extend(self.attention_mask, torch.ones_like(position_ids))
+            verdict = await check_output(self.manager, hop.span, inputs, positions, mask,
+                                         deserialize_tensor(received[hop]), hop.output_codec)
+            self.checks.append(verdict)
+            if hop.span.peer_id in verdict.struck:
+                return index
+        return None
+
+    async def _rebuild_from(self, index: int) -> None:
+        """Replace hops ``index``.. (whose caches may hold a wrong output) by a new chain, replaying the history of
+        hop ``index``'s inputs through it."""
+        failed = self.hops[index]
+        self.manager.ban(failed.span.peer_id)
+        for hop in self.hops[index:]:
+            await hop.close()
+        del self.hops[index:]
+        upstream = self.hops[index - 1].span.peer_id if index else None
+        new = await self._open_chain(failed.span.start, self.manager.num_blocks, upstream)
+        await self._replay(new, failed.inputs)
+        self.hops.extend(new)
+        await self._link()
 
     async def _send(self, hop: HopSession, payload: dict, position_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None, hypo_ids: torch.Tensor | None, step_id: int,

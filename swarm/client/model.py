@@ -17,9 +17,10 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
-from swarm.blocks.span import build_skeleton, load_config, span_config
+from swarm.blocks.span import BlockSpan, build_skeleton, load_config, span_config
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import RemoteSequential
@@ -82,7 +83,11 @@ class DistributedPreTrainedModel(PreTrainedModel):
         config = load_config(source)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
         modules = _load_local_modules(config, family_for(config), source, dtype)
-        remote = RemoteSequential(client_config, model_id, config.num_hidden_layers)
+        k = client_config.local_blocks
+        if not 0 <= k < config.num_hidden_layers:
+            raise ValueError(f"local_blocks must be in [0, {config.num_hidden_layers}), got {k}")
+        modules["local_span"] = BlockSpan.from_pretrained(source, 0, k, dtype=dtype) if k else None
+        remote = RemoteSequential(client_config, model_id, config.num_hidden_layers, first_block=k)
         model = cls._assemble(config, modules, remote)
         try:
             model.generation_config = GenerationConfig.from_pretrained(source.config_path)
@@ -118,16 +123,17 @@ class DistributedModel(DistributedPreTrainedModel):
     """Token embeddings -> remote blocks -> final norm: the last hidden states, like ``AutoModel``."""
 
     def __init__(self, config: PretrainedConfig, *, embed_tokens: nn.Module, norm: nn.Module, layers: RemoteSequential,
-                 position_embeddings: nn.Module | None = None):
+                 position_embeddings: nn.Module | None = None, local_span: BlockSpan | None = None):
         super().__init__(config)
         self.family = family_for(config)
         self.embed_tokens, self.position_embeddings, self.norm, self.layers = (
             embed_tokens, position_embeddings, norm, layers)
+        self.local_span = local_span  # the first blocks, when the client keeps them (``local_blocks``)
 
     @classmethod
     def _assemble(cls, config: PretrainedConfig, modules: dict, remote: RemoteSequential) -> DistributedModel:
         return cls(config, embed_tokens=modules["embed_tokens"], norm=modules["norm"], layers=remote,
-                   position_embeddings=modules["position_embeddings"])
+                   position_embeddings=modules["position_embeddings"], local_span=modules.get("local_span"))
 
     def get_remote(self) -> RemoteSequential:
         return self.layers
@@ -156,6 +162,14 @@ class DistributedModel(DistributedPreTrainedModel):
         hidden = inputs_embeds
         if self.position_embeddings is not None:
             hidden = hidden + self.position_embeddings(position_ids)
+        if self.local_span is not None:
+            cache = None
+            if session is not None:
+                if session.local_cache is None:
+                    session.local_cache = self.local_span.new_cache()
+                cache = session.local_cache
+                compat.truncate_cache(cache, past)  # drops what a step that failed remotely left behind
+            hidden = self.local_span(hidden, position_ids, attention_mask, cache)
         hidden = self.layers(hidden, position_ids, attention_mask)
         if session is not None:
             if input_ids is not None and (past == 0 or session.token_ids is not None):

@@ -43,10 +43,11 @@ async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, m
 
 
 async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None, start: int = 0, end: int | None = None,
+                        attention_mask: torch.Tensor | None, start: int | None = None, end: int | None = None,
                         chain: list[RemoteSpan] | None = None) -> tuple[dict, Record]:
     """Run blocks [start, end) on encoded ``hidden`` (through ``chain`` if given, else the cheapest one);
     returns the encoded output and each hop with its input."""
+    start = manager.first_block if start is None else start
     end = manager.num_blocks if end is None else end
     request = RouteRequest(mode="throughput", tokens=position_ids.numel())
     chain = chain or await manager.make_sequence(start, end, request)

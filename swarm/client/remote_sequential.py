@@ -25,10 +25,10 @@ class RemoteSequential(nn.Module):
     are per thread, so several threads can generate through one model at once.
     """
 
-    def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int):
+    def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int, first_block: int = 0):
         super().__init__()
         self.client_config, self.model_id, self.num_blocks = client_config, model_id, num_blocks
-        self.manager = SequenceManager(client_config, model_id, num_blocks)
+        self.manager = SequenceManager(client_config, model_id, num_blocks, first_block)
         self._local = threading.local()  # each thread has its own active session: concurrent generate() calls
         if "blockwise8" in (client_config.compression, client_config.edge_codec):
             blockwise.warm_up()  # the first 8-bit call imports bitsandbytes (~3 s): not inside the first request
@@ -64,7 +64,7 @@ class RemoteSequential(nn.Module):
 
     def explain_route(self, request: RouteRequest | None = None) -> list[Hop]:
         """The chain a request would take now, each hop with its expected costs (``hop.explain()``: a dict)."""
-        return self.manager.loop.run(self.manager.route(0, self.num_blocks, request))
+        return self.manager.loop.run(self.manager.route(None, self.num_blocks, request))
 
     def shutdown(self) -> None:
         self.manager.shutdown()

@@ -27,6 +27,7 @@ DEFAULT_RTT = 0.05  # s: until the client has pinged any server
 DEFAULT_INFERENCE_RPS = 10.0  # decode steps/s over a span: for servers that announce no speed
 DEFAULT_FORWARD_TPS = 500.0  # tokens/s over a span: likewise
 DEFAULT_FAILURE_COST = 2.0  # s: what a failover costs, until the client has timed one
+STRIKE_WEIGHT = 5.0  # a caught wrong output counts as this many failures in the reliability cost
 SPLIT_GAIN = 0.8  # split a batch over one more chain only if that finishes at least 20% sooner
 
 
@@ -56,6 +57,7 @@ class RoutingPolicy:
     allowed_servers: list[str] | None = None  # if set, only these peer ids
     blocked_servers: list[str] = field(default_factory=list)  # never these peer ids
     min_precision: str = "nf4"  # weakest weight quantization accepted: "nf4" (any), "int8", "float" (none)
+    max_strikes: float = 2.0  # servers caught this often giving wrong outputs (decayed count) are not used at all
 
 
 @dataclass
@@ -65,6 +67,7 @@ class PeerStats:
     rtt: float | None = None  # s, EMA of round trips to it
     overhead: float | None = None  # s, EMA of observed hop time beyond RTT and predicted compute
     failures: float = 0.0  # recent failures, decaying
+    strikes: float = 0.0  # outputs the majority of a redundant check disagreed with, decaying slowly
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class CostModel:
               request: RouteRequest, failure_cost: float = DEFAULT_FAILURE_COST) -> CostModel:
         usable, excluded = [], {}
         for peer, info in servers.items():
-            reason = _exclusion(peer, info, policy, request)
+            reason = _exclusion(peer, info, policy, request, stats.get(peer))
             if reason is None:
                 usable.append((peer, info))
             else:
@@ -136,7 +139,8 @@ class CostModel:
         network = np.array([s.rtt if s.rtt is not None else typical_rtt for s in peer_stats])
         overhead = np.array([s.overhead or 0.0 for s in peer_stats])
         load = np.array([i.load for i in infos])
-        failures = np.array([s.failures for s in peer_stats])
+        # a strike (a wrong output) weighs like several failures: the server is avoided, then excluded below
+        failures = np.array([s.failures + STRIKE_WEIGHT * s.strikes for s in peer_stats])
         return cls(peers, infos, excluded, starts, ends, network=policy.latency_weight * network,
                    per_block=policy.compute_weight * span_time / lengths,
                    queue=policy.load_weight * load * span_time, reliability=policy.reliability_weight * failures
@@ -149,8 +153,11 @@ class CostModel:
                    overhead=float(self.overhead[index]))
 
 
-def _exclusion(peer: str, info: ServerInfo, policy: RoutingPolicy, request: RouteRequest) -> str | None:
+def _exclusion(peer: str, info: ServerInfo, policy: RoutingPolicy, request: RouteRequest,
+               stats: PeerStats | None = None) -> str | None:
     """Why a server cannot take this request, or None if it can."""
+    if stats is not None and stats.strikes >= policy.max_strikes:
+        return "caught returning wrong outputs"
     if info.state != ServerState.ONLINE:
         return info.state.name.lower()
     if peer in policy.blocked_servers or (policy.allowed_servers is not None and peer not in policy.allowed_servers):

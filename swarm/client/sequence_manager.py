@@ -35,13 +35,15 @@ logger = logging.getLogger(__name__)
 
 EMA = 0.3  # weight of a new measurement in running averages
 FAILURE_MEMORY = 300.0  # s: a failure's weight in the reliability score decays with this time constant
+STRIKE_MEMORY = 6 * 3600.0  # s: a strike (a wrong output caught by a redundant check) decays this slowly
 MAX_BAN = 300.0  # s: longest ban after repeated failures
 PING_TIMEOUT = 2.0  # s
 
 
 class SequenceManager:
-    def __init__(self, config: ClientConfig, model_id: str, num_blocks: int):
+    def __init__(self, config: ClientConfig, model_id: str, num_blocks: int, first_block: int = 0):
         self.config, self.model_id, self.num_blocks = config, model_id, num_blocks
+        self.first_block = first_block  # blocks before it run on the client (``local_blocks``)
         self.loop = LoopThread()
         self.p2p, self.dht = self.loop.run(start_dht(config.initial_peers, host=config.host, client_mode=True))
         self.servers: dict[str, ServerInfo] = {}
@@ -50,6 +52,7 @@ class SequenceManager:
         self.banned_until: dict[str, float] = {}
         self.consecutive_failures: dict[str, int] = {}
         self.failure_cost = DEFAULT_FAILURE_COST  # replaced by measured failover times
+        self.strikes_given = 0
         self._failures_decayed_at = time.monotonic()
 
     # ---- the swarm's announcements
@@ -100,11 +103,20 @@ class SequenceManager:
         self.stats_for(peer).failures += 1.0
         self.last_update = -math.inf  # refresh the view before the next chain
 
+    def strike(self, peer: str) -> None:
+        """A redundant check found this server's output wrong: its reputation drops (see routing's max_strikes)."""
+        self._decay_failures()
+        self.stats_for(peer).strikes += 1.0
+        self.strikes_given += 1
+        self.last_update = -math.inf
+
     def _decay_failures(self) -> None:
         now = time.monotonic()
-        factor = math.exp(-(now - self._failures_decayed_at) / FAILURE_MEMORY)
+        elapsed = now - self._failures_decayed_at
+        factor, strike_factor = math.exp(-elapsed / FAILURE_MEMORY), math.exp(-elapsed / STRIKE_MEMORY)
         for stats in self.stats.values():
             stats.failures *= factor
+            stats.strikes *= strike_factor  # slowly: an honest server that was unlucky recovers in hours
         self._failures_decayed_at = now
 
     def banned(self) -> set[str]:
@@ -126,9 +138,11 @@ class SequenceManager:
             model = CostModel.build(self.servers, self.stats, policy, request, self.failure_cost)
         return model
 
-    async def route(self, start: int = 0, end: int | None = None,
+    async def route(self, start: int | None = None, end: int | None = None,
                     request: RouteRequest | None = None) -> list[Hop]:
-        """The cheapest chain of hops over blocks [start, end); ``MissingBlocksError`` if there is none."""
+        """The cheapest chain of hops over blocks [start, end) (default: every remote block); ``MissingBlocksError``
+        if there is none."""
+        start = self.first_block if start is None else start
         end = self.num_blocks if end is None else end
         request = request or RouteRequest()
         try:
@@ -140,10 +154,11 @@ class SequenceManager:
     async def parallel_routes(self, request: RouteRequest, max_chains: int) -> list[list[RemoteSpan]]:
         """Chains to split a large forward/backward batch over (just one when splitting would not be faster)."""
         model = await self.cost_model(request)
-        return [[hop.span for hop in chain] for chain in parallel_chains(model, 0, self.num_blocks, max_chains,
+        return [[hop.span for hop in chain] for chain in parallel_chains(model, self.first_block, self.num_blocks,
+                                                                          max_chains,
                                                                           self.model_id)]
 
-    async def make_sequence(self, start: int = 0, end: int | None = None,
+    async def make_sequence(self, start: int | None = None, end: int | None = None,
                             request: RouteRequest | None = None) -> list[RemoteSpan]:
         return [hop.span for hop in await self.route(start, end, request)]
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 
+from swarm.dht.identity import Identity
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
 
 
@@ -22,7 +23,8 @@ def main() -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    p2p, node = await start_dht(args.initial_peers, host=args.host, port=args.port, identity_path=args.identity)
+    identity = Identity.load_or_create(args.identity) if args.identity else None
+    p2p, node = await start_dht(args.initial_peers, host=args.host, port=args.port, identity=identity)
     maddrs = await visible_maddrs(p2p)
     print("DHT node ready. Join this swarm with:", flush=True)
     for maddr in maddrs:

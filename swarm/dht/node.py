@@ -10,6 +10,9 @@ from contextlib import suppress
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from swarm.dht.identity import Identity
+from swarm.dht.validation import SignedRecordValidator
+
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -27,17 +30,21 @@ def is_loopback(host: str) -> bool:
 
 async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0", port: int = 0,
                     announce_maddrs: Sequence[str] | None = None, client_mode: bool = False,
-                    identity_path: str | None = None) -> tuple[P2P, DHTNode]:
+                    identity: Identity | None = None) -> tuple[P2P, DHTNode]:
     """A P2P daemon listening on ``host:port`` and a DHT node on top of it (bootstrapped from ``initial_peers``).
 
-    On a loopback host, NAT port mapping and AutoNAT are off: nothing is sent beyond 127.0.0.1.
+    With an ``identity``, the daemon runs with that key and the node signs its records with it; every node
+    verifies records (swarm/dht/validation.py). On a loopback host, NAT port mapping and AutoNAT are off: nothing is
+    sent beyond 127.0.0.1.
     """
     loopback = is_loopback(host)
     p2p = await P2P.create(
         initial_peers=list(initial_peers) or None,
         host_maddrs=host_maddrs(host, port),
         announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-        identity_path=identity_path,
+        identity_path=str(identity.path) if identity else None,
+        # hivemind checks that a key is not in use by starting a second daemon: slow, and pointless for new keys
+        check_if_identity_free=identity is not None and not identity.created,
         nat_port_map=not loopback,
         auto_nat=not loopback,
         use_relay=not loopback,
@@ -45,7 +52,8 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     )
     try:
         node = await DHTNode.create(p2p=p2p, initial_peers=list(initial_peers) or None, client_mode=client_mode,
-                                    cache_locally=False, num_workers=8)
+                                    cache_locally=False, num_workers=8,
+                                    record_validator=SignedRecordValidator(identity))
     except BaseException:
         await p2p.shutdown()
         raise

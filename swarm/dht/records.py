@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
@@ -18,7 +20,7 @@ async def announce_span(node: DHTNode, model_id: str, info: ServerInfo, model_in
     values = [info.to_dict()] * len(keys)
     if model_info is not None and not model_id.startswith("_"):
         keys.append(MODELS_KEY)
-        subkeys.append(model_id)
+        subkeys.append(f"{model_id} {peer}")  # signed records name their signer: one index entry per server
         values.append(model_info.to_dict())
     stored = await node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return all(stored.values())
@@ -54,11 +56,12 @@ def merge_records(per_block: list[dict[str, ServerInfo]]) -> dict[str, ServerInf
 
 
 async def fetch_models(node: DHTNode) -> dict[str, ModelInfo]:
+    """Every announced model; when servers disagree on a model's description, the most announced one wins."""
     entry = await node.get(MODELS_KEY, sufficient_expiration_time=float("inf"))
-    models = {}
+    votes: dict[str, Counter] = {}
     if entry is not None and isinstance(entry.value, dict):
-        for model_id, item in entry.value.items():
+        for subkey, item in entry.value.items():
             info = ModelInfo.from_dict(getattr(item, "value", None))
-            if isinstance(model_id, str) and info is not None:
-                models[model_id] = info
-    return models
+            if isinstance(subkey, str) and " " in subkey and info is not None:
+                votes.setdefault(subkey.rsplit(" ", 1)[0], Counter())[info] += 1
+    return {model_id: counter.most_common(1)[0][0] for model_id, counter in votes.items()}

@@ -1,0 +1,116 @@
+"""Redundant execution: a server's output for a span is recomputed by another server holding that span.
+
+The second server gets the exact input the first one was sent (its whole history, uncompressed, through a plain
+forward) and the outputs are compared within a tolerance calibrated for what the first output went through: the
+codec it was sent with, and the servers' compute dtype. If they disagree, a third server (when there is one)
+decides: whoever disagrees with the majority gets a strike; with only two, both do. Only servers with the same
+dtype and weight quantization are compared (quantized weights legitimately change outputs).
+
+Measured honest spread (relative L2 error, `tests/test_trust.py`, `benchmarks/trust.py`): below 1e-5 without a codec
+in float32, ~5e-4 through float16, ~1e-2 (max ~2e-2) through the 8-bit codec. The tolerances are several times
+those; a perturbation larger than the tolerance is caught every time it is checked.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.client.routing import RemoteSpan
+from swarm.client.sequence_manager import SequenceManager
+from swarm.compression import deserialize_tensor, serialize_tensor
+from swarm.dht.schema import ServerState
+from swarm.rpc import protocol
+from swarm.rpc.client import PeerUnavailable, RemoteError, call
+
+# Relative L2 error allowed between two honest outputs, by the codec the checked output travelled with.
+CODEC_TOLERANCE = {"none": 1e-3, "float16": 1e-2, "bfloat16": 5e-2, "blockwise8": 8e-2}
+DTYPE_TOLERANCE = {"float32": 0.0, "float16": 1e-2, "bfloat16": 5e-2}  # added for reduced-precision servers
+
+
+def tolerance(codec: str, dtype: str) -> float:
+    return CODEC_TOLERANCE.get(codec, 0.1) + DTYPE_TOLERANCE.get(dtype, 0.05)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@dataclass
+class Verdict:
+    agreed: bool  # the checked output matched the majority (or the single other opinion)
+    error: float  # relative error against the first other server's output
+    checked_by: list[str] = field(default_factory=list)  # the other servers asked
+    struck: list[str] = field(default_factory=list)  # who got a strike
+    majority_output: torch.Tensor | None = None  # when the checked output lost, the agreed one
+
+    @property
+    def skipped(self) -> bool:
+        return not self.checked_by
+
+
+def other_holders(manager: SequenceManager, span: RemoteSpan, exclude: set[str]) -> list[str]:
+    """Online servers holding ``span``'s blocks with the same dtype and quantization, not excluded or banned."""
+    info = span.info
+    unwanted = manager.banned() | set(manager.config.routing_policy.blocked_servers)
+    return [peer for peer, other in manager.servers.items()
+            if peer not in exclude and peer not in unwanted and other.state == ServerState.ONLINE
+            and other.start <= span.start and other.end >= span.end
+            and (other.dtype, other.quantization) == (info.dtype, info.quantization)
+            and manager.stats_for(peer).strikes < manager.config.routing_policy.max_strikes]
+
+
+async def recompute(manager: SequenceManager, peer: str, span: RemoteSpan, inputs: torch.Tensor,
+                    position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    message = {"start": span.start, "end": span.end, "hidden": serialize_tensor(inputs, "none"),
+               "position_ids": serialize_tensor(position_ids.long()), "output_codec": "none"}
+    if attention_mask is not None:
+        message["attention_mask"] = serialize_tensor(attention_mask.to(torch.int8))
+    reply = await call(manager.p2p, peer, protocol.FORWARD, message, timeout=manager.config.request_timeout)
+    return deserialize_tensor(reply.get("hidden"))
+
+
+async def check_output(manager: SequenceManager, span: RemoteSpan, inputs: torch.Tensor, position_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None, output: torch.Tensor, codec: str) -> Verdict:
+    """Compare ``output`` (the last ``output.shape[1]`` positions of ``span`` on ``inputs``, as returned by
+    ``span.peer_id`` through ``codec``) with other servers' recomputation, and strike who disagrees."""
+    await manager.update()
+    candidates = other_holders(manager, span, {span.peer_id})
+    if not candidates:
+        return Verdict(agreed=True, error=0.0)
+    random.shuffle(candidates)  # an honest check must not be predictable by the checked server
+    tol = tolerance(codec, span.info.dtype)
+    opinions: list[tuple[str, torch.Tensor]] = []
+    for peer in candidates:
+        try:
+            full = await recompute(manager, peer, span, inputs, position_ids, attention_mask)
+        except (PeerUnavailable, RemoteError):
+            manager.ban(peer)
+            continue
+        opinions.append((peer, full[:, -output.shape[1]:]))
+        if len(opinions) == 2 or (len(opinions) == 1 and relative_error(output, opinions[0][1]) <= tol):
+            break
+    if not opinions:
+        return Verdict(agreed=True, error=0.0)
+    first_peer, first = opinions[0]
+    error = relative_error(output, first)
+    checked_by = [peer for peer, _ in opinions]
+    if error <= tol:
+        return Verdict(agreed=True, error=error, checked_by=checked_by)
+    if len(opinions) == 1:  # one against one: both are suspects
+        struck = [span.peer_id, first_peer]
+        agreed = False
+        majority = None
+    else:
+        second_peer, second = opinions[1]
+        if relative_error(first, second) <= CODEC_TOLERANCE["none"] + DTYPE_TOLERANCE.get(span.info.dtype, 0.05):
+            struck, agreed, majority = [span.peer_id], False, first  # the two others agree: the checked one lied
+        elif relative_error(output, second) <= tol:
+            struck, agreed, majority = [first_peer], True, None  # the first checker is the odd one out
+        else:
+            struck, agreed, majority = [span.peer_id, first_peer, second_peer], False, None
+    for peer in struck:
+        manager.strike(peer)
+    return Verdict(agreed=agreed, error=error, checked_by=checked_by, struck=struck, majority_output=majority)
