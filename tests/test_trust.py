@@ -92,7 +92,7 @@ def test_identity_persists_the_peer_id(launcher, tiny_model, tmp_path):
 
 
 def test_liar_is_caught_and_routed_around_with_outputs_equal_to_local(swarm):
-    model = client(swarm, compression="none", verify_probability=1.0)
+    model = client(swarm, compression="none", verify_probability=1.0, routing_policy=RoutingPolicy(latency_weight=0))
     manager = model.get_remote().manager
     try:
         assert model.route()[-1].peer_id == swarm["liar"].peer_id  # it announced itself fastest
@@ -225,3 +225,15 @@ def test_servers_never_see_token_ids_or_logits(swarm, monkeypatch):
                 assert not torch.equal(tensor, ids[:, : tensor.shape[1]])
         starts = {message.get("start") for message in sent if "hidden" in message}
         assert min(starts) == local_blocks  # the first remote block is the first one the client does not run
+
+
+def test_training_forward_is_checked_too(swarm):
+    # routing by announced speed alone, so that the liar (announcing itself fastest) is picked first
+    model = client(swarm, compression="none", verify_probability=1.0, routing_policy=RoutingPolicy(latency_weight=0))
+    try:
+        ids = prompt(11, length=8)
+        logits = model(ids).logits  # the liar answers first and is caught; the hop is recomputed elsewhere
+        assert torch.allclose(logits, swarm["local"](ids).logits, atol=1e-4, rtol=0)
+        assert model.get_remote().manager.stats_for(swarm["liar"].peer_id).strikes > 0.9
+    finally:
+        model.shutdown()

@@ -13,11 +13,13 @@ request is at fault and the error is raised.
 from __future__ import annotations
 
 import asyncio
+import random
 
 import torch
 
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
+from swarm.client.verification import check_output
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, RemoteError, call
@@ -68,6 +70,16 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
             manager.ban(span.peer_id)
             chain = chain[:index] + await manager.make_sequence(span.start, end, request)
             continue
+        if random.random() < manager.config.verify_probability:
+            verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,
+                                         deserialize_tensor(output), codec)
+            if span.peer_id in verdict.struck:  # caught returning a wrong output: recompute this hop elsewhere
+                failures += 1
+                if failures > manager.config.max_retries:
+                    raise RuntimeError(f"redundant checks keep failing on blocks {span.start}:{span.end}")
+                manager.ban(span.peer_id)
+                chain = chain[:index] + await manager.make_sequence(span.start, end, request)
+                continue
         record.append((span, hidden))
         hidden, index = output, index + 1
     return hidden, record
