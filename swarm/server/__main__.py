@@ -8,6 +8,7 @@ import logging
 import os
 
 from swarm.blocks.quantization import QUANTIZATIONS
+from swarm.server.admission import PeerLimits
 from swarm.server.handler import Limits
 from swarm.server.server import DTYPES, Server, ServerConfig
 
@@ -66,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
     parser.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, in MiB")
     parser.add_argument("--session-timeout", type=float, default=300, help="close sessions idle this many seconds")
+    peers = PeerLimits()
+    parser.add_argument("--max-sessions-per-peer", type=int, default=peers.max_sessions_per_peer,
+                        help="inference sessions one peer may hold open at once")
+    parser.add_argument("--max-sessions", type=int, default=peers.max_sessions,
+                        help="inference sessions open at once, all peers together")
+    parser.add_argument("--max-session-batch", type=int, default=peers.max_session_batch,
+                        help="batch rows of one inference session")
+    parser.add_argument("--max-peer-cache-share", type=float, default=peers.max_peer_cache_share,
+                        help="fraction of --cache-tokens one peer's open sessions may reserve together "
+                             "(batch x max_length)")
+    parser.add_argument("--peer-rate", type=float, default=peers.rate,
+                        help="requests per second one peer may sustain (stream opens, steps, links)")
+    parser.add_argument("--peer-burst", type=int, default=peers.burst,
+                        help="requests one peer may send at once after being idle")
     return parser
 
 
@@ -78,8 +93,11 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    peers = PeerLimits(max_sessions_per_peer=args.max_sessions_per_peer, max_sessions=args.max_sessions,
+                       max_session_batch=args.max_session_batch, max_peer_cache_share=args.max_peer_cache_share,
+                       rate=args.peer_rate, burst=args.peer_burst)
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
-                    max_session_length=args.max_session_length, session_timeout=args.session_timeout)
+                    max_session_length=args.max_session_length, session_timeout=args.session_timeout, peers=peers)
     config = ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,

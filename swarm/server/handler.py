@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -22,6 +22,7 @@ from swarm.compression import CODECS, PayloadError, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.framing import MalformedMessage, MessageTooLarge, read_message, write_message
 from swarm.rpc.protocol import RequestError, get_field
+from swarm.server.admission import Admission, PeerLimits, RateLimited, Refused
 from swarm.server.inference import accept_push, serve_session
 from swarm.server.sessions import SessionTable
 from swarm.server.validation import (
@@ -43,13 +44,18 @@ class Limits:
     max_session_length: int = 8192  # prompt + generated positions of one inference session
     session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
     max_diffusion_sessions: int = 16  # generations a U-Net server serves at once (each keeps skips per step)
+    peers: PeerLimits = field(default_factory=PeerLimits)  # what one caller may ask (admission.py)
 
 
 class HandlerBase:
     """What every kind of server handler shares: error handling per request, the compute thread, codecs."""
 
+    # RPCs that pace their callers themselves instead of paying at stream open (see BlockHandler.rpc_push)
+    SELF_PACED: tuple[str, ...] = ()
+
     def __init__(self, span: torch.nn.Module, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
+        self.admission = Admission(limits.peers, sessions)
         # One compute thread: requests run one at a time in arrival order, the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.pending = 0  # requests waiting for or running on the compute thread
@@ -64,7 +70,7 @@ class HandlerBase:
     async def register(self, p2p: P2P) -> None:
         self.p2p = p2p  # also for calling other servers (pushes)
         for name, rpc in self.rpcs().items():
-            await p2p.add_binary_stream_handler(name, partial(self._serve, rpc))
+            await p2p.add_binary_stream_handler(name, partial(self._serve, rpc, name not in self.SELF_PACED))
 
     def set_span(self, span: torch.nn.Module) -> None:
         """Serve new requests and sessions from ``span``; sessions already open keep the span they started on."""
@@ -76,13 +82,16 @@ class HandlerBase:
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _serve(self, rpc: Callable[..., Awaitable[None]], stream_info, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, rpc: Callable[..., Awaitable[None]], paced: bool, stream_info,
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id.to_base58()
         try:
+            if paced:  # before reading a byte of the request
+                await self.admission.throttle(peer)
             await rpc(peer, reader, writer)
-        except MessageTooLarge as e:
-            logger.info(f"Rejected a request from {peer[-8:]}: {e}")
+        except (MessageTooLarge, Refused) as e:
+            log = logger.debug if isinstance(e, RateLimited) else logger.info
+            log(f"Rejected a request from {peer[-8:]}: {e}")
             await self._send_error(writer, str(e))
             # Closing at once would reset the stream under a caller still writing, losing our reply: swallow
             # what it sends for a short, bounded time instead.
@@ -97,20 +106,27 @@ class HandlerBase:
             logger.exception(f"Failed to serve a request from {peer[-8:]}")
             await self._send_error(writer, f"internal error: {type(e).__name__}: {e}")
         finally:
+            # Closing right after the reply sometimes lost it (about 1 info call in 500 under concurrent load):
+            # wait briefly for the caller to close its side first, which it does once it has read the reply.
+            with suppress(Exception):
+                await asyncio.wait_for(self._discard(reader), self.LINGER_SECONDS)
             with suppress(Exception):
                 writer.close()
 
     DISCARD_SECONDS = 2.0
+    LINGER_SECONDS = 1.0
 
     @staticmethod
     async def _discard(reader: asyncio.StreamReader) -> None:
         while await reader.read(2**16):
             pass
 
-    @staticmethod
-    async def _send_error(writer: asyncio.StreamWriter, message: str) -> None:
+    ERROR_WRITE_SECONDS = 10.0  # a caller that does not read its error reply must not hold the stream forever
+
+    @classmethod
+    async def _send_error(cls, writer: asyncio.StreamWriter, message: str) -> None:
         with suppress(Exception):
-            await write_message(writer, {"error": message})
+            await asyncio.wait_for(write_message(writer, {"error": message}), cls.ERROR_WRITE_SECONDS)
 
     async def compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         self.pending += 1  # announced as the server's load
@@ -119,8 +135,17 @@ class HandlerBase:
         finally:
             self.pending -= 1
 
-    async def read_request(self, reader: asyncio.StreamReader) -> dict | None:
-        return await read_message(reader, self.limits.max_message_bytes)
+    async def read_request(self, reader: asyncio.StreamReader, timeout: float | None = None) -> dict | None:
+        """The next message; with ``timeout``, a caller that does not send it in time is refused (a stream opened
+        and left silent would otherwise be held forever)."""
+        try:
+            return await asyncio.wait_for(read_message(reader, self.limits.max_message_bytes), timeout)
+        except TimeoutError:
+            raise RequestError(f"no complete request within {timeout:.0f} s") from None
+
+    async def read_one_request(self, reader: asyncio.StreamReader) -> dict | None:
+        """The request of a one-shot RPC (or a session's ``open``)."""
+        return await self.read_request(reader, self.limits.session_timeout)
 
     @staticmethod
     def encode(tensor: torch.Tensor, codec: str) -> dict:
@@ -137,12 +162,14 @@ class HandlerBase:
         return codec
 
     async def rpc_info(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.read_request(reader)
+        await self.read_one_request(reader)
         await write_message(writer, self.info())
 
 
 class BlockHandler(HandlerBase):
     """Transformer blocks: forward, backward, inference sessions and pushes between servers."""
+
+    SELF_PACED = (protocol.PUSH,)
 
     def __init__(self, span: BlockSpan, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
         super().__init__(span, sessions, limits, info)
@@ -165,7 +192,7 @@ class BlockHandler(HandlerBase):
         return start - span.start, end - span.start, hidden, positions, mask
 
     async def rpc_forward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        message = await self.read_request(reader)
+        message = await self.read_one_request(reader)
         if message is None:
             return
         span = self.span
@@ -183,7 +210,7 @@ class BlockHandler(HandlerBase):
 
     async def rpc_backward(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Gradient of the span's output w.r.t. its input, recomputing the forward (nothing is kept between calls)."""
-        message = await self.read_request(reader)
+        message = await self.read_one_request(reader)
         if message is None:
             return
         span = self.span
@@ -208,6 +235,19 @@ class BlockHandler(HandlerBase):
         await serve_session(self, peer, reader, writer)
 
     async def rpc_push(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        message = await self.read_request(reader)
-        if message is not None:
-            await write_message(writer, await accept_push(self, peer, message))
+        # A server pushes the steps of every client whose chain goes on to us: each pushed step is paced by its
+        # session's client (in serve_session), not by the pusher's own bucket, which would throttle a busy server
+        # for all of its clients at once. A peer that no session named as its upstream pays like any caller.
+        named = self.sessions.names_upstream(peer)
+        if not named:
+            await self.admission.throttle(peer)
+        message = await self.read_one_request(reader)
+        if message is None:
+            return
+        try:
+            reply = await accept_push(self, peer, message)
+        except RequestError:
+            if named:  # a refused push costs its sender
+                await self.admission.throttle(peer)
+            raise
+        await write_message(writer, reply)

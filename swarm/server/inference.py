@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REMEMBERED_STEPS = 64  # step ids kept per session to drop duplicates
+INBOX_SIZE = 8  # messages queued per session: past that its client's stream is not read (backpressure)
 
 
 async def serve_session(handler: BlockHandler, peer: str, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
-    message = await handler.read_request(reader)
+    handler.admission.check_session_count(peer)  # before reading the open message; checked again at open
+    message = await handler.read_one_request(reader)
     if message is None:
         return
     kind = get_field(message, "type", str)
@@ -46,42 +48,61 @@ async def serve_session(handler: BlockHandler, peer: str, reader: asyncio.Stream
     if kind != "open":
         raise RequestError(f"expected an 'open' message, got {kind!r}")
     session = open_session(handler, peer, message)
-    inbox: asyncio.Queue = asyncio.Queue()
+    # Bounded: a client sending steps faster than they run (or a flood of pushes) must not pile up in memory.
+    inbox: asyncio.Queue = asyncio.Queue(INBOX_SIZE)
     session.inbox = inbox
     pump = asyncio.create_task(_pump_client(handler, reader, inbox))
+    timeout = handler.limits.session_timeout
+
+    async def reply(message: dict) -> None:
+        # A client that stops reading its replies would otherwise hold the session and its cache forever.
+        try:
+            await asyncio.wait_for(write_message(writer, message), timeout)
+        except TimeoutError:
+            raise RequestError(f"replies not read for {timeout:.0f} s; session closed") from None
+
     try:
-        await write_message(writer, {"session_id": session.session_id, "max_length": session.max_length,
-                                     "cache_tokens_left": handler.sessions.tokens_left})
+        await reply({"session_id": session.session_id, "max_length": session.max_length,
+                     "cache_tokens_left": handler.sessions.tokens_left})
         done_steps: deque = deque(maxlen=REMEMBERED_STEPS)
         while True:
             try:
-                item = await asyncio.wait_for(inbox.get(), handler.limits.session_timeout)
+                item = await asyncio.wait_for(inbox.get(), timeout)
             except TimeoutError:
-                raise RequestError(f"session idle for {handler.limits.session_timeout:.0f} s; closed") from None
+                raise RequestError(f"session idle for {timeout:.0f} s; closed") from None
             if isinstance(item, BaseException):
                 raise item  # the client's stream broke or sent something unreadable
             if item is None or item.get("type") == "close":
                 return
             if item.get("type") == "link":
-                await write_message(writer, _link(session, item))
+                try:
+                    await handler.admission.throttle(session.peer)
+                    answer = _link(session, item)
+                except RequestError as e:  # this link is refused; the session stays as it was
+                    answer = {"error": str(e)}
+                await reply(answer)
                 continue
             step_id = item.get("step_id")
             if step_id is not None and step_id in done_steps:
                 continue  # pushed and then relayed too: already answered
             output = None
             try:
-                reply, output = await run_step(handler, session, item)
+                # Pushed steps too are paced by the session's client: they are its steps, and push or relay
+                # should cost it the same.
+                await handler.admission.throttle(session.peer)
+                answer, output = await run_step(handler, session, item)
                 if step_id is not None:
                     done_steps.append(step_id)
-                reply["pushing"] = bool(item.get("push") and session.downstream is not None)
+                # Only steps with an id are pushed on: the id is what stops a step that a cycle of links (a session
+                # linked to itself, or two to each other) brings back, which would otherwise run forever.
+                answer["pushing"] = bool(item.get("push") and step_id is not None and session.downstream is not None)
             except RequestError as e:  # this step is refused; the session and its cache stay as they were
                 logger.info(f"Refused a step of session {session.session_id[:8]} from {peer[-8:]}: {e}")
-                reply = {"error": str(e)}
-            reply["step_id"] = step_id
-            await write_message(writer, reply)
-            if reply.get("pushing"):  # after the reply, so a slow next server never delays our answer
-                await write_message(writer, {"step_id": step_id, "pushed": await _push(handler, session, item,
-                                                                                        output)})
+                answer = {"error": str(e)}
+            answer["step_id"] = step_id
+            await reply(answer)
+            if answer.get("pushing"):  # after the reply, so a slow next server never delays our answer
+                await reply({"step_id": step_id, "pushed": await _push(handler, session, item, output)})
     finally:
         pump.cancel()
         handler.sessions.close(session.session_id)
@@ -111,24 +132,28 @@ def open_session(handler: BlockHandler, peer: str, message: dict) -> ServerSessi
         raise RequestError(f"batch_size must be in [1, {limits.max_batch_tokens}], got {batch_size}")
     upstream = get_field(message, "upstream", str, default=None)
     output_codec = handler.output_codec(message)
-    session = handler.sessions.open(peer, start, end, batch_size, max_length, span)
+    handler.admission.check_open(peer, batch_size)
+    session = handler.sessions.open(peer, start, end, batch_size, max_length, span,
+                                    peer_share=limits.peers.max_peer_cache_share)
     session.upstream, session.output_codec = upstream, output_codec
     return session
 
 
 def _link(session: ServerSession, message: dict) -> dict:
     """Set where this session pushes its outputs, and/or whom it accepts pushes from."""
-    if "downstream" in message:
+    if message.get("session_id", session.session_id) != session.session_id:
+        raise RequestError(f"unknown session {message.get('session_id')!r}: a stream links only its own session")
+    downstream, upstream = session.downstream, session.upstream
+    if "downstream" in message:  # every field is checked before any is set: a refused link changes nothing
         downstream = message["downstream"]
-        if downstream is None:
-            session.downstream = None
-        else:
+        if downstream is not None:
             if not isinstance(downstream, dict):
                 raise RequestError("downstream must be a map or null")
-            session.downstream = {key: get_field(downstream, key, kind) for key, kind in
-                                  (("peer", str), ("session_id", str), ("start", int), ("end", int))}
+            downstream = {key: get_field(downstream, key, kind) for key, kind in
+                          (("peer", str), ("session_id", str), ("start", int), ("end", int))}
     if "upstream" in message:
-        session.upstream = get_field(message, "upstream", str, default=None)
+        upstream = get_field(message, "upstream", str, default=None)
+    session.downstream, session.upstream = downstream, upstream
     return {"linked": True}
 
 
@@ -138,9 +163,13 @@ async def accept_push(handler: BlockHandler, peer: str, message: dict) -> dict:
     if session.upstream != peer:
         raise RequestError("pushes to this session are accepted only from the server its client named")
     step = message.get("step")
-    if not isinstance(step, dict):
+    # Only steps: the upstream may feed the session, but not relink or close it (that is its client's say).
+    if not isinstance(step, dict) or step.get("type") != "step":
         raise RequestError("a push must carry a step")
-    await session.inbox.put(step)
+    try:
+        session.inbox.put_nowait(step)
+    except asyncio.QueueFull:  # the session is behind: its client relays this step itself
+        raise RequestError("session busy: too many queued steps") from None
     handler.pushes["received"] += 1
     return {"queued": True}
 

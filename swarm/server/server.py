@@ -23,6 +23,7 @@ from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.span import BlockSpan, load_config
 from swarm.blocks.unet import UNetLevels, build_unet_skeleton, is_unet_source, load_unet_config, num_levels
 from swarm.compression import blockwise
+from swarm.dht.identity import Identity
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
 from swarm.dht.records import announce_span, fetch_block_infos, merge_records
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
@@ -120,8 +121,10 @@ class Server:
         if cfg.num_blocks is None and not 0 <= cfg.start < cfg.end <= total:
             raise ValueError(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{total}")
 
+        # The libp2p key signs our records; persisted with --identity so our peer id (and reputation) survives.
+        identity = await asyncio.to_thread(Identity.load_or_create, cfg.identity_path)
         p2p, node = await start_dht(cfg.initial_peers, host=cfg.host, port=cfg.port,
-                                    announce_maddrs=cfg.announce_maddrs, identity_path=cfg.identity_path)
+                                    announce_maddrs=cfg.announce_maddrs, identity=identity)
         self.node = node
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -57,7 +57,9 @@ class SessionTable:
         return max(0, self.capacity - self.used) // self.span_length
 
     def open(self, peer: str, start: int, end: int, batch_size: int, max_length: int,
-             span: nn.Module) -> ServerSession:
+             span: nn.Module, peer_share: float = 1.0) -> ServerSession:
+        """Reserve cache for a new session of ``peer``, whose open sessions may hold at most ``peer_share`` of the
+        budget together (so that one caller cannot take all of it)."""
         need = batch_size * max_length * (end - start)
         free = self.capacity - self.used
         if need > free:
@@ -65,9 +67,20 @@ class SessionTable:
                 f"not enough cache: the session needs {batch_size}x{max_length} tokens on {end - start} blocks, "
                 f"but only {free // (end - start)} tokens are free here (of {self.capacity // (end - start)})"
             )
+        held = sum(s.reserved for s in self.sessions.values() if s.peer == peer)
+        if held + need > peer_share * self.capacity:
+            raise RequestError(
+                f"per-peer cache limit: the session needs {batch_size}x{max_length} tokens on {end - start} blocks, "
+                f"peer {peer[-8:]} already holds {held // (end - start)}, and one peer may hold at most "
+                f"{int(peer_share * self.capacity) // (end - start)} tokens ({peer_share:.0%} of this server's cache)"
+            )
         session = ServerSession(uuid.uuid4().hex, peer, start, end, batch_size, max_length, span.new_cache(), span)
         self.sessions[session.session_id] = session
         return session
+
+    def names_upstream(self, peer: str) -> bool:
+        """Whether some open session accepts pushes from ``peer``."""
+        return any(session.upstream == peer for session in self.sessions.values())
 
     def get(self, session_id: object) -> ServerSession:
         session = self.sessions.get(session_id) if isinstance(session_id, str) else None
