@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 TESTED_TRANSFORMERS = "5.24.0"
@@ -111,3 +111,53 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
 def reorder_cache(cache: DynamicCache, rows: torch.Tensor) -> None:
     """Make batch row i continue the hypothesis that was in row ``rows[i]`` (beam search)."""
     cache.reorder_cache(rows)
+
+
+# ---- decode steps of several sessions run as one batch (swarm/server/batching.py)
+
+
+def is_mergeable(cache: DynamicCache) -> bool:
+    """Whether ``cache`` holds plain growing full-attention layers only: the kind that ``merge_caches`` pads.
+    Sliding-window layers drop old positions by themselves, so padding them to a common length would be wrong."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def merge_caches(config: PretrainedConfig, caches: list[DynamicCache], rows: list[int], length: int,
+                 first: int, last: int) -> DynamicCache:
+    """A new cache whose layers [first, last) stack ``caches`` along the batch (``rows[i]`` rows each), every one
+    left-padded with zeros to ``length`` positions; the caller masks the padding out.
+
+    Each cache's layers [first, last) must hold the same number of positions (at most ``length``).
+    """
+    merged = DynamicCache(config=config)
+    for index in range(first, last):
+        parts = [cache.layers[index] for cache in caches]
+        shaped = next((p for p in parts if p.get_seq_length() > 0), None)
+        if shaped is None:
+            continue  # nothing cached anywhere yet: the layer initializes itself from the new tokens
+        batch, (_, heads, _, width) = sum(rows), shaped.keys.shape
+        keys = shaped.keys.new_zeros(batch, heads, length, width)
+        values = shaped.values.new_zeros(batch, heads, length, shaped.values.shape[-1])
+        row = 0
+        for part, count in zip(parts, rows, strict=True):
+            cached = part.get_seq_length()
+            if cached:
+                keys[row:row + count, :, length - cached:] = part.keys
+                values[row:row + count, :, length - cached:] = part.values
+            row += count
+        layer = merged.layers[index]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return merged
+
+
+def append_from_merged(merged: DynamicCache, caches: list[DynamicCache], rows: list[int], tokens: int,
+                       first: int, last: int) -> None:
+    """Append to each of ``caches`` the last ``tokens`` positions of its rows in ``merged`` (what the batched call
+    added), the same growth an unbatched call would have made."""
+    for index in range(first, last):
+        layer, row = merged.layers[index], 0
+        for cache, count in zip(caches, rows, strict=True):
+            rows_of = slice(row, row + count)
+            cache.layers[index].update(layer.keys[rows_of, :, -tokens:], layer.values[rows_of, :, -tokens:])
+            row += count

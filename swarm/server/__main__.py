@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
     parser.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, in MiB")
     parser.add_argument("--session-timeout", type=float, default=300, help="close sessions idle this many seconds")
+    parser.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="run decode steps of several sessions that wait at the same time as one call")
+    parser.add_argument("--max-decode-batch", type=int, default=Limits.max_decode_batch,
+                        help="batch rows of such a call")
     peers = PeerLimits()
     parser.add_argument("--max-sessions-per-peer", type=int, default=peers.max_sessions_per_peer,
                         help="inference sessions one peer may hold open at once")
@@ -97,7 +101,8 @@ def main() -> None:
                        max_session_batch=args.max_session_batch, max_peer_cache_share=args.max_peer_cache_share,
                        rate=args.peer_rate, burst=args.peer_burst)
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
-                    max_session_length=args.max_session_length, session_timeout=args.session_timeout, peers=peers)
+                    max_session_length=args.max_session_length, session_timeout=args.session_timeout, peers=peers,
+                    batch_decode=args.batch_decode, max_decode_batch=args.max_decode_batch)
     config = ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,

@@ -23,6 +23,7 @@ from swarm.rpc import protocol
 from swarm.rpc.framing import MalformedMessage, MessageTooLarge, read_message, write_message
 from swarm.rpc.protocol import RequestError, get_field
 from swarm.server.admission import Admission, PeerLimits, RateLimited, Refused
+from swarm.server.batching import DecodeBatcher, DecodeStep
 from swarm.server.inference import accept_push, serve_session
 from swarm.server.sessions import SessionTable
 from swarm.server.validation import (
@@ -44,6 +45,8 @@ class Limits:
     max_session_length: int = 8192  # prompt + generated positions of one inference session
     session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
     max_diffusion_sessions: int = 16  # generations a U-Net server serves at once (each keeps skips per step)
+    batch_decode: bool = True  # run waiting decode steps of several sessions as one call (batching.py)
+    max_decode_batch: int = 32  # rows in one such call
     peers: PeerLimits = field(default_factory=PeerLimits)  # what one caller may ask (admission.py)
 
 
@@ -135,6 +138,18 @@ class HandlerBase:
         finally:
             self.pending -= 1
 
+    async def compute_decode(self, step: DecodeStep) -> torch.Tensor:
+        """A decode step on the compute thread, batched with other sessions' waiting steps when the server
+        allows it (else alone, like ``compute``)."""
+        batcher = getattr(self, "batcher", None)
+        if batcher is None:
+            return await self.compute(step.run_alone)
+        self.pending += 1
+        try:
+            return await batcher.run(step)
+        finally:
+            self.pending -= 1
+
     async def read_request(self, reader: asyncio.StreamReader, timeout: float | None = None) -> dict | None:
         """The next message; with ``timeout``, a caller that does not send it in time is refused (a stream opened
         and left silent would otherwise be held forever)."""
@@ -176,6 +191,8 @@ class BlockHandler(HandlerBase):
         self.steps_served = 0
         self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
         self.served = {"forward": 0, "backward": 0}
+        self.batcher = (DecodeBatcher(self.executor, limits.max_decode_batch, self.served)
+                        if limits.batch_decode else None)
         self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
 
     def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:

@@ -23,6 +23,7 @@ from swarm.rpc import protocol
 from swarm.rpc.client import call
 from swarm.rpc.framing import write_message
 from swarm.rpc.protocol import RequestError, get_field
+from swarm.server.batching import DecodeStep
 from swarm.server.sessions import ServerSession
 from swarm.server.validation import read_block_range, read_tensor
 from swarm.trust.commitment import commit
@@ -219,6 +220,8 @@ async def run_step(handler: BlockHandler, session: ServerSession, message: dict)
                                  or hypo_ids.min() < 0 or hypo_ids.max() >= batch):
         raise RequestError(f"hypo_ids must be int64 of shape [{batch}] with values in [0, {batch})")
     codec = handler.output_codec(message, default=session.output_codec)
+    # "batch": false keeps this step out of cross-session batches (batching.py), e.g. to time it alone
+    batchable = get_field(message, "batch", bool, default=True) and tokens == 1 and hypo_ids is None
 
     def run() -> torch.Tensor:
         compat.truncate_cache(session.cache, position)  # a client rewinding (or replaying) to `position`
@@ -232,7 +235,11 @@ async def run_step(handler: BlockHandler, session: ServerSession, message: dict)
             raise
 
     try:
-        output = await handler.compute(run)
+        if batchable:
+            output = await handler.compute_decode(DecodeStep(run, span, session.cache, first, last, position,
+                                                             hidden.to(span.dtype), positions, mask))
+        else:
+            output = await handler.compute(run)
     except ValueError as e:  # e.g. rewinding a sliding window past what it kept
         raise RequestError(str(e)) from None
     session.length = position + tokens
