@@ -1,0 +1,159 @@
+"""The ``ledger`` backend: a local append-only SQLite ledger whose entries are hash-chained.
+
+Each entry stores the hash of the entry before it and its own hash over (that hash, its fields, the receipt it
+came from). Rows are only ever inserted; ``verify`` walks the chain and re-checks every receipt's signatures, so an
+edited, deleted or reordered row shows. It is the server's own bookkeeping of countersigned usage: what a client
+owes and a server earned, with the receipts as proof.
+
+Options: ``path`` (the SQLite file; default ``swarm-ledger.sqlite`` in the working directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Mapping
+
+import msgpack
+
+from swarm.settlement.plugin import SettlementBackend
+from swarm.settlement.receipts import Receipt, ReceiptError
+
+GENESIS = b"\x00" * 32
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,            -- 'credit' (a settled receipt) or 'withdraw'
+    account TEXT NOT NULL,         -- who is credited or withdraws (the server's payee or peer id)
+    counterparty TEXT NOT NULL,    -- who pays (the client's peer id); '' for withdrawals
+    session_key BLOB,              -- Receipt.session_key(): replay protection
+    seq INTEGER,
+    amount INTEGER NOT NULL,       -- credited for this entry: the receipt's increase over the session's last one
+    receipt BLOB,                  -- the countersigned receipt, msgpack
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+)
+"""
+
+
+class LedgerCorrupted(RuntimeError):
+    """An entry does not match its hash or its receipt: the file was edited."""
+
+
+class LedgerSettlement(SettlementBackend):
+    name = "ledger"
+
+    def __init__(self, options: Mapping[str, str] | None = None):
+        super().__init__(options)
+        self.path = self.options.get("path", "swarm-ledger.sqlite")
+        # Used from the settlement worker's thread and read from others (tests, info): one lock around it.
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.lock = threading.Lock()
+        with self.lock, self.db:
+            self.db.execute(SCHEMA)
+        self.pending: dict[bytes, Receipt] = {}  # session key -> latest receipt queued for the next settle
+
+    def record_receipt(self, receipt: Receipt) -> None:
+        receipt.check_signatures()
+        key = receipt.session_key()
+        last_seq, last_amount = self._settled(key)
+        queued = self.pending.get(key)
+        if queued is not None:
+            last_seq = max(last_seq, queued.seq)
+        if receipt.seq <= last_seq:
+            raise ReceiptError(f"receipt seq {receipt.seq} of session {receipt.session_id[:8]} already settled "
+                               f"(up to {last_seq}): replayed")
+        if receipt.amount < last_amount:
+            raise ReceiptError(f"receipt amount {receipt.amount} is below the {last_amount} already settled")
+        self.pending[key] = receipt
+
+    def settle(self) -> int:
+        """Append every queued receipt, as one transaction."""
+        credited = 0
+        with self.lock, self.db:
+            for key, receipt in self.pending.items():
+                _, last_amount = self._settled(key, locked=True)
+                amount = receipt.amount - last_amount
+                self._append("credit", receipt.payee or receipt.server, receipt.client, key, receipt.seq, amount,
+                             msgpack.packb(receipt.to_wire()))
+                credited += amount
+        self.pending.clear()
+        return credited
+
+    def balance(self, account: str | None = None) -> int:
+        with self.lock:
+            row = self.db.execute("SELECT COALESCE(SUM(CASE kind WHEN 'credit' THEN amount ELSE -amount END), 0) "
+                                  "FROM entries WHERE account = ?", (account or self._default_account(),)).fetchone()
+        return int(row[0])
+
+    def spent(self, client: str) -> int:
+        """What ``client`` owes in total, by its countersigned receipts."""
+        with self.lock:
+            row = self.db.execute("SELECT COALESCE(SUM(amount), 0) FROM entries WHERE kind = 'credit' AND "
+                                  "counterparty = ?", (client,)).fetchone()
+        return int(row[0])
+
+    def withdraw(self, account: str | None = None) -> int:
+        account = account or self._default_account()
+        amount = self.balance(account)
+        if amount > 0:
+            with self.lock, self.db:
+                self._append("withdraw", account, "", None, None, amount, None)
+        return amount
+
+    def verify(self) -> int:
+        """Walk the chain; returns the number of entries, or raises LedgerCorrupted naming the first bad one."""
+        with self.lock:
+            rows = self.db.execute("SELECT id, kind, account, counterparty, session_key, seq, amount, receipt, "
+                                   "prev_hash, hash FROM entries ORDER BY id").fetchall()
+        previous = GENESIS
+        for row in rows:
+            entry_id, prev_hash, stored = row[0], row[8], row[9]
+            if prev_hash != previous or _entry_hash(prev_hash, row[:8]) != stored:
+                raise LedgerCorrupted(f"ledger entry {entry_id} does not match its hash chain")
+            if row[1] == "credit":
+                try:
+                    receipt = Receipt.from_wire(msgpack.unpackb(row[7]))
+                    receipt.check_signatures()
+                except (ReceiptError, ValueError, TypeError) as e:
+                    raise LedgerCorrupted(f"ledger entry {entry_id}: its receipt does not hold ({e})") from None
+                if (receipt.payee or receipt.server, receipt.client, receipt.session_key()) != row[2:5]:
+                    raise LedgerCorrupted(f"ledger entry {entry_id} does not match its receipt")
+            previous = stored
+        return len(rows)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # ---- helpers
+
+    def _settled(self, key: bytes, locked: bool = False) -> tuple[int, int]:
+        """(last seq, total amount) already settled for a session."""
+        query = "SELECT COALESCE(MAX(seq), -1), COALESCE(SUM(amount), 0) FROM entries WHERE session_key = ?"
+        if locked:
+            row = self.db.execute(query, (key,)).fetchone()
+        else:
+            with self.lock:
+                row = self.db.execute(query, (key,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def _append(self, kind: str, account: str, counterparty: str, key: bytes | None, seq: int | None, amount: int,
+                receipt: bytes | None) -> None:
+        last = self.db.execute("SELECT id, hash FROM entries ORDER BY id DESC LIMIT 1").fetchone()
+        entry_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        fields = (entry_id, kind, account, counterparty, key, seq, amount, receipt)
+        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*fields, prev_hash, _entry_hash(prev_hash, fields)))
+
+    def _default_account(self) -> str:
+        account = self.options.get("account")
+        if not account:
+            raise ValueError("give an account (or the 'account' option)")
+        return account
+
+
+def _entry_hash(prev_hash: bytes, fields: tuple) -> bytes:
+    return hashlib.sha256(prev_hash + msgpack.packb(list(fields))).digest()
