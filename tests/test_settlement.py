@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import replace
 
 import pytest
+from chain_node import anvil_node, find_anvil, funded_accounts
 
 from swarm.dht.identity import Identity
 from swarm.settlement import Receipt, ReceiptBook, ReceiptError, SettlementWorker, issue, load_backend
@@ -176,20 +177,27 @@ def test_ledger_detects_a_rehashed_row_with_a_forged_receipt(keys, tmp_path):
 # ---- EVM on the in-process chain
 
 
-@pytest.fixture()
-def chain():
-    """A fresh py-evm chain with a deployed escrow; accounts: deployer, server, client (funded)."""
-    from eth_account import Account
+@pytest.fixture(scope="module")
+def anvil_url():
+    """A real anvil node for this module's tests (ended by PID at teardown)."""
+    if find_anvil() is None:
+        pytest.skip("anvil is not installed: `npm install --prefix .venv/node @foundry-rs/anvil@1.7.1` (.ci/run does)")
+    with anvil_node() as url:
+        yield url
+
+
+@pytest.fixture(params=["py-evm", "anvil"])
+def chain(request):
+    """A deployed escrow on the in-process py-evm chain or on a real anvil node; funded fresh accounts."""
     from web3 import EthereumTesterProvider, Web3
 
     from swarm.settlement.evm import deploy_escrow, send
 
-    w3 = Web3(EthereumTesterProvider())
-    funder = w3.eth.accounts[0]
-    accounts = {name: Account.create() for name in ("deployer", "server", "client", "other")}
-    for account in accounts.values():  # the tester's own accounts are unlocked: fund ours from one
-        w3.eth.wait_for_transaction_receipt(w3.eth.send_transaction(
-            {"from": funder, "to": account.address, "value": 10**19}))
+    if request.param == "anvil":
+        w3 = Web3(Web3.HTTPProvider(request.getfixturevalue("anvil_url")))
+    else:
+        w3 = Web3(EthereumTesterProvider())
+    accounts = funded_accounts(w3, ["deployer", "server", "client", "other"])
     contract = deploy_escrow(w3, accounts["deployer"].key)
     return {"w3": w3, "accounts": accounts, "contract": contract, "send": send}
 
