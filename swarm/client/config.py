@@ -20,6 +20,11 @@ class ClientConfig:
     local_blocks: int = 0  # the first k blocks run on the client too: servers never see the embeddings' output
     verify_probability: float = 0.05  # chance that a step's hop is recomputed by another server and compared
     push: bool = True  # servers hand step outputs straight to the next server (the client relays if they can't)
+    # Settlement backend (entry point group swarm.settlement) whose receipts this client checks and countersigns;
+    # None: receipts are ignored. Options: the backend's (evm: contract, private_key), and max_price (per token).
+    settlement: str | None = None
+    settlement_options: dict = field(default_factory=dict)
+    receipt_interval: int = 16  # steps between countersigned receipts sent mid-session (one is sent at close too)
     routing_policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # how to weigh servers, which to avoid
     max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split

@@ -152,7 +152,7 @@ class InferenceSession:
             hop = self.hops[index]
             started = time.perf_counter()
             try:
-                reply = await hop.receive_step(step_id, config.request_timeout)
+                reply = await hop.receive_step(step_id, config.request_timeout, tokens=hidden.shape[:2].numel())
                 # The push status follows the reply once the next server took the step (or failed to).
                 pushed = reply.get("pushing") and await hop.receive_push_status(
                     step_id, config.request_timeout + PUSH_TIMEOUT)
@@ -293,7 +293,7 @@ class InferenceSession:
         for hop in hops:
             step_id = next(self._step_ids)
             await hop.send_step(payload, self.position_ids, mask, 0, None, step_id, push=False)
-            output = (await hop.receive_step(step_id, timeout))["hidden"]
+            output = (await hop.receive_step(step_id, timeout, tokens=history.shape[:2].numel()))["hidden"]
             hop.inputs = deserialize_tensor(payload)
             payload = output
 

@@ -25,10 +25,12 @@ from swarm.client.routing import (
     cheapest_chain,
     parallel_chains,
 )
+from swarm.dht.identity import Identity
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos, merge_records
 from swarm.dht.schema import ServerInfo
 from swarm.rpc.client import measure_rtt
+from swarm.settlement import load_backend
 from swarm.utils.loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,11 @@ class SequenceManager:
         self.config, self.model_id, self.num_blocks = config, model_id, num_blocks
         self.first_block = first_block  # blocks before it run on the client (``local_blocks``)
         self.loop = LoopThread()
-        self.p2p, self.dht = self.loop.run(start_dht(config.initial_peers, host=config.host, client_mode=True))
+        # With settlement, receipts are countersigned with the key of the client's peer id, which servers know it by.
+        self.identity = Identity.load_or_create(None) if config.settlement else None
+        self.settlement = load_backend(config.settlement, config.settlement_options) if config.settlement else None
+        self.p2p, self.dht = self.loop.run(start_dht(config.initial_peers, host=config.host, client_mode=True,
+                                                     identity=self.identity))
         self.servers: dict[str, ServerInfo] = {}
         self.last_update = -math.inf
         self.stats: dict[str, PeerStats] = {}

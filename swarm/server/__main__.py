@@ -11,6 +11,7 @@ from swarm.blocks.quantization import QUANTIZATIONS
 from swarm.server.admission import PeerLimits
 from swarm.server.handler import Limits
 from swarm.server.server import DTYPES, Server, ServerConfig
+from swarm.settlement.plugin import available_backends, parse_options
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests per second one peer may sustain (stream opens, steps, links)")
     parser.add_argument("--peer-burst", type=int, default=peers.burst,
                         help="requests one peer may send at once after being idle")
+    parser.add_argument("--settlement", default=None, metavar="NAME",
+                        help="issue signed usage receipts and settle them with this backend (installed: "
+                             f"{', '.join(sorted(available_backends())) or 'none'}); default: off")
+    parser.add_argument("--settlement-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a backend option, repeatable (ledger: path; evm: rpc_url, contract, private_key)")
+    parser.add_argument("--price", type=int, default=1,
+                        help="price per token (batch row x position) in the backend's smallest unit (evm: wei)")
     return parser
 
 
@@ -110,6 +118,7 @@ def main() -> None:
         dtype=args.dtype, quantization=args.quantize, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
         identity_path=args.identity, throughput=args.throughput, limits=limits,
+        settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
     )
     asyncio.run(Server(config).run())
 

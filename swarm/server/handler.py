@@ -64,6 +64,7 @@ class HandlerBase:
         self.pending = 0  # requests waiting for or running on the compute thread
         self.served: dict[str, int] = {}  # requests answered, by kind, shown by info
         self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
+        self.settlement = None  # a SessionSettlement with --settlement (swarm/server/settlement.py)
         if self.faults.active:
             logger.warning(f"This server misbehaves on purpose for tests: {self.faults}")
 

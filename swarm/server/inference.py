@@ -73,6 +73,8 @@ async def serve_session(handler: BlockHandler, peer: str, reader: asyncio.Stream
                 raise RequestError(f"session idle for {timeout:.0f} s; closed") from None
             if isinstance(item, BaseException):
                 raise item  # the client's stream broke or sent something unreadable
+            if item is not None and "receipt" in item and handler.settlement is not None:
+                handler.settlement.accept(session, item["receipt"])  # countersigned, with a step or the close
             if item is None or item.get("type") == "close":
                 return
             if item.get("type") == "link":
@@ -92,6 +94,8 @@ async def serve_session(handler: BlockHandler, peer: str, reader: asyncio.Stream
                 # should cost it the same.
                 await handler.admission.throttle(session.peer)
                 answer, output = await run_step(handler, session, item)
+                if handler.settlement is not None:  # the session's usage so far, signed
+                    answer["receipt"] = handler.settlement.issue(session)
                 if step_id is not None:
                     done_steps.append(step_id)
                 # Only steps with an id are pushed on: the id is what stops a step that a cycle of links (a session
@@ -107,6 +111,8 @@ async def serve_session(handler: BlockHandler, peer: str, reader: asyncio.Stream
     finally:
         pump.cancel()
         handler.sessions.close(session.session_id)
+        if handler.settlement is not None:
+            handler.settlement.finish(session)
         logger.debug(f"Closed session {session.session_id[:8]}: {session.tokens_processed} tokens")
 
 

@@ -34,6 +34,7 @@ from swarm.server.block_selection import choose_span, should_move
 from swarm.server.diffusion import UNetHandler
 from swarm.server.handler import BlockHandler, Limits
 from swarm.server.sessions import SessionTable
+from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import SpanSpeed, get_span_speed
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class ServerConfig:
     throughput: str | float = "auto"  # "auto": measure once and cache; "eval": re-measure; a number: use it
     identity_path: str | None = None
     limits: Limits = field(default_factory=Limits)
+    settlement: str | None = None  # backend name (entry point group swarm.settlement); None: no receipts at all
+    settlement_options: dict[str, str] = field(default_factory=dict)  # backend options (--settlement-option k=v)
+    price: int = 1  # per token (batch row x position), in the backend's smallest unit
+    settlement_period: float = 1.0  # seconds between settlement batches
 
 
 class Server:
@@ -100,7 +105,8 @@ class Server:
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "pushes": dict(self.handler.pushes) if self.handler else {},
                 "served": {**self.handler.served, "steps": self.handler.steps_served} if self.handler else {},
-                "max_batch_tokens": self.config.limits.max_batch_tokens}
+                "max_batch_tokens": self.config.limits.max_batch_tokens,
+                "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None}
 
     # ---- lifecycle
 
@@ -143,6 +149,9 @@ class Server:
             self.sessions = SessionTable(cfg.cache_tokens, self.end - self.start)
             handler_class = UNetHandler if self.is_unet else BlockHandler
             self.handler = handler_class(self.span, self.sessions, cfg.limits, self.rpc_info)
+            if cfg.settlement:
+                self.handler.settlement = SessionSettlement(cfg.settlement, cfg.settlement_options, identity,
+                                                            self.model_id, cfg.price, cfg.settlement_period)
             await self.handler.register(p2p)
 
             self.state = ServerState.ONLINE
@@ -160,6 +169,8 @@ class Server:
         finally:
             if self.handler is not None:
                 self.handler.shutdown()
+                if self.handler.settlement is not None:  # settles what is still queued
+                    await asyncio.to_thread(self.handler.settlement.stop)
             await stop_dht(p2p, node)
 
     async def serve_until_stopped(self, source: ModelSource) -> None:

@@ -1,0 +1,59 @@
+"""A server's side of settlement (``--settlement NAME``): a signed receipt in every step reply, and the client's
+countersigned receipts handed to the background worker, which records and settles them in batches.
+
+Nothing here waits on the backend: issuing is one signature, accepting a receipt is a few comparisons (the worker
+checks the signatures), and settling happens on the worker's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from swarm.dht.identity import Identity
+from swarm.server.sessions import ServerSession
+from swarm.settlement import Receipt, ReceiptError, SettlementWorker, issue, load_backend
+
+logger = logging.getLogger(__name__)
+
+
+class SessionSettlement:
+    def __init__(self, backend_name: str, options: Mapping[str, str], identity: Identity, model_id: str,
+                 price: int, period: float = 1.0):
+        self.backend = load_backend(backend_name, options)
+        self.identity, self.model_id, self.price = identity, model_id, price
+        self.payee = self.backend.payee()
+        self.worker = SettlementWorker(self.backend, self.payee or identity.peer_id, period)
+        self.accepted_seq: dict[str, int] = {}  # session id -> seq of the last countersigned receipt taken
+
+    def issue(self, session: ServerSession) -> dict:
+        """This session's usage so far, signed: sent with each step reply."""
+        return issue(self.identity, session.peer, self.model_id, session.start, session.end,
+                     session.tokens_processed, self.price, session.session_id, session.steps, self.payee).to_wire()
+
+    def accept(self, session: ServerSession, message: object) -> None:
+        """A countersigned receipt from the session's client (with a step or its close): queued for settlement if it
+        is about this session and newer than the last one taken. A bad one is dropped; the session goes on."""
+        try:
+            receipt = Receipt.from_wire(message)
+            if (receipt.server, receipt.client, receipt.session_id) != (self.identity.peer_id, session.peer,
+                                                                        session.session_id):
+                raise ReceiptError("the receipt is not about this session")
+            if receipt.seq <= self.accepted_seq.get(session.session_id, 0) or receipt.seq > session.steps:
+                raise ReceiptError(f"receipt seq {receipt.seq} is stale or not issued yet")
+            if receipt.tokens > session.tokens_processed or receipt.price != self.price:
+                raise ReceiptError("the receipt does not match what this server issued")
+        except ReceiptError as e:
+            logger.info(f"Dropped a receipt from {session.peer[-8:]}: {e}")
+            return
+        self.accepted_seq[session.session_id] = receipt.seq
+        self.worker.submit(receipt)
+
+    def finish(self, session: ServerSession) -> None:
+        self.accepted_seq.pop(session.session_id, None)
+
+    def stats(self) -> dict:
+        return {**self.worker.stats, "price": self.price, "payee": self.payee}
+
+    def stop(self) -> None:
+        self.worker.stop()
