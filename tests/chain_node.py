@@ -14,12 +14,14 @@ from pathlib import Path
 
 from swarm.utils.local_swarm import free_port
 
-NPM_BINARY = Path(__file__).parent.parent / ".venv/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+NPM_PACKAGES = Path(__file__).parent.parent / ".venv/node/node_modules/@foundry-rs"
 
 
 def find_anvil() -> str | None:
-    if NPM_BINARY.exists():
-        return str(NPM_BINARY)
+    """The binary of the npm package (in its platform's optional dependency, e.g. anvil-linux-amd64), else PATH's."""
+    for binary in sorted(NPM_PACKAGES.glob("anvil-*/bin/anvil")):
+        if os.access(binary, os.X_OK):
+            return str(binary)
     return shutil.which("anvil")
 
 
