@@ -33,6 +33,10 @@ class SettlementWorker:
         self.backend.close()
 
     def _run(self) -> None:
+        try:  # earnings from earlier runs (a reopened ledger, the chain), before any new receipt
+            self.stats["earnings"] = self.backend.balance(self.account)
+        except Exception:
+            logger.warning("Could not read this server's earnings yet", exc_info=True)
         stopping = False
         while not stopping:
             batch: list[Receipt] = []
