@@ -36,6 +36,16 @@ class ClientConfig:
     # points (raw embeddings; the LM head's input): on SmolLM2 over 2 servers, mean KL 1.4e-3 with every link in
     # 8-bit against 5e-4 with float16 ends, and the chat demo's first token flips with 8-bit ends.
     edge_compression: str | None = None
+    # A prompt longer than this is sent in chunks of this many positions (None: in one step): bounds the servers'
+    # peak activation memory and lets the first chunk's compute overlap the next chunk's transfer.
+    prefill_chunk: int | None = None
+    # "auto": the acceleration method of each generate() is chosen by the learner from recorded history
+    # (swarm/acceleration); a method name applies that method; None: the settings above as they are.
+    acceleration: str | None = None
+    acceleration_objective: str = "latency"  # "latency", "throughput" or "cost" (bytes on the wire)
+    quality_floor: float = 0.9  # least expected greedy agreement with the exact path a chosen method must keep
+    exploration: float = 0.05  # chance that "auto" tries another method, so the history keeps improving
+    history_path: str | None = None  # SQLite file of recorded outcomes (None: ~/.cache/swarm/acceleration.sqlite)
 
     @property
     def edge_codec(self) -> str:

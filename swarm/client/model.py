@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -94,7 +95,21 @@ class DistributedPreTrainedModel(PreTrainedModel):
         except OSError:
             model.generation_config = GenerationConfig.from_model_config(config)
         model.name_or_path = source.name
+        model._source, model._local_dtype = source, dtype  # for loading other local spans (acceleration methods)
+        if client_config.acceleration is not None:
+            from swarm.acceleration.selector import Selector  # scikit-learn is imported only when asked for
+
+            model._selector = Selector(model)
         return model.eval()
+
+    def local_span_of(self, blocks: int) -> BlockSpan | None:
+        """The first ``blocks`` blocks as a local span (None for 0), loaded once per size."""
+        if not blocks:
+            return None
+        spans = self.__dict__.setdefault("_local_spans", {})
+        if blocks not in spans:
+            spans[blocks] = BlockSpan.from_pretrained(self._source, 0, blocks, dtype=self._local_dtype)
+        return spans[blocks]
 
     def shutdown(self) -> None:
         """Stop this client's libp2p daemon (also done at interpreter exit)."""
@@ -211,17 +226,31 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds).last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        step_times = self.__dict__.get("_step_times")
+        if step_times is not None and not step_times:  # the prefill is done: time to first token, for the selector
+            step_times.append(time.perf_counter())
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """transformers' ``generate``, inside an inference session (a new one unless one is active)."""
+        """transformers' ``generate``, inside an inference session (a new one unless one is active); with an
+        ``acceleration`` setting, under the method it names or the one chosen for this request ("auto")."""
         if self.get_remote().active_session is not None:
             return super().generate(inputs, *args, **kwargs)
-        with self.inference_session(max_length=self._generation_length(inputs, kwargs)):
-            return super().generate(inputs, *args, **kwargs)
+        max_length = self._generation_length(inputs, kwargs)
+
+        def run():
+            with self.inference_session(max_length=max_length):
+                return super(DistributedModelForCausalLM, self).generate(inputs, *args, **kwargs)
+
+        selector = self.__dict__.get("_selector")
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if selector is None or prompt is None:
+            return run()
+        batch, length = prompt.shape[:2]
+        return selector.generate(run, batch, length, max_length - length)
 
     def _generation_length(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config

@@ -35,8 +35,17 @@ class RemoteSequential(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.active_session is not None:
-            return self.active_session.step(hidden, position_ids, attention_mask)
+        session = self.active_session
+        if session is not None:
+            chunk, tokens = self.client_config.prefill_chunk, hidden.shape[1]
+            if not chunk or tokens <= chunk:
+                return session.step(hidden, position_ids, attention_mask)
+            past, outputs = session.position, []
+            for lo in range(0, tokens, chunk):  # chunked prefill: each chunk attends to the ones before it
+                hi = min(tokens, lo + chunk)
+                mask = attention_mask[:, :past + hi] if attention_mask is not None else None
+                outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask))
+            return torch.cat(outputs, dim=1)
         return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager)
 
     @property

@@ -57,6 +57,7 @@ class RoutingPolicy:
     allowed_servers: list[str] | None = None  # if set, only these peer ids
     blocked_servers: list[str] = field(default_factory=list)  # never these peer ids
     min_precision: str = "nf4"  # weakest weight quantization accepted: "nf4" (any), "int8", "float" (none)
+    quantization: str | None = None  # only servers whose weights are quantized exactly so ("none", "int8", "nf4")
     max_strikes: float = 2.0  # servers caught this often giving wrong outputs (decayed count) are not used at all
 
 
@@ -164,6 +165,8 @@ def _exclusion(peer: str, info: ServerInfo, policy: RoutingPolicy, request: Rout
         return "blocked by the routing policy or recent failures"
     if not meets_precision(info.quantization, policy.min_precision):
         return f"{info.quantization} weights, below the precision {policy.min_precision}"
+    if policy.quantization is not None and info.quantization != policy.quantization:
+        return f"{info.quantization} weights, not the {policy.quantization} the routing policy asks for"
     if request.mode == "latency" and request.max_length:
         # announced free cache is for the whole span; a session reserves batch x max_length of it
         if info.cache_tokens_left < request.batch_size * request.max_length:

@@ -12,6 +12,8 @@ import msgpack
 
 HEADER_BYTES = 8
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024**2
+# Bytes this process wrote and read in messages (acceleration history records what a request cost on the wire).
+TRAFFIC = {"sent": 0, "received": 0}
 
 
 class MessageTooLarge(ValueError):
@@ -28,7 +30,9 @@ def encode_message(message: dict) -> bytes:
 
 
 async def write_message(writer: asyncio.StreamWriter, message: dict) -> None:
-    writer.write(encode_message(message))
+    data = encode_message(message)
+    TRAFFIC["sent"] += len(data)
+    writer.write(data)
     await writer.drain()
 
 
@@ -47,6 +51,7 @@ async def read_message(reader: asyncio.StreamReader, max_bytes: int = DEFAULT_MA
         payload = await reader.readexactly(length)
     except asyncio.IncompleteReadError as e:
         raise MalformedMessage(f"stream ended after {len(e.partial)} of {length} message bytes") from e
+    TRAFFIC["received"] += HEADER_BYTES + length
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as e:

@@ -1,0 +1,130 @@
+"""Per-request acceleration for a distributed model: choose a method, apply it, measure and record the outcome.
+
+``from_pretrained(..., acceleration="auto")`` makes every ``generate`` go through ``Selector.generate``: the task's
+features are measured (the chain the request would take, its RTT and bandwidth, cached for a minute), the
+learner fitted on the recorded history picks a method (or the expert rule when the history is empty, unreadable
+or knows nothing like this task; or, with a small probability, a random method to keep exploring), the method is
+applied for this request only, and its measured outcome is appended to the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from swarm.acceleration.features import TaskFeatures, probe_chain, task_features
+from swarm.acceleration.history import History, Outcome, Record
+from swarm.acceleration.learner import Choice, Learner, expert_rule
+from swarm.acceleration.methods import METHODS, applied, get_method
+from swarm.dht.schema import ServerState
+from swarm.rpc.framing import TRAFFIC
+
+logger = logging.getLogger(__name__)
+
+LINK_CACHE_SECONDS = 60.0  # RTT and bandwidth probes of a chain are reused this long
+REFIT_EVERY = 20  # new records before the learner is refitted
+
+
+class Selector:
+    def __init__(self, model, history: History | None = None, seed: int | None = None):
+        self.model = model
+        config = model.get_remote().client_config
+        self.config = config
+        if config.acceleration != "auto":
+            get_method(config.acceleration)  # an unknown name fails at from_pretrained, not at the first request
+        if config.acceleration_objective not in ("latency", "throughput", "cost"):
+            raise ValueError(f"unknown acceleration_objective {config.acceleration_objective!r}: latency, "
+                             "throughput or cost")
+        self.history = history or History(config.history_path)
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.learner: Learner | None = None
+        self.fitted_on = -1  # records the learner was fitted on
+        self.links: dict[tuple[str, ...], tuple[float, tuple[float, float]]] = {}
+        self.last: tuple[Choice, TaskFeatures, Outcome] | None = None  # of the latest request, for callers
+
+    # ---- what the swarm offers
+
+    def available(self) -> list[str]:
+        """Methods whose servers exist now: a quantization is offered only if its servers cover every block."""
+        remote = self.model.get_remote()
+        manager = remote.manager
+        manager.loop.run(manager.update())
+        covered: dict[str, set[int]] = {}
+        for info in manager.servers.values():
+            if info.state == ServerState.ONLINE:
+                covered.setdefault(info.quantization, set()).update(range(info.start, info.end))
+        full = {q for q, blocks in covered.items() if blocks >= set(range(remote.num_blocks))}
+        return [name for name, method in METHODS.items() if method.quantization in full
+                and method.local_blocks < remote.num_blocks]
+
+    # ---- features, choice, outcome
+
+    def features(self, batch_size: int, prompt_length: int, new_tokens: int) -> TaskFeatures:
+        remote = self.model.get_remote()
+        chain = [span.peer_id for span in remote.route()]
+        key = tuple(chain)
+        cached = self.links.get(key)
+        if cached is None or time.monotonic() - cached[0] > LINK_CACHE_SECONDS:
+            link = remote.manager.loop.run(probe_chain(remote.manager.p2p, chain))
+            self.links[key] = cached = (time.monotonic(), link)
+        return task_features(self.model, batch_size, prompt_length, new_tokens, chain, cached[1])
+
+    def _learner(self) -> Learner | None:
+        records = self.history.records()
+        if len(records) != self.fitted_on:
+            if not records:
+                self.learner = None
+            elif self.learner is None or abs(len(records) - self.fitted_on) >= REFIT_EVERY:
+                try:
+                    self.learner = Learner().fit(records, self.config.acceleration_objective,
+                                                 self.config.quality_floor)
+                except (ValueError, RuntimeError) as e:
+                    logger.warning(f"Acceleration history unusable ({e}); using the expert rule")
+                    self.learner = None
+            self.fitted_on = len(records)
+        return self.learner
+
+    def choose(self, features: TaskFeatures, available: list[str]) -> Choice:
+        requested = self.config.acceleration
+        if requested != "auto":
+            return Choice(get_method(requested).name, "explicit", 1.0, 0.0)
+        with self.lock:
+            learner = self._learner()
+        if learner is None:
+            logger.warning("No acceleration history yet: choosing by the expert rule")
+            return Choice(expert_rule(features, available), "expert", 0.0, float("inf"))
+        if self.random.random() < self.config.exploration:
+            return Choice(self.random.choice(available), "explore", 0.0, learner.novelty(features))
+        return learner.choose(features, available)
+
+    def generate(self, run: Callable[[], object], batch_size: int, prompt_length: int, new_tokens: int) -> object:
+        """``run()`` (the plain generate) under the chosen method, measured and recorded."""
+        available = self.available()
+        features = self.features(batch_size, prompt_length, new_tokens)
+        choice = self.choose(features, available)
+        method = get_method(choice.method)
+        sent, received = TRAFFIC["sent"], TRAFFIC["received"]
+        timing = self.model.__dict__.setdefault("_step_times", [])
+        timing.clear()
+        with applied(self.model, method):
+            started = time.perf_counter()
+            output = run()
+            finished = time.perf_counter()
+        first = timing[0] if timing else finished  # the prefill's logits: the first token is known
+        decode_tokens = (new_tokens - 1) * batch_size
+        outcome = Outcome(ttft_s=first - started, total_s=finished - started,
+                          tokens_per_s=decode_tokens / max(finished - first, 1e-6) if decode_tokens else
+                          batch_size / max(first - started, 1e-6),
+                          bytes=TRAFFIC["sent"] - sent + TRAFFIC["received"] - received)
+        task = f"local-{hash((features.model_params, batch_size, prompt_length, new_tokens, features.chain_length))}"
+        self.history.add(Record(task=task, features=features, method=method.name, outcome=outcome, source="local",
+                                model=str(getattr(self.model, "name_or_path", "")), time=time.time()))
+        self.last = (replace(choice), features, outcome)
+        logger.info(f"Acceleration: {method.name} ({choice.reason}, confidence {choice.confidence:.2f}); "
+                    f"{outcome.total_s:.2f} s, {outcome.tokens_per_s:.1f} tokens/s, {outcome.bytes} B")
+        return output
