@@ -20,7 +20,7 @@ from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.dht.node import start_dht, stop_dht
 from swarm.rpc import protocol
 from swarm.rpc.client import RemoteError, Stream, call
-from swarm.server.batching import DecodeBatcher, DecodeStep
+from swarm.server.batching import DecodeBatcher, DecodeStep, _by_length
 from swarm.utils.loop_thread import LoopThread
 
 HIDDEN = 64  # tiny llama
@@ -129,6 +129,12 @@ def test_failed_batch_runs_steps_alone_and_errors_stay_with_their_step(span):
             expected = span(hiddens[index], torch.tensor([[claimed[index]]]), None, references[index])
         assert_close(results[index], expected)
     assert counters == {"batched_steps": 0, "decode_batches": 0}
+
+
+def test_sessions_of_very_different_lengths_are_not_padded_together(span):
+    steps = [DecodeStep(None, span, None, 0, 6, position, torch.zeros(1, 1, HIDDEN), torch.zeros(1, 1), None)
+             for position in (5, 1000, 400, 600, 10)]
+    assert [[step.position for step in chunk] for chunk in _by_length(steps)] == [[1000, 600], [400], [10, 5]]
 
 
 # ---- a real server

@@ -9,7 +9,8 @@ its own rows of the output and has its own cache grown by its new positions, exa
 No step waits for company: a step that finds the compute thread idle runs at once (alone); steps that arrive
 while it is busy are collected and run as one batch when it frees up. Only steps that can be merged exactly are:
 the same span object and layer range, one new token, no beam reorder, plain full-attention caches of one dtype.
-Anything else, or a batch that fails, runs step by step as before, each error going to its own caller.
+Anything else, or a batch that fails, runs step by step as before, each error going to its own caller. Sessions
+of very different lengths go in separate batches, so that padding never costs more than about the real positions.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class DecodeBatcher:
         groups: dict[tuple, list[DecodeStep]] = {}
         for step in taken:
             groups.setdefault(step.key, []).append(step)
-        for group in groups.values():
+        for group in (chunk for steps in groups.values() for chunk in _by_length(steps)):
             if len(group) > 1 and all(compat.is_mergeable(step.cache) for step in group):
                 try:
                     outputs = self._run_batch(group)
@@ -140,6 +141,22 @@ class DecodeBatcher:
     def _count(self, steps: int) -> None:
         self.counters["batched_steps"] += steps
         self.counters["decode_batches"] += 1
+
+
+PAD_SLACK = 32  # positions of padding always tolerated (short sessions batch together whatever their lengths)
+
+
+def _by_length(steps: list[DecodeStep]) -> list[list[DecodeStep]]:
+    """``steps`` in chunks whose lengths are within a factor of 2 of the chunk's longest (plus some slack): the
+    merged cache is padded to the longest, and a short session batched with a long one would otherwise copy (and
+    attend over) many times the positions it holds."""
+    chunks: list[list[DecodeStep]] = []
+    for step in sorted(steps, key=lambda step: -step.position):
+        if chunks and 2 * (step.position + PAD_SLACK) >= chunks[-1][0].position:
+            chunks[-1].append(step)
+        else:
+            chunks.append([step])
+    return chunks
 
 
 def _resolve(future: asyncio.Future, result: torch.Tensor | None, error: BaseException | None) -> None:
