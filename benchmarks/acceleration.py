@@ -8,7 +8,7 @@ separate SmolLM2's tasks (a model 30x larger) from held-out small-model tasks, a
 
     python benchmarks/acceleration.py [--dataset benchmarks/data/acceleration_history.jsonl]
 
-The expert rule: no compression on a LAN (RTT < 5 ms), else 8-bit activations between servers with float16 ends
+The expert rule: no compression on a LAN (RTT < 10 ms), else 8-bit activations between servers with float16 ends
 (the swarm's default); float weights; no local blocks; no chunked prefill; pushes on.
 """
 

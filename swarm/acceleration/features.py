@@ -67,7 +67,7 @@ async def probe_link(p2p, peer: str, timeout: float = 10.0) -> tuple[float, floa
     """(RTT in ms, bandwidth in Mbit/s) to ``peer``: an empty info call, then one padded with
     ``BANDWIDTH_PROBE_BYTES`` (the server ignores the padding); the extra time is the padding's transfer time."""
     rtts, padded = [], []
-    for _ in range(2):  # the better of two: a probe can be delayed by other traffic, never sped up
+    for _ in range(3):  # the best of three: a probe can be delayed by other traffic, never sped up
         started = time.perf_counter()
         await call(p2p, peer, protocol.INFO, {}, timeout=timeout)
         rtts.append(time.perf_counter() - started)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from swarm.acceleration import summaries
 from swarm.acceleration.features import TaskFeatures, probe_chain, task_features
 from swarm.acceleration.history import History, Outcome, Record
 from swarm.acceleration.learner import Choice, Learner, expert_rule
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 LINK_CACHE_SECONDS = 60.0  # RTT and bandwidth probes of a chain are reused this long
 REFIT_EVERY = 20  # new records before the learner is refitted
+OWN_HISTORY_ENOUGH = 200  # with fewer records of its own, a client also learns from the swarm's summaries
+SWARM_HISTORY_SECONDS = 300.0
 
 
 class Selector:
@@ -46,6 +49,8 @@ class Selector:
         self.fitted_on = -1  # records the learner was fitted on
         self.links: dict[tuple[str, ...], tuple[float, tuple[float, float]]] = {}
         self.last: tuple[Choice, TaskFeatures, Outcome] | None = None  # of the latest request, for callers
+        self.swarm_records: list[Record] = []
+        self.swarm_fetched_at = -float("inf")
 
     # ---- what the swarm offers
 
@@ -74,8 +79,22 @@ class Selector:
             self.links[key] = cached = (time.monotonic(), link)
         return task_features(self.model, batch_size, prompt_length, new_tokens, chain, cached[1])
 
+    def swarm_history(self) -> list[Record]:
+        """Summaries servers announce (summaries.py), fetched at most every ``SWARM_HISTORY_SECONDS``."""
+        now = time.monotonic()
+        if now - self.swarm_fetched_at > SWARM_HISTORY_SECONDS:
+            manager = self.model.get_remote().manager
+            try:
+                self.swarm_records = manager.loop.run(summaries.fetch(manager.dht, manager.model_id), timeout=30)
+            except Exception as e:  # the DHT is slow or unreachable: learn from what we have
+                logger.warning(f"Could not fetch the swarm's acceleration summaries: {e}")
+            self.swarm_fetched_at = now
+        return self.swarm_records
+
     def _learner(self) -> Learner | None:
         records = self.history.records()
+        if len(records) < OWN_HISTORY_ENOUGH:  # a new node: start from what the swarm has measured
+            records += self.swarm_history()
         if len(records) != self.fitted_on:
             if not records:
                 self.learner = None

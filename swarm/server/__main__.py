@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--throughput", type=parse_throughput, default="auto",
                         help='"auto" (measure once, cache on disk), "eval" (measure again) or a number used as '
                              "both decode steps/s and forward tokens/s")
+    parser.add_argument("--acceleration-history", default=None,
+                        help="acceleration history (JSONL dataset or SQLite) whose summary is announced in the DHT")
     parser.add_argument("--identity", default=None, help="private key file, for a stable peer id across restarts")
     parser.add_argument("--max-session-length", type=int, default=8192, help="longest inference session accepted")
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
@@ -117,7 +119,8 @@ def main() -> None:
         host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
         dtype=args.dtype, quantization=args.quantize, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
-        identity_path=args.identity, throughput=args.throughput, limits=limits,
+        identity_path=args.identity, acceleration_history=args.acceleration_history, throughput=args.throughput,
+        limits=limits,
         settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
     )
     asyncio.run(Server(config).run())

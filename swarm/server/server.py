@@ -67,6 +67,7 @@ class ServerConfig:
     settlement_options: dict[str, str] = field(default_factory=dict)  # backend options (--settlement-option k=v)
     price: int = 1  # per token (batch row x position), in the backend's smallest unit
     settlement_period: float = 1.0  # seconds between settlement batches
+    acceleration_history: str | None = None  # a history file whose summary is announced for new clients to learn from
 
 
 class Server:
@@ -201,6 +202,18 @@ class Server:
     async def announce(self, with_model: bool = True) -> None:
         await announce_span(self.node, self.model_id, self.info(), self.model_info if with_model else None,
                             self.expiration)
+        if self.config.acceleration_history and with_model:
+            await self.announce_acceleration_summary()
+
+    async def announce_acceleration_summary(self) -> None:
+        from swarm.acceleration import summaries
+
+        if getattr(self, "acceleration_summary", None) is None:  # read once: it is the operator's collected file
+            records = await asyncio.to_thread(summaries.read_history, self.config.acceleration_history)
+            self.acceleration_summary = summaries.summarize(records)
+            logger.info(f"Announcing an acceleration summary of {len(self.acceleration_summary)} tasks")
+        if self.acceleration_summary:
+            await summaries.publish(self.node, self.model_id, self.acceleration_summary, self.expiration)
 
     async def fetch_servers(self) -> dict[str, ServerInfo]:
         """Every server of this model, one record each (its online one if it announces several spans)."""
