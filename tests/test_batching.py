@@ -256,15 +256,18 @@ def test_bad_step_does_not_disturb_the_other_sessions(client, server, span):
             session.close()
 
 
-def test_concurrent_generation_equals_local_greedy(server, model_path, client):
-    """Clients generating at the same time through the server get the local model's greedy tokens."""
+@pytest.mark.parametrize("server_batching", [True, False])
+def test_concurrent_generation_equals_local_greedy(server, model_path, client, server_batching):
+    """Clients generating at the same time through the server get the local model's greedy tokens; clients that
+    opt out of server batching (a per-request switch of the acceleration methods) are never batched."""
     local = AutoModelForCausalLM.from_pretrained(model_path).eval()
     prompts = [torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
                for length in (3, 6, 10, 15)]
     kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=None)
     expected = [local.generate(ids, attention_mask=torch.ones_like(ids), **kwargs) for ids in prompts]
     models = [AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=[server.maddr],
-                                                              compression="none") for _ in prompts]
+                                                              compression="none", server_batching=server_batching)
+              for _ in prompts]
     before = served(client, server)
     try:
         start = threading.Barrier(len(models))
@@ -280,4 +283,5 @@ def test_concurrent_generation_equals_local_greedy(server, model_path, client):
             model.shutdown()
     for output, reference in zip(outputs, expected, strict=True):
         assert torch.equal(output, reference)
-    assert served(client, server)["batched_steps"] > before["batched_steps"]
+    batched = served(client, server)["batched_steps"] - before["batched_steps"]
+    assert batched > 0 if server_batching else batched == 0

@@ -39,6 +39,9 @@ class ClientConfig:
     # A prompt longer than this is sent in chunks of this many positions (None: in one step): bounds the servers'
     # peak activation memory and lets the first chunk's compute overlap the next chunk's transfer.
     prefill_chunk: int | None = None
+    # Servers may run this session's decode steps in one call with other sessions' (swarm/server/batching.py);
+    # False opts out, e.g. to time steps alone.
+    server_batching: bool = True
     # "auto": the acceleration method of each generate() is chosen by the learner from recorded history
     # (swarm/acceleration); a method name applies that method; None: the settings above as they are.
     acceleration: str | None = None

@@ -56,6 +56,8 @@ class HopSession:
                  "push": push}
         if hypo_ids is not None:
             extra["hypo_ids"] = serialize_tensor(hypo_ids)
+        if self.manager is not None and not self.manager.config.server_batching:
+            extra["batch"] = False  # keep this session's steps out of the server's cross-session batches
         if self.receipts is not None and self.receipts.due(self.manager.config.receipt_interval):
             receipt = self._countersign()
             if receipt is not None:

@@ -5,7 +5,7 @@ came from). Rows are only ever inserted; ``verify`` walks the chain and re-check
 edited, deleted or reordered row shows. It is the server's own bookkeeping of countersigned usage: what a client
 owes and a server earned, with the receipts as proof.
 
-Options: ``path`` (the SQLite file; default ``swarm-ledger.sqlite`` in the working directory).
+Options: ``path`` (the SQLite file; default ``~/.cache/swarm/ledger.sqlite``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import sqlite3
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgpack
 
@@ -38,6 +39,9 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 
 
+DEFAULT_PATH = Path.home() / ".cache" / "swarm" / "ledger.sqlite"
+
+
 class LedgerCorrupted(RuntimeError):
     """An entry does not match its hash or its receipt: the file was edited."""
 
@@ -47,7 +51,8 @@ class LedgerSettlement(SettlementBackend):
 
     def __init__(self, options: Mapping[str, str] | None = None):
         super().__init__(options)
-        self.path = self.options.get("path", "swarm-ledger.sqlite")
+        self.path = self.options.get("path") or str(DEFAULT_PATH)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # Used from the settlement worker's thread and read from others (tests, info): one lock around it.
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.lock = threading.Lock()
