@@ -2,8 +2,8 @@
 
 - Prediction: k-nearest tasks (the distance-weighted mean outcome of each method on the k most similar recorded
   tasks), or one regressor per quantity over (task features, method one-hot) with scikit-learn's histogram
-  gradient-boosted trees.
-  Outcomes are predicted on a log scale, where their effects multiply.
+  gradient-boosted trees. What is predicted is each method's log objective relative to its task's mean over
+  methods: how methods rank and by how much transfers between tasks, a task's absolute scale does not.
 - Choice: the method with the best predicted objective (latency, throughput or cost) among those whose predicted
   greedy agreement with the exact path keeps the quality floor.
 - Knowing when it does not know: a task's novelty is its mean distance to the nearest recorded tasks, in feature
@@ -29,7 +29,7 @@ from swarm.acceleration.methods import METHODS
 logger = logging.getLogger(__name__)
 
 GOOD_ENOUGH = 0.05  # a choice within this relative regret of the best method counts as right
-NEIGHBOURS = 3
+NEIGHBOURS = 5
 
 
 def expert_rule(features: TaskFeatures, available: Iterable[str] = METHODS) -> str:
@@ -108,10 +108,10 @@ def regret(outcomes: dict[str, Outcome], method: str, objective: str, quality_fl
 class Learner:
     """Predicts every method's outcome for a task; ``choose`` applies an objective and a quality floor."""
 
-    def __init__(self, kind: str = "knn", seed: int = 0):
+    def __init__(self, kind: str = "knn", seed: int = 0, neighbours: int = NEIGHBOURS):
         if kind not in ("knn", "gbt"):
             raise ValueError(f"unknown learner kind {kind!r}: knn or gbt")
-        self.kind, self.seed = kind, seed
+        self.kind, self.seed, self.neighbours = kind, seed, neighbours
         self.methods = list(METHODS)
         self.table: TaskTable | None = None
         self.calibration: tuple[float, float, float] | None = None  # logistic (bias, novelty, margin) weights
@@ -126,6 +126,13 @@ class Learner:
             raise ValueError("no usable records to learn from")
         self.table = table
         self.objective, self.quality_floor = objective, quality_floor
+        # Each method's log objective relative to its task's mean over methods: what transfers between tasks is
+        # how methods rank and by how much, not the task's absolute scale (a long prompt is slow for every method).
+        self.relative = []
+        for outcomes in table.outcomes:
+            logs = {m: math.log(max(o.objective(objective), 1e-9)) for m, o in outcomes.items()}
+            centre = float(np.mean(list(logs.values())))
+            self.relative.append({m: value - centre for m, value in logs.items()})
         matrix = np.array([f.vector() for f in table.features])
         self.mean = matrix.mean(0)
         self.scale = np.where(matrix.std(0) > 1e-9, matrix.std(0), 1.0)
@@ -142,10 +149,10 @@ class Learner:
         from threadpoolctl import threadpool_limits
 
         rows, targets = [], {"objective": [], "quality": []}
-        for feature, outcomes in zip(table.features, table.outcomes, strict=True):
+        for feature, outcomes, relative in zip(table.features, table.outcomes, self.relative, strict=True):
             for method, outcome in outcomes.items():
                 rows.append(self._row(feature, method))
-                targets["objective"].append(math.log(max(outcome.objective(self.objective), 1e-9)))
+                targets["objective"].append(relative[method])
                 targets["quality"].append(1.0 if outcome.quality is None else outcome.quality)
         # One thread: OpenMP threads fighting servers and clients for the same cores made fitting 20x slower.
         with threadpool_limits(1):
@@ -163,8 +170,9 @@ class Learner:
         novelty, margin, right = [], [], []
         for fold in range(folds):
             held = set(order[fold::folds].tolist())
-            inner = Learner(self.kind, self.seed).fit(table.subset(i for i in range(len(table)) if i not in held),
-                                                      self.objective, self.quality_floor, calibrate=False)
+            train = table.subset(i for i in range(len(table)) if i not in held)
+            inner = Learner(self.kind, self.seed, self.neighbours).fit(train, self.objective, self.quality_floor,
+                                                                       calibrate=False)
             for i in sorted(held):
                 choice = inner.choose(table.features[i], fallback=False)
                 r = regret(table.outcomes[i], choice.method, self.objective, self.quality_floor)
@@ -193,7 +201,7 @@ class Learner:
         return float(distances[:NEIGHBOURS].mean())
 
     def predict(self, features: TaskFeatures) -> dict[str, tuple[float, float]]:
-        """Method -> (predicted objective value, predicted quality)."""
+        """Method -> (predicted objective relative to the task's mean method (0.8: 20% better), predicted quality)."""
         if self.table is None:
             raise RuntimeError("the learner has not been fitted")
         if self.kind == "gbt":
@@ -204,12 +212,11 @@ class Learner:
         distances = np.sqrt(((self.points - point) ** 2).sum(1))
         result = {}
         for method in self.methods:
-            have = [i for i in np.argsort(distances) if method in self.table.outcomes[i]][:NEIGHBOURS]
+            have = [i for i in np.argsort(distances) if method in self.table.outcomes[i]][:self.neighbours]
             if not have:
                 continue
             weights = np.array([1.0 / (distances[i] + 1e-3) for i in have])
-            logs = np.array([math.log(max(self.table.outcomes[i][method].objective(self.objective), 1e-9))
-                             for i in have])
+            logs = np.array([self.relative[i][method] for i in have])
             qualities = np.array([_quality(self.table.outcomes[i][method]) for i in have])
             result[method] = (math.exp(float((weights * logs).sum() / weights.sum())),
                               float((weights * qualities).sum() / weights.sum()))
