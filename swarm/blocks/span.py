@@ -106,6 +106,9 @@ class BlockSpan(nn.Module):
         padding, or None; ``cache``: this session's cache (None: no cache, e.g. training forward).
         """
         last = len(self.layers) if last is None else last
+        device = self.device  # requests arrive on the CPU; a CUDA server computes on its GPU
+        hidden, position_ids = hidden.to(device), position_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
         masks = compat.attention_masks(self.config, self.layer_types[first:last], first, hidden,
                                        attention_mask, cache, position_ids)
         position_embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None

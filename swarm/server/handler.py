@@ -242,7 +242,7 @@ class BlockHandler(HandlerBase):
             with torch.enable_grad():
                 inputs = hidden.to(span.dtype).requires_grad_(True)
                 outputs = span(inputs, positions, mask, None, first, last)
-                (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.dtype))
+                (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.device, outputs.dtype))
             return grad
 
         grad = await self.compute(run)

@@ -24,7 +24,7 @@ def commit(hidden: torch.Tensor, k: int = TOP_K) -> str:
     """Commitment to ``hidden`` of shape (..., positions, width)."""
     flat = hidden.detach().float().reshape(-1, hidden.shape[-1])
     top = flat.abs().topk(min(k, flat.shape[-1]), dim=-1).indices.sort(dim=-1).values
-    return hashlib.sha256(top.to(torch.int32).numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(top.to(torch.int32).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def matches(commitment: str, recomputed: torch.Tensor, k: int = TOP_K) -> bool:
