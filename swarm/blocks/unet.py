@@ -146,6 +146,15 @@ class UNetLevels(nn.Module):
         super().__init__()
         self.unet, self.start, self.end = unet, start, end
         self.n = len(unet.down_blocks)
+        self.compute_device = torch.device("cpu")  # where the loaded blocks live (the rest stays on meta)
+
+    def _on_device(self, value):
+        """Requests arrive on the CPU; a CUDA server computes on its GPU."""
+        if isinstance(value, torch.Tensor):
+            return value.to(self.compute_device)
+        if isinstance(value, dict):
+            return {key: self._on_device(item) for key, item in value.items()}
+        return value
 
     @classmethod
     def from_pretrained(cls, source: ModelSource, start: int, end: int, *, dtype: torch.dtype = torch.float32,
@@ -164,6 +173,7 @@ class UNetLevels(nn.Module):
                 module = unet.get_submodule(path).to(dtype).to_empty(device=device)
                 module.load_state_dict(checkpoint.load_module(path, dtype), strict=True)
         levels = cls(unet, start, end).eval()
+        levels.compute_device = torch.device(device)
         levels.requires_grad_(False)
         latent_shift.install(levels)  # inactive unless a session asks for it
         levels.opened_files = sorted(checkpoint.opened_files)
@@ -171,6 +181,7 @@ class UNetLevels(nn.Module):
 
     def down(self, level: int, sample: torch.Tensor, temb: torch.Tensor, ehs: torch.Tensor | None,
              extra: dict) -> tuple[torch.Tensor, LevelStash | None]:
+        sample, temb, ehs, extra = (self._on_device(x) for x in (sample, temb, ehs, extra))
         if level == self.n:
             mid = self.unet.mid_block
             return (sample if mid is None else mid(**_block_kwargs(mid, sample, temb, ehs, extra))), None
@@ -182,8 +193,10 @@ class UNetLevels(nn.Module):
 
     def up(self, level: int, sample: torch.Tensor, temb: torch.Tensor, ehs: torch.Tensor | None, extra: dict,
            stash: LevelStash, upsample_size: tuple[int, int] | None) -> torch.Tensor:
+        sample, temb, ehs, extra = (self._on_device(x) for x in (sample, temb, ehs, extra))
+        skips = tuple(self._on_device(skip) for skip in stash.skips)
         block = self.unet.up_blocks[self.n - 1 - level]
-        return block(**_block_kwargs(block, sample, temb, ehs, extra, res_hidden_states_tuple=tuple(stash.skips),
+        return block(**_block_kwargs(block, sample, temb, ehs, extra, res_hidden_states_tuple=skips,
                                      upsample_size=upsample_size))
 
     def upsample_size(self, level: int, input_sizes: list[tuple[int, int]], head_forwards: bool) -> tuple | None:
