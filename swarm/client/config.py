@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from swarm.client.routing import RoutingPolicy
@@ -49,6 +50,20 @@ class ClientConfig:
     quality_floor: float = 0.9  # least expected greedy agreement with the exact path a chosen method must keep
     exploration: float = 0.05  # chance that "auto" tries another method, so the history keeps improving
     history_path: str | None = None  # SQLite file of recorded outcomes (None: ~/.cache/swarm/acceleration.sqlite)
+
+    @classmethod
+    def with_options(cls, config: ClientConfig | None, initial_peers: Sequence[str],
+                     options: dict[str, object]) -> ClientConfig:
+        """``config`` (or the defaults) with ``initial_peers`` and keyword ``options`` set, as ``from_pretrained``
+        takes them; an unknown option is a TypeError."""
+        config = config or cls()
+        if initial_peers:
+            config.initial_peers = list(initial_peers)
+        for key, value in options.items():
+            if not hasattr(config, key):
+                raise TypeError(f"unknown option {key!r}")
+            setattr(config, key, value)
+        return config
 
     @property
     def edge_codec(self) -> str:

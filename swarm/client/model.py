@@ -73,13 +73,7 @@ class DistributedPreTrainedModel(PreTrainedModel):
         ``initial_peers``: multiaddrs of any swarm node. ``model_id``: the model's DHT name if it differs from the
         default (the hub name, or the local directory's name). Other keywords set ``ClientConfig`` fields.
         """
-        client_config = client_config or ClientConfig()
-        if initial_peers:
-            client_config.initial_peers = list(initial_peers)
-        for key, value in client_options.items():
-            if not hasattr(client_config, key):
-                raise TypeError(f"unknown option {key!r}")
-            setattr(client_config, key, value)
+        client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         config = load_config(source)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)

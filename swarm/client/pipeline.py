@@ -23,13 +23,7 @@ class AutoDistributedPipeline:
                         dtype: torch.dtype = torch.float32, **client_options: object) -> DiffusionPipeline:
         """The pipeline of ``model_name_or_path`` with ``pipe.unet`` replaced by a ``RemoteUNet``. Keywords as for
         ``AutoDistributedModelForCausalLM.from_pretrained`` (``compression``, ``routing_policy``, ...)."""
-        client_config = client_config or ClientConfig()
-        if initial_peers:
-            client_config.initial_peers = list(initial_peers)
-        for key, value in client_options.items():
-            if not hasattr(client_config, key):
-                raise TypeError(f"unknown option {key!r}")
-            setattr(client_config, key, value)
+        client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
         unet = RemoteUNet(load_head_and_tail(source, dtype), client_config, model_id)
