@@ -63,18 +63,15 @@ def small_model(directory: Path) -> Path:
 
 def run(model, method, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, Outcome]:
     clock = Clock()
-    sent, received = TRAFFIC["sent"], TRAFFIC["received"]
+    traffic = sum(TRAFFIC.values())
     with applied(model, method):
         started = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              streamer=clock, attention_mask=torch.ones_like(ids))
         finished = time.perf_counter()
     first = clock.times[1] if len(clock.times) > 1 else finished
-    decode = max(finished - first, 1e-6)
-    tokens_per_s = (new_tokens - 1) * ids.shape[0] / decode if new_tokens > 1 else ids.shape[0] / (first - started)
-    bytes_ = TRAFFIC["sent"] - sent + TRAFFIC["received"] - received
-    return out[:, ids.shape[1]:], Outcome(ttft_s=first - started, total_s=finished - started,
-                                         tokens_per_s=tokens_per_s, bytes=bytes_)
+    return out[:, ids.shape[1]:], Outcome.timed(started, first, finished, ids.shape[0], new_tokens,
+                                                sum(TRAFFIC.values()) - traffic)
 
 
 def agreement(tokens: torch.Tensor, exact: torch.Tensor) -> float:

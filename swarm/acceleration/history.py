@@ -28,6 +28,15 @@ class Outcome:
     bytes: int  # bytes this client sent and received
     quality: float | None = None  # greedy agreement with the exact path (1.0: identical), where measured
 
+    @classmethod
+    def timed(cls, started: float, first: float, finished: float, batch_size: int, new_tokens: int,
+              bytes_: int) -> Outcome:
+        """The outcome of a generation that started, had its first token and finished at these clock readings."""
+        decode_tokens = (new_tokens - 1) * batch_size
+        tokens_per_s = (decode_tokens / max(finished - first, 1e-6) if decode_tokens
+                        else batch_size / max(first - started, 1e-6))
+        return cls(ttft_s=first - started, total_s=finished - started, tokens_per_s=tokens_per_s, bytes=bytes_)
+
     def objective(self, name: str) -> float:
         """The value to minimize under objective ``name``."""
         if name == "latency":

@@ -127,7 +127,7 @@ class Selector:
         features = self.features(batch_size, prompt_length, new_tokens)
         choice = self.choose(features, available)
         method = get_method(choice.method)
-        sent, received = TRAFFIC["sent"], TRAFFIC["received"]
+        traffic = sum(TRAFFIC.values())
         timing = self.model.__dict__.setdefault("_step_times", [])
         timing.clear()
         with applied(self.model, method):
@@ -135,11 +135,7 @@ class Selector:
             output = run()
             finished = time.perf_counter()
         first = timing[0] if timing else finished  # the prefill's logits: the first token is known
-        decode_tokens = (new_tokens - 1) * batch_size
-        outcome = Outcome(ttft_s=first - started, total_s=finished - started,
-                          tokens_per_s=decode_tokens / max(finished - first, 1e-6) if decode_tokens else
-                          batch_size / max(first - started, 1e-6),
-                          bytes=TRAFFIC["sent"] - sent + TRAFFIC["received"] - received)
+        outcome = Outcome.timed(started, first, finished, batch_size, new_tokens, sum(TRAFFIC.values()) - traffic)
         task = f"local-{hash((features.model_params, batch_size, prompt_length, new_tokens, features.chain_length))}"
         self.history.add(Record(task=task, features=features, method=method.name, outcome=outcome, source="local",
                                 model=str(getattr(self.model, "name_or_path", "")), time=time.time()))
