@@ -110,3 +110,26 @@ def test_chat_answers_two_turns_over_one_session(swarm):
     # answer's tokens are reused too where its text tokenizes back to the same tokens).
     assert second_sent <= prompt_lengths[1] - prompt_lengths[0]
     assert second_cached > first_cached
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(swarm):
+    """A terminal's Ctrl-C reaches the chat's whole process group. It stops the answer being generated, and the
+    next turn is answered through the same swarm connection (p2pd runs in a process group of its own)."""
+    terminal = Terminal([sys.executable, "-m", "swarm.chat", str(swarm["path"]), "--initial-peers", *swarm["peers"],
+                         "--temperature", "0", "--max-new-tokens", "400", "--compression", "none", "--verbose"])
+    try:
+        terminal.expect(PROMPT, 1)
+        terminal.send(b"Tell me a very long story.\n")
+        terminal.expect("Assistant: ", 1)
+        time.sleep(0.5)  # in the middle of the answer
+        os.killpg(terminal.proc.pid, signal.SIGINT)
+        terminal.expect("(interrupted)", 1)
+        terminal.send(b"Hello!\n")
+        terminal.expect(PROMPT, 3)  # the second turn's answer came through the swarm
+        terminal.send(b"\x04")
+        terminal.proc.wait(60)
+    finally:
+        terminal.close()
+    assert terminal.proc.returncode == 0, terminal.output
+    assert len(STATS.findall(terminal.output)) == 1, terminal.output  # the second turn completed, not the first
+    assert "Error" not in terminal.output, terminal.output

@@ -3,9 +3,11 @@ around by replaying the session on another server, with the same tokens."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
+import psutil
 import pytest
 import torch
 from tiny_models import VOCAB
@@ -50,6 +52,41 @@ def test_sigterm_announces_offline_and_clients_fail_fast(launcher, tiny_model):
         loop.stop()
 
 
+def p2pd_of(process) -> psutil.Process:
+    (daemon,) = [child for child in psutil.Process(process.proc.pid).children() if child.name() == "p2pd"]
+    return daemon
+
+
+def test_ctrl_c_in_a_terminal_announces_offline(launcher, tiny_model):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group. p2pd runs in a group of its own, so
+    it survives long enough for the server to announce itself offline through it, and then goes with the server."""
+    path = tiny_model("llama")
+    first = launcher.start_server(path, "0:3", [])
+    second = launcher.start_server(path, "3:6", [first.maddr])
+    daemon = p2pd_of(second)
+    loop = LoopThread()
+    p2p, node = loop.run(start_dht([first.maddr], host="127.0.0.1", client_mode=True))
+    try:
+        os.killpg(second.proc.pid, signal.SIGINT)  # the server's process group, as a terminal does
+        second.proc.wait(30)
+        assert "announcing offline" in second.output()
+        infos = loop.run(fetch_block_infos(node, "tiny-llama", [3]))[0]
+        print("DEBUG", infos, second.output()[-3000:])
+        assert infos[second.peer_id].state == ServerState.OFFLINE
+        daemon.wait(10)  # raises psutil.TimeoutExpired if the daemon outlived its server
+    finally:
+        loop.run(stop_dht(p2p, node))
+        loop.stop()
+
+
+def test_p2pd_dies_with_a_killed_server(launcher, tiny_model):
+    server = launcher.start_server(tiny_model("llama"), "0:6", [])
+    daemon = p2pd_of(server)
+    server.proc.kill()  # the server alone (not its group): the kernel must take its daemon down with it
+    server.proc.wait(10)
+    daemon.wait(10)
+
+
 def test_killed_server_is_replaced_mid_session_with_the_same_tokens(launcher, tiny_model):
     path = tiny_model("llama")
     first = launcher.start_server(path, "0:3", [])
@@ -63,7 +100,7 @@ def test_killed_server_is_replaced_mid_session_with_the_same_tokens(launcher, ti
         with model.inference_session(max_length=40) as session:
             partial = model.generate(ids, max_new_tokens=8, **GREEDY)
             victim = next(r for r in replicas if r.peer_id == session.chain[-1].peer_id)
-            victim.signal(signal.SIGKILL)  # the whole process group: server and its p2pd, no goodbye
+            victim.signal(signal.SIGKILL)  # the server and its p2pd, no goodbye
             victim.proc.wait(10)
             full = model.generate(partial, max_new_tokens=8, **GREEDY)
             assert session.chain[-1].peer_id != victim.peer_id

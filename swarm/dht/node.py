@@ -16,6 +16,28 @@ from swarm.dht.validation import SignedRecordValidator
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
+def _own_group_for_p2pd() -> None:
+    """Make hivemind start its p2pd daemon in a process group of its own.
+
+    In the caller's group, a terminal's Ctrl-C (SIGINT to the whole foreground group) could stop the daemon at once,
+    racing the server's offline announcement through it, or leave an interactive client (the chat's "Ctrl-C stops
+    an answer") without its connection to the swarm. Its parent still ends it; if the parent is killed, the daemon
+    exits once its control connection is gone (tests/test_shutdown.py). Only p2pd spawns are changed; the wrapper
+    is installed once.
+    """
+    original = asyncio.subprocess.create_subprocess_exec
+    if getattr(original, "_swarm_p2pd", False):
+        return
+
+    async def create_subprocess_exec(program, *args, **kwargs):
+        if str(program).endswith("p2pd"):
+            kwargs.setdefault("process_group", 0)
+        return await original(program, *args, **kwargs)
+
+    create_subprocess_exec._swarm_p2pd = True
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
+
+
 def host_maddrs(host: str, port: int = 0) -> list[str]:
     """Listen multiaddrs for ``host`` (an IPv4/IPv6 address; 0.0.0.0 = every interface)."""
     if host == "localhost":
@@ -38,6 +60,7 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     sent beyond 127.0.0.1.
     """
     loopback = is_loopback(host)
+    _own_group_for_p2pd()
     p2p = await P2P.create(
         initial_peers=list(initial_peers) or None,
         host_maddrs=host_maddrs(host, port),

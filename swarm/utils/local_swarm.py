@@ -1,7 +1,7 @@
 """Start a swarm of real processes on 127.0.0.1 (bootstrap node, servers) and end them by PID.
 
-Used by the demo, the benchmarks and the tests. Each process gets its own session (process group), so stopping it
-also ends the p2pd daemon it spawned.
+Used by the demo, the benchmarks and the tests. Each process gets its own session (process group); its p2pd daemon
+runs in a group of its own (so that a terminal's Ctrl-C leaves it to the server), and ``signal`` reaches it too.
 """
 
 from __future__ import annotations
@@ -57,11 +57,21 @@ class SwarmProcess:
         return self.log_path.read_text()
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the whole process group (the server and its p2pd)."""
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Send ``sig`` to the process group and to its p2pd daemons: a SIGKILL is then a machine going down, not
+        a server process dying while its daemon lingers for a second or two."""
+        daemons = self._children()
+        for kill, pid in [(os.killpg, self.proc.pid), *[(os.kill, child) for child in daemons]]:
+            try:
+                kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _children(self) -> list[int]:
+        pids = []
+        for children in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):  # Linux; elsewhere: none found
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in children.read_text().split()]
+        return pids
 
     def stop(self, timeout: float = 15) -> None:
         if self.proc.poll() is None:
