@@ -49,7 +49,7 @@ def wire_bytes() -> None:
         tensor = torch.randn(shape)
         raw = len(encode_message({"hidden": serialize_tensor(tensor, "none")}))
         sizes = {codec: len(encode_message({"hidden": serialize_tensor(tensor, codec)})) for codec in CODECS}
-        payload = {c: sum(len(v) for v in serialize_tensor(tensor, c).values() if isinstance(v, bytes)) for c in CODECS}
+        payload = {c: sum(len(v) for v in serialize_tensor(tensor, c) if isinstance(v, bytes)) for c in CODECS}
         print(f"{label:>12}: message " + "  ".join(f"{c}={n} B ({n / raw:.3f})" for c, n in sizes.items()))
         print(f"{'':>12}  tensor data only: " + "  ".join(f"{c}={n} B ({n / payload['none']:.3f})"
                                                        for c, n in payload.items()))

@@ -11,6 +11,7 @@ import torch
 
 from swarm.blocks.span import BlockSpan
 from swarm.compression import serialize_tensor
+from swarm.compression.serialize import pack_fields, tensor_fields
 from swarm.dht.node import start_dht, stop_dht
 from swarm.rpc import protocol
 from swarm.rpc.client import RemoteError, Stream, call
@@ -67,19 +68,25 @@ BAD_FORWARDS = {
     "NaN": (forward_request(torch.full((1, 4, HIDDEN), float("nan"))), "NaN or infinite"),
     "inf": (forward_request(torch.full((1, 4, HIDDEN), float("inf"))), "NaN or infinite"),
     "blocks not held": (forward_request(torch.randn(1, 4, HIDDEN), 2, 5), "not served here"),
-    "truncated tensor": (forward_request(torch.randn(1, 4, HIDDEN), hidden={
-        **serialize_tensor(torch.randn(1, 4, HIDDEN)), "data": b"\0" * 100}), "bytes, but shape"),
-    "unknown codec": (forward_request(torch.randn(1, 4, HIDDEN), hidden={
-        **serialize_tensor(torch.randn(1, 4, HIDDEN)), "codec": "zip"}), "unknown codec"),
+    "truncated tensor": (forward_request(torch.randn(1, 4, HIDDEN), hidden=pack_fields({
+        **tensor_fields(serialize_tensor(torch.randn(1, 4, HIDDEN))), "data": b"\0" * 100})), "bytes, but shape"),
+    "unknown codec": (forward_request(torch.randn(1, 4, HIDDEN), hidden=pack_fields({
+        **tensor_fields(serialize_tensor(torch.randn(1, 4, HIDDEN))), "codec": "zip"})), "unknown codec"),
     "missing field": ({"start": 0, "end": 3}, "missing tensor 'hidden'"),
     "wrong field type": (forward_request(torch.randn(1, 4, HIDDEN), start="0"), "field 'start' must be int"),
     "positions out of range": (forward_request(torch.randn(1, 4, HIDDEN), position_ids=serialize_tensor(
         torch.tensor([[0, 1, 2, 10**9]]))), "position_ids must lie in"),
     "oversized": (forward_request(torch.randn(1, 5000, HIDDEN)), "exceeds the limit"),
-    "truncated 8-bit codes": (forward_request(torch.randn(1, 4, HIDDEN), hidden={
-        **serialize_tensor(torch.randn(1, 4, HIDDEN), "blockwise8"), "data": b"\1" * 10}), "bytes, but shape"),
-    "wrong 8-bit block count": (forward_request(torch.randn(1, 4, HIDDEN), hidden={
-        **serialize_tensor(torch.randn(1, 4, HIDDEN), "blockwise8"), "absmax": b"\0" * 12}), "wrong block count"),
+    "truncated 8-bit codes": (forward_request(torch.randn(1, 4, HIDDEN), hidden=pack_fields({
+        **tensor_fields(serialize_tensor(torch.randn(1, 4, HIDDEN), "blockwise8")), "data": b"\1" * 10})),
+        "bytes, but shape"),
+    "wrong 8-bit block count": (forward_request(torch.randn(1, 4, HIDDEN), hidden=pack_fields({
+        **tensor_fields(serialize_tensor(torch.randn(1, 4, HIDDEN), "blockwise8")), "absmax": b"\0" * 12})),
+        "wrong block count"),
+    "tensor array too short": (forward_request(torch.randn(1, 4, HIDDEN), hidden=[0, [1, 4, HIDDEN], 0]),
+                               "has 4 entries"),
+    "tensor neither array nor map": (forward_request(torch.randn(1, 4, HIDDEN), hidden="1, 4, 576"),
+                                     "must be an array"),
 }
 
 

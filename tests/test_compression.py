@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM, MissingBlocksError, RoutingPolicy
 from swarm.compression import CODECS, PayloadError, blockwise, deserialize_tensor, serialize_tensor
+from swarm.compression.serialize import pack_fields, tensor_fields
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos
 from swarm.utils.loop_thread import LoopThread
@@ -41,13 +42,13 @@ def test_empty_tensor_and_huge_values(codec):
 
 def test_8bit_is_a_quarter_of_float32():
     tensor = torch.randn(1, 128, 576)
-    encoded = serialize_tensor(tensor, "blockwise8")
+    encoded = tensor_fields(serialize_tensor(tensor, "blockwise8"))
     size = len(encoded["data"]) + len(encoded["absmax"])
     assert size / (tensor.numel() * 4) <= 0.26  # codes + float16 scales per 64 values
     big = tensor * 1e5  # scales beyond float16's range travel as float32
-    encoded = serialize_tensor(big, "blockwise8")
+    encoded = tensor_fields(serialize_tensor(big, "blockwise8"))
     assert len(encoded["absmax"]) == 4 * 128 * 576 // 64
-    assert (deserialize_tensor(encoded) - big).norm() <= TOLERANCE["blockwise8"] * big.norm()
+    assert (deserialize_tensor(pack_fields(encoded)) - big).norm() <= TOLERANCE["blockwise8"] * big.norm()
 
 
 def test_8bit_refuses_nan_and_inf():
@@ -80,13 +81,14 @@ def test_dynamic_code_and_torch_path_match_bitsandbytes():
     (lambda m: m.update(absmax=torch.full((2,), float("nan")).numpy().tobytes()), "finite and non-negative"),
     (lambda m: m.pop("absmax"), "wrong block count"),
 ])
-def test_corrupted_8bit_payloads_are_refused(mutate, error):
-    message = serialize_tensor(torch.randn(2, 64), "blockwise8")
+@pytest.mark.parametrize("form", ["array", "map"])
+def test_corrupted_8bit_payloads_are_refused(mutate, error, form):
+    message = tensor_fields(serialize_tensor(torch.randn(2, 64), "blockwise8"))
     message["block"] = 64  # two blocks
     message["absmax"] = torch.ones(2).numpy().tobytes()
     mutate(message)
     with pytest.raises(PayloadError, match=error):
-        deserialize_tensor(message)
+        deserialize_tensor(pack_fields(message) if form == "array" else message)
 
 
 @pytest.fixture(scope="module")

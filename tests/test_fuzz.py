@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM
 from swarm.blocks.span import BlockSpan
 from swarm.compression import CODECS, deserialize_tensor, serialize_tensor
+from swarm.compression.serialize import pack_fields, tensor_fields
 from swarm.dht.node import start_dht, stop_dht
 from swarm.rpc import protocol
 from swarm.rpc.client import Stream
@@ -60,7 +61,7 @@ def tensors(draw, shape: tuple[int, ...] = (1, 3, HIDDEN), dtype: torch.dtype = 
     """A real serialized tensor, often with one or more of its fields made hostile."""
     codec = draw(st.sampled_from(sorted(CODECS)))
     real = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.arange(shape[-1]).expand(shape)
-    message = serialize_tensor(real.contiguous(), codec if dtype.is_floating_point else "none")
+    message = tensor_fields(serialize_tensor(real.contiguous(), codec if dtype.is_floating_point else "none"))
     for _ in range(draw(st.integers(0, 3))):
         key = draw(st.sampled_from([*message, "extra"]))
         action = draw(st.sampled_from(["junk", "shape", "truncate", "grow", "dtype", "codec", "delete"]))
@@ -79,7 +80,13 @@ def tensors(draw, shape: tuple[int, ...] = (1, 3, HIDDEN), dtype: torch.dtype = 
             message["codec"] = draw(st.sampled_from([*CODECS, "hivemind8", "", "none "]))
         else:
             message.pop(key, None)
-    return message
+    form = draw(st.sampled_from(["array", "array", "array", "map", "array edited"]))
+    if form == "map":  # the form of earlier versions
+        return message
+    packed = pack_fields(message)
+    if form == "array edited":  # entries added or cut
+        packed = packed[:draw(st.integers(0, len(packed)))] + draw(st.lists(junk, max_size=2))
+    return packed
 
 
 def mutate(draw, message: dict, fields: dict) -> dict:

@@ -22,7 +22,7 @@ from swarm.blocks.unet import HeadOutput, run_head, run_tail
 from swarm.client.config import ClientConfig
 from swarm.client.routing import Hop, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
-from swarm.compression import deserialize_tensor, serialize_tensor
+from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, RemoteError, Stream
 from swarm.rpc.framing import encode_message
@@ -66,7 +66,7 @@ class _HopSession:
         traffic.sent += len(encode_message(message))
         reply = await self.stream.request(message, timeout=timeout)
         traffic.received += len(encode_message(reply))
-        if not isinstance(reply.get("sample"), dict):
+        if not is_serialized_tensor(reply.get("sample")):
             raise PeerUnavailable(f"server {self.span} sent a reply without a sample", self.span.peer_id)
         return reply
 

@@ -9,7 +9,7 @@ import torch
 from swarm.client.remote_forward import span_request
 from swarm.client.routing import Hop
 from swarm.client.sequence_manager import SequenceManager
-from swarm.compression import serialize_tensor
+from swarm.compression import is_serialized_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, Stream
 from swarm.settlement import ReceiptBook
@@ -69,7 +69,7 @@ class HopSession:
         """The server's reply to step ``step_id``: its ``hidden`` output, and whether it is ``pushing`` it on.
         ``tokens``: batch rows x new positions the step carried (what the server may bill for it)."""
         reply = await self._receive(step_id, "hidden", timeout)
-        if not isinstance(reply.get("hidden"), dict):
+        if not is_serialized_tensor(reply.get("hidden")):
             raise PeerUnavailable(f"server {self.span} sent a step reply without hidden states", self.span.peer_id)
         if self.receipts is not None:
             self.receipts.count(step_id, tokens)

@@ -20,7 +20,7 @@ import torch
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.verification import check_output
-from swarm.compression import deserialize_tensor, serialize_tensor
+from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, RemoteError, call
 
@@ -39,7 +39,7 @@ def span_request(span: RemoteSpan, hidden: dict, position_ids: torch.Tensor, att
 
 async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, message: dict, field: str) -> dict:
     reply = await call(manager.p2p, span.peer_id, handler, message, timeout=manager.config.request_timeout)
-    if not isinstance(reply.get(field), dict):
+    if not is_serialized_tensor(reply.get(field)):
         raise PeerUnavailable(f"server {span} sent a reply without {field!r}", span.peer_id)
     return reply[field]
 

@@ -1,10 +1,11 @@
 """Wire encoding of tensors.
 
 - codecs.py: the ``Codec`` interface and the codecs by name ("none" bit-exact, "float16", "bfloat16")
-- serialize.py: ``serialize_tensor`` / ``deserialize_tensor`` with validation of untrusted payloads
+- serialize.py: ``serialize_tensor`` / ``deserialize_tensor`` (a compact array on the wire) with validation of
+  untrusted payloads
 """
 
 from swarm.compression.codecs import CODECS, Codec, PayloadError
-from swarm.compression.serialize import deserialize_tensor, serialize_tensor
+from swarm.compression.serialize import deserialize_tensor, is_serialized_tensor, serialize_tensor
 
-__all__ = ["CODECS", "Codec", "PayloadError", "deserialize_tensor", "serialize_tensor"]
+__all__ = ["CODECS", "Codec", "PayloadError", "deserialize_tensor", "is_serialized_tensor", "serialize_tensor"]

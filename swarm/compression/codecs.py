@@ -1,7 +1,8 @@
 """Codecs for tensors that cross the network: one small class per codec, chosen by name per request.
 
-Every codec turns a tensor into a msgpack-friendly dict and back. Decoding validates what it reads: a payload
-whose size does not match its declared shape and dtype is rejected with a clear error, never reshaped blindly.
+Every codec turns a tensor into named msgpack-friendly fields and back (serialize.py packs them in order).
+Decoding validates what it reads: a payload whose size does not match its declared shape and dtype is rejected
+with a clear error, never reshaped blindly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class PayloadError(ValueError):
 
 class Codec(ABC):
     name: str
+    fields: tuple[str, ...] = ("data",)  # what ``encode`` returns, in wire order (serialize.py)
 
     @abstractmethod
     def encode(self, tensor: torch.Tensor) -> dict:
@@ -96,6 +98,7 @@ class Blockwise8BitCodec(Codec):
     """
 
     name = "blockwise8"
+    fields = ("data", "absmax", "block")
     _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
     def __init__(self, block: int = 64):
@@ -103,7 +106,7 @@ class Blockwise8BitCodec(Codec):
 
     def encode(self, tensor: torch.Tensor) -> dict:
         if not tensor.is_floating_point():
-            return {"data": _raw_bytes(tensor)}
+            return {"data": _raw_bytes(tensor), "absmax": None, "block": None}
         if not torch.isfinite(tensor).all():
             raise PayloadError("cannot quantize a tensor with NaN or infinite values")
         codes, absmax = blockwise.quantize(tensor, self.block)
