@@ -206,3 +206,34 @@ def test_generation_survives_a_killed_server(tmp_path, models_dir):
             assert (out.images == _generate(local, dict(height=64, width=64)).images).all()
         finally:
             remote.unet.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["svd", "i2vgenxl", "motion"])
+def test_video_unets_through_the_swarm_equal_local(kind, tmp_path):
+    """The video U-Nets without a pipeline test of their own: one evaluation of a saved U-Net served by two
+    servers equals the local U-Net, with each class's extra inputs (SVD's added time ids and image-only indicator,
+    I2VGenXL's fps and image latents, AnimateDiff's per-frame text states) crossing the network."""
+    from swarm.blocks.unet import load_head_and_tail
+    from swarm.client.config import ClientConfig
+    from swarm.client.diffusion import RemoteUNet
+    from swarm.hub.source import resolve_model
+    from swarm.utils.local_swarm import LocalSwarm
+
+    unet = tiny_unet(kind)
+    path = tmp_path / f"tiny-{kind}-unet"
+    unet.save_pretrained(path)
+    args, kwargs = tiny_unet_inputs(kind, batch=2, frames=3, size=15)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs, return_dict=False)[0]
+    with LocalSwarm(tmp_path / "logs") as launcher:
+        first = launcher.start_server(path, "0:1", [])
+        launcher.start_server(path, "1:3", [first.maddr])
+        config = ClientConfig(initial_peers=[first.maddr], compression="none")
+        remote = RemoteUNet(load_head_and_tail(resolve_model(path)), config, path.name)
+        try:
+            with torch.no_grad():
+                output = remote(*args, **kwargs, return_dict=False)[0]
+            assert [hop.span.start for hop in remote.session.hops] == [0, 1]  # both servers took part
+        finally:
+            remote.shutdown()
+    assert torch.equal(output, expected)

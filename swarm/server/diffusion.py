@@ -165,7 +165,9 @@ class UNetHandler(HandlerBase):
     def _check_channels(levels: UNetLevels, level: int, sample: torch.Tensor) -> None:
         unet = levels.unet
         block = unet.mid_block if level == levels.n else unet.down_blocks[level]
-        expected = block.resnets[0].in_channels
+        # ResnetBlock2D says so itself; SVD's SpatioTemporalResBlock through the spatial block it wraps
+        expected = next(m.in_channels for m in block.resnets[0].modules() if isinstance(getattr(m, "in_channels",
+                                                                                                 None), int))
         if sample.shape[1] != expected:
             raise RequestError(f"sample has {sample.shape[1]} channels, level {level} takes {expected}")
 
