@@ -83,6 +83,21 @@ def test_distributed_pipeline_equals_local(served_pipeline):
     assert served_pipeline["remote"].unet.session is None  # closed with the call: servers freed its state
 
 
+def test_servers_announce_the_speed_measured_on_evaluations(served_pipeline):
+    """U-Net levels have no synthetic speed test at start: each server times the evaluations it serves and
+    announces evaluations/s (at batch 2 and the model's sample size) like an LLM span's decode steps/s."""
+    from swarm.rpc import protocol
+    from swarm.rpc.client import call
+
+    _generate(served_pipeline["remote"], served_pipeline["kwargs"])
+    manager = served_pipeline["remote"].unet.manager
+    infos = [manager.loop.run(call(manager.p2p, peer, protocol.INFO, {}, timeout=10))
+             for peer in manager.servers]
+    assert len(infos) == 2
+    for info in infos:
+        assert info["inference_rps"] > 0 and info["forward_tps"] > info["inference_rps"], info
+
+
 def test_odd_latent_size_through_the_swarm(served_pipeline):
     kwargs = {**served_pipeline["kwargs"], "height": 120, "width": 120}  # latents 15 x 15
     out = _generate(served_pipeline["remote"], kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from swarm.rpc import protocol
 from swarm.rpc.framing import write_message
 from swarm.rpc.protocol import RequestError, get_field
 from swarm.server.handler import HandlerBase
+from swarm.server.throughput import SpanSpeed
 from swarm.server.validation import read_block_range, read_tensor
 
 logger = logging.getLogger(__name__)
@@ -43,15 +45,37 @@ class DiffusionSession:
     temb: torch.Tensor | None = None  # of the evaluation in progress
     stashes: dict[int, LevelStash] = field(default_factory=dict)  # skips of the evaluation in progress
     evaluations: int = 0
+    compute_seconds: float = 0.0  # of the evaluation in progress, on the compute thread
+    pixels: int = 0  # batch x height x width of its sample at our first level
 
 
 class UNetHandler(HandlerBase):
+    """Serves U-Net levels. Their speed is measured on the evaluations served (a synthetic run would need each
+    U-Net class's own conditioning inputs): seconds per evaluation over our levels, scaled to a reference size
+    (batch 2, as with classifier-free guidance, at the model's sample size) and averaged (EMA)."""
+
     span: UNetLevels
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.active_sessions = 0
         self.served = {"down": 0, "up": 0}
+        size = self.span.unet.config.get("sample_size") or 64
+        self.reference_pixels = 2 * (size * size if isinstance(size, int) else size[0] * size[1])
+        self.evaluation_seconds: float | None = None  # EMA, at the reference size
+
+    def measured_speed(self) -> SpanSpeed | None:
+        """Evaluations/s over our levels at the reference size, and latent pixels/s (announced like an LLM span's
+        decode steps/s and tokens/s), once some evaluation was served."""
+        if not self.evaluation_seconds:
+            return None
+        return SpanSpeed(inference_rps=1 / self.evaluation_seconds,
+                         forward_tps=self.reference_pixels / self.evaluation_seconds)
+
+    def _evaluated(self, session: DiffusionSession) -> None:
+        seconds = session.compute_seconds * self.reference_pixels / max(session.pixels, 1)
+        old = self.evaluation_seconds
+        self.evaluation_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
         return {**super().rpcs(), protocol.DIFFUSION: self.rpc_diffusion}
@@ -141,6 +165,8 @@ class UNetHandler(HandlerBase):
             self._check_channels(levels, session.start, sample)
             output, sizes, went_up = await self.compute(lambda: self._down(session, levels, sample, temb, sizes))
             self.count("down")
+            if went_up:
+                self._evaluated(session)
             reply = {"sample": self.encode(output, codec), "input_sizes": sizes, "went_up": went_up}
             if session.carry_skips and session.stashes:  # a linear chain's traffic, for comparison
                 reply["skips"] = {str(level): [self.encode(t, codec) for t in stash.skips]
@@ -159,6 +185,7 @@ class UNetHandler(HandlerBase):
             raise RequestError("an 'up' pass needs the 'down' pass of the same evaluation first")
         output = await self.compute(lambda: self._up(session, levels, sample, sizes))
         self.count("up")
+        self._evaluated(session)
         return {"sample": self.encode(output, codec)}
 
     @staticmethod
@@ -175,6 +202,7 @@ class UNetHandler(HandlerBase):
     def _down(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, temb: torch.Tensor,
               sizes: list) -> tuple[torch.Tensor, list, bool]:
         sizes, stashes = [list(s) for s in sizes], {}
+        started, session.pixels = time.perf_counter(), sample.shape[0] * sample.shape[-2] * sample.shape[-1]
         with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
             for level in range(session.start, session.end):
                 if level < levels.n:
@@ -183,6 +211,7 @@ class UNetHandler(HandlerBase):
                 if stash is not None:
                     stashes[level] = stash
         session.temb, session.stashes = temb, stashes
+        session.compute_seconds = time.perf_counter() - started
         went_up = session.end == levels.n + 1  # we hold the mid level: go straight back up through our levels
         if went_up:
             sample = UNetHandler._up(session, levels, sample, sizes)
@@ -190,6 +219,7 @@ class UNetHandler(HandlerBase):
 
     @staticmethod
     def _up(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, sizes: list) -> torch.Tensor:
+        started = time.perf_counter()
         with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
             for level in reversed(range(session.start, min(session.end, levels.n))):
                 size = levels.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
@@ -197,4 +227,5 @@ class UNetHandler(HandlerBase):
                                    session.stashes.pop(level), size)
         session.temb = None
         session.evaluations += 1
+        session.compute_seconds += time.perf_counter() - started
         return sample

@@ -26,6 +26,7 @@ from swarm.server.admission import Admission, PeerLimits, RateLimited, Refused
 from swarm.server.batching import DecodeBatcher, DecodeStep
 from swarm.server.inference import accept_push, serve_session
 from swarm.server.sessions import SessionTable
+from swarm.server.throughput import SpanSpeed
 from swarm.server.validation import (
     read_attention_mask,
     read_block_range,
@@ -63,6 +64,8 @@ class HandlerBase:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.pending = 0  # requests waiting for or running on the compute thread
         self.served: dict[str, int] = {}  # requests answered, by kind, shown by info
+        self.steps_served = 0  # inference steps (transformer blocks only), shown by info
+        self.pushes: dict[str, int] = {}  # server-to-server hand-offs (transformer blocks only), shown by info
         self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
         self.settlement = None  # a SessionSettlement with --settlement (swarm/server/settlement.py)
         if self.faults.active:
@@ -70,6 +73,10 @@ class HandlerBase:
 
     def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
         return {protocol.INFO: self.rpc_info}
+
+    def measured_speed(self) -> SpanSpeed | None:
+        """A speed measured on the requests served, for spans not measured at start (U-Net levels)."""
+        return None
 
     async def register(self, p2p: P2P) -> None:
         self.p2p = p2p  # also for calling other servers (pushes)

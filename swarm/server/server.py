@@ -88,7 +88,8 @@ class Server:
     # ---- what we announce
 
     def info(self, state: ServerState | None = None, span: tuple[int, int] | None = None) -> ServerInfo:
-        cfg, speed = self.config, self.speed
+        cfg = self.config
+        speed = self.speed or (self.handler.measured_speed() if self.handler else None)
         start, end = span or (self.start, self.end)
         return ServerInfo(
             state=state if state is not None else self.state, start=start, end=end, dtype=cfg.dtype,
@@ -242,7 +243,7 @@ class Server:
             value = float(self.config.throughput)
             return SpanSpeed(inference_rps=value, forward_tps=value)
         if self.is_unet:
-            return None  # not measured for U-Net levels yet: routing then goes by RTT and load
+            return None  # measured on the evaluations served instead (UNetHandler.measured_speed)
         return get_span_speed(self.span, self.model_id, force=self.config.throughput == "eval")
 
     # ---- measurements of the swarm around us
