@@ -174,3 +174,83 @@ def test_rebalancing_closes_two_separate_holes():
             if target is not None:
                 servers[peer] = ServerInfo(ServerState.ONLINE, *target, throughput=100.0)
     assert (block_throughputs(servers, 12) > 0).all()
+
+
+# ---- pushed decoding: link costs between servers from their announced RTTs
+
+
+def test_random_swarm_announces_rtts_to_the_servers_after_each_span():
+    announced = 0
+    for seed in range(10):
+        num_blocks, servers, _ = small_swarm(seed)
+        for info in servers.values():
+            assert len(info.next_pings) <= 5
+            if info.state != ServerState.ONLINE or info.end == num_blocks:
+                assert info.next_pings == {}
+            for peer, rtt in info.next_pings.items():
+                after = servers[peer]
+                assert after.state == ServerState.ONLINE and after.start <= info.end < after.end and rtt > 0
+            announced += len(info.next_pings)
+    assert announced > 0
+    assert all(not info.next_pings for info in random_swarm(10, 8, 1, next_pings=0)[0].values())
+
+
+def all_pushed_chain_costs(model: CostModel, block: int, end: int, steps: tuple = ()):
+    """The cost of every valid chain from ``block`` to ``end`` with push, each costed as a whole."""
+    if block == end:
+        yield chain_cost(model.chain(list(steps)))
+        return
+    for i in range(len(model.peers)):
+        if model.starts[i] <= block < model.ends[i]:
+            stop = min(int(model.ends[i]), end)
+            yield from all_pushed_chain_costs(model, stop, end, (*steps, (i, block, stop)))
+
+
+def test_exhaustive_pushed_search_matches_brute_force_enumeration():
+    push = RouteRequest(push=True)
+    for seed in range(20):
+        servers, stats = random_swarm(6, 6, seed)
+        model = CostModel.build(servers, stats, RoutingPolicy(), push)
+        for start, end in ((0, 6), (1, 5)):
+            best = exhaustive_best_cost(servers, stats, None, push, start, end)
+            assert math.isclose(min(all_pushed_chain_costs(model, start, end)), best, rel_tol=1e-12)
+
+
+def test_pushed_find_chain_is_optimal_on_small_swarms():
+    rng = np.random.default_rng(9)
+    fewer_than_relayed = 0
+    for seed in range(50):
+        num_blocks, servers, stats = small_swarm(seed)
+        policy = RoutingPolicy(latency_weight=float(rng.uniform(0.2, 3)), compute_weight=float(rng.uniform(0, 3)))
+        request = RouteRequest(push=True, max_length=512)
+        for start, end in ((0, num_blocks), sorted(rng.choice(num_blocks + 1, 2, replace=False).tolist())):
+            hops = find_chain(servers, start, end, stats=stats, policy=policy, request=request)
+            assert chain_problems(hops, servers, start, end) == []
+            best = exhaustive_best_cost(servers, stats, policy, request, start, end)
+            assert abs(chain_cost(hops) - best) <= 1e-9, (seed, start, end)
+            relayed = exhaustive_best_cost(servers, stats, policy, None, start, end)
+            fewer_than_relayed += best < relayed - 1e-9
+            _, random_cost = random_valid_chain(servers, start, end, rng, stats=stats, policy=policy,
+                                                request=request)
+            assert random_cost >= best - 1e-12
+    assert fewer_than_relayed > 0  # the announced links do shorten some steps
+
+
+def test_push_without_announcements_costs_what_relaying_costs():
+    for seed in range(20):
+        num_blocks, _, _ = small_swarm(seed)
+        servers, stats = random_swarm(*swarm_args(seed), next_pings=0)
+        relayed = chain_cost(find_chain(servers, 0, num_blocks, stats=stats))
+        assert math.isclose(chain_cost(find_chain(servers, 0, num_blocks, stats=stats,
+                                                  request=RouteRequest(push=True))), relayed, rel_tol=1e-12)
+        assert math.isclose(exhaustive_best_cost(servers, stats, None, RouteRequest(push=True), 0, num_blocks),
+                            relayed, rel_tol=1e-12)
+
+
+def test_pushed_routing_at_1000_servers_returns_a_valid_chain():
+    servers, stats = random_swarm(80, 1000, seed=11)
+    hops = find_chain(servers, 0, 80, stats=stats, request=RouteRequest(push=True))
+    assert chain_problems(hops, servers, 0, 80) == []
+    rng = np.random.default_rng(0)
+    assert chain_cost(hops) < min(random_valid_chain(servers, 0, 80, rng, stats=stats,
+                                                     request=RouteRequest(push=True))[1] for _ in range(5))

@@ -239,7 +239,9 @@ class InferenceSession:
         and the chain chosen again, up to ``max_retries`` times."""
         config, failures = self.manager.config, 0
         while True:
-            request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length)
+            # With push, links between servers cost the RTTs they announced (next_pings), not the client's.
+            request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length,
+                                   push=config.push)
             chain, opened = await self.manager.route(start, end, request), []
             try:
                 for hop in chain:

@@ -124,7 +124,9 @@ class DistributedPreTrainedModel(PreTrainedModel):
 
     def explain_route(self, request: RouteRequest | None = None) -> list[dict]:
         """The chain a request would take now, each hop with its expected costs in seconds (network, compute,
-        queue, overhead, reliability, total), for people and for the health page."""
+        queue, overhead, reliability, total; network split into the trip of its input and of its output to the
+        client, which with push depend on its neighbours), for people and for the health page. The totals add up
+        to the chain's cost. By default, a decoding step's chain (pushed if the client's config says so)."""
         return [hop.explain() for hop in self.get_remote().explain_route(request)]
 
 

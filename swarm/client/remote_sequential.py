@@ -72,7 +72,9 @@ class RemoteSequential(nn.Module):
         return [hop.span for hop in self.explain_route()]
 
     def explain_route(self, request: RouteRequest | None = None) -> list[Hop]:
-        """The chain a request would take now, each hop with its expected costs (``hop.explain()``: a dict)."""
+        """The chain a request would take now, each hop with its expected costs (``hop.explain()``: a dict); by
+        default a decoding step's, pushed from server to server if the client's config says so."""
+        request = request or RouteRequest(push=self.manager.config.push)
         return self.manager.loop.run(self.manager.route(None, self.num_blocks, request))
 
     def shutdown(self) -> None:

@@ -1,7 +1,8 @@
 """Synthetic swarms run through the project's real routing (``swarm.client.routing``) and block choice
 (``swarm.server.block_selection``), with no processes and no network.
 
-- ``random_swarm``: heterogeneous servers (fast GPUs to slow CPUs, near and far) covering every block.
+- ``random_swarm``: heterogeneous servers (fast GPUs to slow CPUs, near and far) covering every block, with the
+  RTTs they announce to the servers after their span (``next_pings``, for routing pushed decoding).
 - ``exhaustive_best_cost``: the true cheapest chain's cost, by searching every valid chain (small swarms only).
 - ``random_valid_chain``: a chain picked at random among valid ones, the "no routing" baseline.
 - ``chain_problems``: why a chain is not a valid answer to a request (empty if it is).
@@ -54,14 +55,17 @@ def _random_server(rng: np.random.Generator, start: int, length: int, block_seco
 
 def random_swarm(num_blocks: int, num_servers: int, seed: int, *, max_span: int | None = None,
                  block_seconds: tuple[float, float] = (0.001, 0.1), rtt_seconds: tuple[float, float] = (0.005, 0.2),
-                 offline_prob: float = 0.05, unpinged_prob: float = 0.1,
-                 failure_prob: float = 0.1) -> tuple[dict[str, ServerInfo], dict[str, PeerStats]]:
+                 offline_prob: float = 0.05, unpinged_prob: float = 0.1, failure_prob: float = 0.1,
+                 next_pings: int = 5,
+                 detour: tuple[float, float] = (0.8, 1.5)) -> tuple[dict[str, ServerInfo], dict[str, PeerStats]]:
     """``num_servers`` random servers (plus, if needed, a few more so that every block has an online holder) and
     the client's measurements of them. The same seed gives the same swarm.
 
     Span lengths are uniform in [1, ``max_span``] (default: half the model); a server's decode time per block is
     log-uniform in ``block_seconds`` and its RTT log-uniform in ``rtt_seconds``. Some servers are offline (routing
     must skip them), some were never pinged (routing falls back to the typical RTT), some failed us recently.
+    Each online server announces its RTT to up to ``next_pings`` online servers holding the block after its span,
+    taken from ``server_rtts`` (``detour``: see there).
     """
     rng = np.random.default_rng(seed)
     max_span = max(1, min(num_blocks, max_span or num_blocks // 2))
@@ -88,7 +92,48 @@ def random_swarm(num_blocks: int, num_servers: int, seed: int, *, max_span: int 
         overhead = float(rng.uniform(0.0, 0.005))  # serialization and scheduling beyond RTT + compute
         failures = float(rng.uniform(0.1, 1.0)) if rng.random() < failure_prob else 0.0
         stats[peer] = PeerStats(rtt=rtt, overhead=overhead, failures=failures)
+    if next_pings:
+        _announce_next_pings(servers, stats, num_blocks, seed, next_pings, rtt_seconds, detour)
     return servers, stats
+
+
+def server_rtts(client_rtts: np.ndarray, angles: np.ndarray, detour: tuple[float, float], rng: np.random.Generator,
+                senders: np.ndarray, receivers: np.ndarray) -> np.ndarray:
+    """RTTs between servers ``senders[k]`` and ``receivers[k]``, from a latency model around the client.
+
+    Server i sits on a plane at distance ``client_rtts[i]`` from the client, at angle ``angles[i]``; two servers'
+    RTT is their distance times a random detour factor, log-uniform in ``detour``. Near each other is fast and on
+    opposite sides of the client is slow; a factor above 1 makes some direct links slower than going through the
+    client (real networks break the triangle inequality too), so routing cannot assume that pushing always wins.
+    """
+    x, y = client_rtts * np.cos(angles), client_rtts * np.sin(angles)
+    distance = np.hypot(x[senders] - x[receivers], y[senders] - y[receivers])
+    factor = np.exp(rng.uniform(np.log(detour[0]), np.log(detour[1]), len(senders)))
+    return np.maximum(distance * factor, 1e-4)  # two servers in one room still take a little
+
+
+def _announce_next_pings(servers: dict[str, ServerInfo], stats: dict[str, PeerStats], num_blocks: int, seed: int,
+                         per_server: int, rtt_seconds: tuple[float, float], detour: tuple[float, float]) -> None:
+    # A generator of its own, so that the draws above (and every figure computed from them) stay as they were.
+    rng = np.random.default_rng([seed, 1])
+    peers = list(servers)
+    infos = [servers[p] for p in peers]
+    # The servers' true distances: what the client measured, or, for those it never pinged, what it would measure.
+    truth = np.array([stats[p].rtt if stats[p].rtt is not None else _log_uniform(rng, *rtt_seconds) for p in peers])
+    angles = rng.uniform(0.0, 2 * np.pi, len(peers))
+    online = np.array([info.state == ServerState.ONLINE for info in infos])
+    starts = np.array([info.start for info in infos])
+    ends = np.array([info.end for info in infos])
+    holders = [np.nonzero(online & (starts <= block) & (ends > block))[0] for block in range(num_blocks)]
+    senders, receivers = [], []
+    for i, info in enumerate(infos):  # as a server does: a few random online holders of the block after its span
+        if online[i] and info.end < num_blocks and len(holders[info.end]):
+            chosen = rng.choice(holders[info.end], min(per_server, len(holders[info.end])), replace=False)
+            senders.extend([i] * len(chosen)), receivers.extend(chosen.tolist())
+    rtts = server_rtts(truth, angles, detour, rng, np.array(senders, dtype=np.int64),
+                       np.array(receivers, dtype=np.int64))
+    for i, j, rtt in zip(senders, receivers, rtts.tolist(), strict=True):
+        infos[i].next_pings[peers[j]] = rtt
 
 
 # ---- judging routes
@@ -107,12 +152,29 @@ def exhaustive_best_cost(servers: dict[str, ServerInfo], stats: dict[str, PeerSt
 
     A chain is a sequence of hops; a hop enters a usable server at any block of its span and runs to
     min(span end, ``end``). Depth-first over the next block to reach, with memoization: the cheapest way on from
-    a block does not depend on how the chain got there, so this is exact while visiting each block once.
-    Plain Python over ``CostModel`` arrays, independent of the vectorized search it checks.
+    a block does not depend on how the chain got there (with push: on which server it got there with, since a link
+    costs what its two ends make it), so this is exact while visiting each state once. Plain Python over
+    ``CostModel`` arrays and its pairwise ``link`` costs, independent of the vectorized search it checks.
     """
     model = _cost_model(servers, stats, policy, request, failure_cost)
-    fixed = model.network + model.queue + model.reliability + model.overhead
     holders = _holders(model, start, end)
+    if model.push:
+        rest = model.queue + model.reliability + model.overhead
+
+        @functools.cache
+        def cheapest_after(block: int, previous: int | None) -> float:
+            if block == end:
+                return model.link(previous, None)
+            best = float("inf")
+            for i in holders[block - start]:
+                stop = min(int(model.ends[i]), end)
+                hop = model.link(previous, i) + float(rest[i]) + float(model.per_block[i]) * (stop - block)
+                best = min(best, hop + cheapest_after(stop, i))
+            return best
+
+        return cheapest_after(start, None)
+
+    fixed = model.network + model.queue + model.reliability + model.overhead
 
     @functools.cache
     def cheapest_from(block: int) -> float:
@@ -159,20 +221,21 @@ def random_valid_chain(servers: dict[str, ServerInfo], start: int, end: int, rng
     """
     model = _cost_model(servers, stats, policy, request, failure_cost)
     holders = _holders(model, start, end)
-    hops: list[Hop] = []
+    steps: list[tuple[int, int, int]] = []
     block = start
     while block < end:
         if not holders[block - start]:
             raise MissingBlocksError(f"no usable server holds block {block}")
         i = holders[block - start][int(rng.integers(len(holders[block - start])))]
         stop = min(int(model.ends[i]), end)
-        hops.append(model.hop(i, block, stop))
+        steps.append((i, block, stop))
         block = stop
+    hops = model.chain(steps)  # costed as a whole: with push, a hop's network time depends on its neighbours
     return hops, chain_cost(hops)
 
 
 def chain_cost(hops: list[Hop]) -> float:
-    """Seconds one step takes through the chain, as routing predicts it."""
+    """Seconds one step takes through the chain, as routing predicts it (hops as ``CostModel.chain`` costs them)."""
     return float(sum(hop.cost for hop in hops))
 
 
