@@ -17,7 +17,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def _own_group_for_p2pd() -> None:
-    """Make hivemind start its p2pd daemon in a process group of its own.
+    """Make hivemind start its p2pd daemon in a session (and so a process group) of its own.
 
     In the caller's group, a terminal's Ctrl-C (SIGINT to the whole foreground group) could stop the daemon at once,
     racing the server's offline announcement through it, or leave an interactive client (the chat's "Ctrl-C stops
@@ -31,7 +31,7 @@ def _own_group_for_p2pd() -> None:
 
     async def create_subprocess_exec(program, *args, **kwargs):
         if str(program).endswith("p2pd"):
-            kwargs.setdefault("process_group", 0)
+            kwargs.setdefault("start_new_session", True)  # uvloop (uvicorn's loop) has no process_group
         return await original(program, *args, **kwargs)
 
     create_subprocess_exec._swarm_p2pd = True
