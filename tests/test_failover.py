@@ -114,3 +114,25 @@ def test_no_server_left_for_a_block_fails_within_a_bound(swarm):
         assert time.monotonic() - started < 30
     finally:
         model.shutdown()
+
+
+def test_an_error_the_request_causes_is_reported_and_bans_nobody(tiny_model, tmp_path):
+    """A server refusing a request (here: over its message size limit) with no other server to try: the caller
+    gets the server's own message, not a routing error, and the server is not banned for it."""
+    path = tiny_model("llama")
+    with LocalSwarm(tmp_path) as launcher:
+        first = launcher.start_server(path, "0:6", [], "--max-message-mb", "0.05")
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],
+                                                                compression="none")
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        try:
+            with pytest.raises(RuntimeError, match="exceeds the limit"):
+                model(torch.randint(3, VOCAB, (1, 400)))
+            with pytest.raises(RuntimeError, match="exceeds the limit"):
+                model.generate(torch.randint(3, VOCAB, (1, 400)), max_new_tokens=2, **GREEDY)
+            assert not model.get_remote().manager.banned()
+            ids = torch.randint(3, VOCAB, (1, 6))  # small requests still go through
+            assert torch.equal(model.generate(ids, max_new_tokens=4, **GREEDY),
+                               local.generate(ids, max_new_tokens=4, **GREEDY))
+        finally:
+            model.shutdown()

@@ -102,3 +102,29 @@ def test_hidden_states_model_equals_local(family_swarm):
         assert torch.allclose(hidden[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
     finally:
         model.shutdown()
+
+
+def test_generate_from_inputs_embeds_equals_local(family_swarm):
+    """generate(inputs_embeds=...): the history is embeddings, then generated tokens (which transformers passes
+    without the embedded part); only the unseen positions go to the servers."""
+    ids, _ = _prompts(1, 7, seed=5)
+    model, local = family_swarm["two_hops"], family_swarm["local"]
+    embeds = local.get_input_embeddings()(ids).detach()
+    out = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(out, local.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False,
+                                           eos_token_id=None))
+
+
+def test_edited_history_in_a_session_equals_local(family_swarm):
+    """A session whose next input edits its history rewinds to the common prefix. Qwen2's sliding-window layers
+    (window 16 here) cannot be cut back once 20 positions went through: the hop is rebuilt from the history the
+    client keeps, on the same server, which is not banned for it."""
+    model, local = family_swarm["two_hops"], family_swarm["local"]
+    greedy = dict(do_sample=False, eos_token_id=None)
+    ids, _ = _prompts(1, 12, seed=6)
+    with model.inference_session(max_length=64):
+        first = model.generate(ids, max_new_tokens=8, **greedy)
+        edited = torch.cat([first[:, :5], _prompts(1, 3, seed=7)[0]], dim=1)
+        again = model.generate(edited, max_new_tokens=4, **greedy)
+    assert torch.equal(again, local.generate(edited, max_new_tokens=4, **greedy))
+    assert not model.get_remote().manager.banned()

@@ -94,6 +94,11 @@ def cache_layer_lengths(cache: DynamicCache) -> list[int]:
     return [layer.get_seq_length() for layer in cache.layers]
 
 
+# A sliding-window layer that already dropped positions cannot be cut back to them: clients rebuild the session
+# from the history they keep (swarm/client/inference_session.py) when a server's error says so.
+REWIND_REFUSED = "cannot rewind this cache"
+
+
 def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Drop every cached position at or after ``length``, layer by layer.
 
@@ -105,7 +110,7 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
             try:
                 layer.crop(-extra)
             except RuntimeError as e:  # a sliding-window layer that already dropped those positions
-                raise ValueError(f"cannot rewind this cache to position {length}: {e}") from e
+                raise ValueError(f"{REWIND_REFUSED} to position {length}: {e}") from e
 
 
 def reorder_cache(cache: DynamicCache, rows: torch.Tensor) -> None:

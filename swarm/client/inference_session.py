@@ -19,7 +19,7 @@ import torch
 
 from swarm.blocks import compat
 from swarm.client.hop_session import HopSession
-from swarm.client.routing import RemoteSpan, RouteRequest
+from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.verification import Verdict, check_output
 from swarm.compression import deserialize_tensor, serialize_tensor
@@ -147,7 +147,7 @@ class InferenceSession:
         received: dict[HopSession, dict] = {}
         payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs travel as they are
         await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
-        failures, index, last_error, relinked = 0, 0, None, False
+        failures, index, last_error, relinked, rebuilt = 0, 0, None, False, set()
         while index < len(self.hops):
             hop = self.hops[index]
             started = time.perf_counter()
@@ -157,15 +157,31 @@ class InferenceSession:
                 pushed = reply.get("pushing") and await hop.receive_push_status(
                     step_id, config.request_timeout + PUSH_TIMEOUT)
             except (PeerUnavailable, RemoteError) as e:
+                if isinstance(e, RemoteError) and compat.REWIND_REFUSED in str(e) and index not in rebuilt:
+                    # An edited history reaches back past a sliding window the server already dropped: not a
+                    # fault. A new session for these blocks gets the history the client kept, then the step.
+                    rebuilt.add(index)
+                    relinked = True
+                    await self._replace_hop(index, ban=False)
+                    await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
+                    continue
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
                 # its replacement repeats on the same step is ours to report.
                 failures += 1
-                if failures > config.max_retries or (isinstance(e, RemoteError) and isinstance(last_error,
-                                                                                              RemoteError)):
+                repeated = isinstance(e, RemoteError) and isinstance(last_error, RemoteError)
+                if failures > config.max_retries or repeated:
+                    if repeated:  # the request's fault, not the first server's
+                        self.manager.forgive(last_error.peer or "")
                     raise
                 last_error, relinked = e, True
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
-                await self._replace_hop(index)
+                try:
+                    await self._replace_hop(index)
+                except MissingBlocksError as missing:
+                    if isinstance(e, RemoteError):  # nobody else to ask: report what the server said
+                        self.manager.forgive(hop.span.peer_id)
+                        raise e from missing
+                    raise
                 await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
                 continue
             if hidden.shape[1] == 1 and not push:  # decode steps calibrate the per-hop overhead routing expects
@@ -260,16 +276,23 @@ class InferenceSession:
                 logger.warning(f"Cannot open a session on {chain[len(opened)].span} ({e}); choosing another server")
                 self.manager.ban(getattr(e, "peer", None) or chain[len(opened)].span.peer_id)
 
-    async def _replace_hop(self, index: int) -> None:
-        """Route the failed hop's blocks to other servers and replay its history there (one prefill each)."""
+    async def _replace_hop(self, index: int, ban: bool = True) -> None:
+        """Route the failed hop's blocks to other servers and replay its history there (one prefill each).
+        ``ban=False``: the server did nothing wrong and may be chosen again (for a fresh session)."""
         started = time.perf_counter()
         failed = self.hops.pop(index)
         failed.stream.close()
-        self.manager.ban(failed.span.peer_id)
+        if ban:
+            self.manager.ban(failed.span.peer_id)
         upstream = self.hops[index - 1].span.peer_id if index else None
         failures = 0
         while True:
-            hops = await self._open_chain(failed.span.start, failed.span.end, upstream)
+            try:
+                hops = await self._open_chain(failed.span.start, failed.span.end, upstream)
+            except MissingBlocksError:
+                # Keep the chain's shape: the next step finds the stream closed and tries again from the history.
+                self.hops.insert(index, failed)
+                raise
             try:
                 await self._replay(hops, failed.inputs)
             except (PeerUnavailable, RemoteError) as e:

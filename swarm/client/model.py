@@ -265,6 +265,13 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None and session.position == 0:
             new = {"inputs_embeds": inputs_embeds}
             tokens = inputs_embeds.shape[1]
+        elif inputs_embeds is not None and session.token_ids is None:
+            # Generating from embeddings: input_ids holds only the tokens generated after them.
+            tokens = inputs_embeds.shape[1] + input_ids.shape[1] - session.position
+            if not 0 < tokens <= input_ids.shape[1]:
+                raise ValueError(f"the session holds {session.position} positions, which does not match "
+                                 f"{inputs_embeds.shape[1]} embedded + {input_ids.shape[1]} generated positions")
+            new = {"input_ids": input_ids[:, input_ids.shape[1] - tokens:]}
         else:
             start = self._sync_session(session, input_ids)
             new = {"input_ids": input_ids[:, start:]}

@@ -109,6 +109,14 @@ class SequenceManager:
         self.stats_for(peer).failures += 1.0
         self.last_update = -math.inf  # refresh the view before the next chain
 
+    def forgive(self, peer: str) -> None:
+        """Undo the ban of a server whose error turned out to be the request's fault (another server refused it
+        too, or no other server could be tried): it should keep serving this client's other requests."""
+        self.consecutive_failures.pop(peer, None)
+        self.banned_until.pop(peer, None)
+        stats = self.stats_for(peer)
+        stats.failures = max(0.0, stats.failures - 1.0)
+
     def strike(self, peer: str) -> None:
         """A redundant check found this server's output wrong: its reputation drops (see routing's max_strikes)."""
         self._decay_failures()
