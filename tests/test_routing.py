@@ -104,6 +104,16 @@ def test_block_choice_fills_the_weakest_blocks():
     assert list(block_throughputs(servers, 6)) == [1000.0] * 6
 
 
+def test_servers_not_measured_yet_count_as_the_median():
+    """U-Net servers announce no throughput before their first evaluation: a server joining next to them must
+    still see their blocks as covered, not pile onto the same span."""
+    unmeasured = {"a": server(0, 2, throughput=None)}
+    assert choose_span(unmeasured, 3, 2, own_throughput=1.0) == (1, 3)
+    assert list(block_throughputs(unmeasured, 3)) == [1.0, 1.0, 0.0]
+    mixed = {"a": server(0, 2, throughput=None), "b": server(2, 4), "c": server(4, 6, throughput=3000.0)}
+    assert list(block_throughputs(mixed, 6)) == [2000.0] * 2 + [1000.0] * 2 + [3000.0] * 2  # a: the median
+
+
 def test_should_move_only_for_a_clear_gain():
     servers = {"a": server(0, 3), "b": server(0, 3), "d": server(0, 3), "c": server(3, 6)}
     # three servers on 0:3, one on 3:6: moving "b" doubles the weakest block (1000 -> 2000 tokens/s)

@@ -15,11 +15,15 @@ MOVE_MARGIN = 1.2  # move only if the weakest block gets this much faster (stay 
 
 
 def block_throughputs(servers: dict[str, ServerInfo], num_blocks: int, exclude: str | None = None) -> np.ndarray:
-    """Per block, the total throughput of the servers (other than ``exclude``) that hold it."""
+    """Per block, the total throughput of the servers (other than ``exclude``) that hold it. A server that has not
+    announced a throughput yet (a U-Net server before its first evaluation) counts as the median of those that did:
+    counted as zero, servers joining together all saw the same empty swarm and piled onto the same blocks."""
+    known = [info.throughput for info in servers.values() if info.throughput]
+    unknown = float(np.median(known)) if known else 1.0
     totals = np.zeros(num_blocks)
     for peer, info in sorted(servers.items()):  # sorted: float sums independent of dict order
         if peer != exclude and info.state in (ServerState.ONLINE, ServerState.JOINING):
-            totals[info.start : min(info.end, num_blocks)] += info.throughput or 0.0
+            totals[info.start : min(info.end, num_blocks)] += info.throughput or unknown
     return totals
 
 
