@@ -147,11 +147,13 @@ class UNetLevels(nn.Module):
         self.unet, self.start, self.end = unet, start, end
         self.n = len(unet.down_blocks)
         self.compute_device = torch.device("cpu")  # where the loaded blocks live (the rest stays on meta)
+        self.compute_dtype = torch.float32  # what they compute in
 
     def _on_device(self, value):
-        """Requests arrive on the CPU; a CUDA server computes on its GPU."""
+        """Requests arrive on the CPU in the client's dtype; a CUDA server computes on its GPU, a bfloat16 server
+        in bfloat16 (the handler casts outputs back)."""
         if isinstance(value, torch.Tensor):
-            return value.to(self.compute_device)
+            return value.to(self.compute_device, self.compute_dtype if value.is_floating_point() else value.dtype)
         if isinstance(value, dict):
             return {key: self._on_device(item) for key, item in value.items()}
         return value
@@ -173,7 +175,7 @@ class UNetLevels(nn.Module):
                 module = unet.get_submodule(path).to(dtype).to_empty(device=device)
                 module.load_state_dict(checkpoint.load_module(path, dtype), strict=True)
         levels = cls(unet, start, end).eval()
-        levels.compute_device = torch.device(device)
+        levels.compute_device, levels.compute_dtype = torch.device(device), dtype
         levels.requires_grad_(False)
         latent_shift.install(levels)  # inactive unless a session asks for it
         levels.opened_files = sorted(checkpoint.opened_files)

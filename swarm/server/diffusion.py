@@ -167,7 +167,7 @@ class UNetHandler(HandlerBase):
             self.count("down")
             if went_up:
                 self._evaluated(session)
-            reply = {"sample": self.encode(output, codec), "input_sizes": sizes, "went_up": went_up}
+            reply = {"sample": self.encode(output.to(sample.dtype), codec), "input_sizes": sizes, "went_up": went_up}
             if session.carry_skips and session.stashes:  # a linear chain's traffic, for comparison
                 reply["skips"] = {str(level): [self.encode(t, codec) for t in stash.skips]
                                   for level, stash in session.stashes.items()}
@@ -186,7 +186,7 @@ class UNetHandler(HandlerBase):
         output = await self.compute(lambda: self._up(session, levels, sample, sizes))
         self.count("up")
         self._evaluated(session)
-        return {"sample": self.encode(output, codec)}
+        return {"sample": self.encode(output.to(sample.dtype), codec)}
 
     @staticmethod
     def _check_channels(levels: UNetLevels, level: int, sample: torch.Tensor) -> None:
