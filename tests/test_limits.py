@@ -249,8 +249,10 @@ def test_steps_and_links_for_another_peers_session_are_refused(peers, server, sp
             "session_id": victim.session_id, "step": victim.step_message(torch.randn(1, 1, HIDDEN), 3)}, timeout=10))
     attacker.close()
 
-    # the victim's session went on as if nothing had happened
-    assert torch.allclose(victim.step(sequence[:, 3:], 3), span(sequence, torch.arange(6)[None])[:, 3:], atol=1e-5)
+    # the victim's session went on as if nothing had happened (cached steps vs one full forward: float rounding
+    # only, seen up to 3.2e-5 on hidden states of magnitude ~10; an attacker's step in the cache would be off by O(1))
+    output, expected = victim.step(sequence[:, 3:], 3), span(sequence, torch.arange(6)[None])[:, 3:]
+    assert torch.allclose(output, expected, atol=1e-4)
     victim.close()
 
 
