@@ -271,3 +271,60 @@ def test_bfloat16_servers_serve_a_float32_pipeline(tmp_path, models_dir):
             remote.unet.shutdown()
     ref = _generate(DiffusionPipeline.from_pretrained(path), dict(height=64, width=64)).images
     assert abs(out - ref).max() < 0.1  # bfloat16 blocks, 8-bit between servers (observed 0.03)
+
+
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
+def test_malformed_evaluations_get_clear_errors_and_the_session_goes_on(served_pipeline):
+    """Requests that would reach the blocks with inputs they cannot take are refused with a message saying why;
+    the session stays usable and a valid evaluation still equals the local blocks."""
+    from swarm.blocks.unet import run_head
+    from swarm.compression import deserialize_tensor, serialize_tensor
+    from swarm.rpc import protocol
+    from swarm.rpc.client import RemoteError, Stream
+
+    local = served_pipeline["local"].unet
+    sample, timestep, ehs = _one_evaluation(served_pipeline["local"])
+    with torch.no_grad():
+        head = run_head(local, sample, timestep, ehs)
+        expected, _ = local.down_blocks[0](hidden_states=head.sample, temb=head.temb,
+                                           encoder_hidden_states=head.encoder_hidden_states)
+
+    def down(x: torch.Tensor = head.sample, temb: torch.Tensor = head.temb) -> dict:
+        return {"type": "down", "step_id": 1, "sample": serialize_tensor(x), "temb": serialize_tensor(temb),
+                "input_sizes": [], "output_codec": "none"}
+
+    manager = served_pipeline["remote"].unet.manager
+    peer = served_pipeline["peers"][0].rsplit("/p2p/", 1)[1]  # holds level 0 only
+
+    async def exchange() -> None:
+        stream = await Stream.open(manager.p2p, peer, protocol.DIFFUSION, 10)
+        try:
+            with pytest.raises(RemoteError, match="attends to 32"):
+                await stream.request({"type": "open", "start": 0, "end": 1, "output_codec": "none",
+                                      "encoder_hidden_states": serialize_tensor(torch.randn(2, 77, 999))}, 10)
+        finally:
+            stream.close()
+        stream = await Stream.open(manager.p2p, peer, protocol.DIFFUSION, 10)
+        try:
+            await stream.request({"type": "open", "start": 0, "end": 1, "output_codec": "none",
+                                  "encoder_hidden_states": serialize_tensor(head.encoder_hidden_states)}, 10)
+            for message, error in [
+                (down(temb=torch.randn(2, 7)), "temb has width 7"),
+                (down(torch.randn(3, 32, 8, 8), torch.randn(3, head.temb.shape[1])), "differs from the encoder"),
+                (down(torch.randn(1, 1, 1100, 1000), torch.randn(1, head.temb.shape[1])), "must be in 1..."),
+                ({**down(), "type": "up", "sample": serialize_tensor(torch.randn(2, 3, 4, 4)), "input_sizes": [[8, 8]]},
+                 "needs the 'down' pass"),
+            ]:
+                with pytest.raises(RemoteError, match=error):
+                    await stream.request(message, 30)
+            reply = await stream.request(down(head.sample.half()), 30)  # another dtype: cast, answered in it
+            assert deserialize_tensor(reply["sample"]).dtype == torch.float16
+            with pytest.raises(RemoteError, match="do not fit the U-Net's levels"):  # an up that fits no skips
+                await stream.request({**down(), "type": "up", "sample": serialize_tensor(torch.randn(2, 5, 4, 4)),
+                                      "input_sizes": [[8, 8]]}, 30)
+            reply = await stream.request(down(), 30)
+            assert torch.allclose(deserialize_tensor(reply["sample"]), expected, atol=1e-5)
+        finally:
+            stream.close()
+
+    manager.loop.run(exchange())

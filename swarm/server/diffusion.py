@@ -29,6 +29,9 @@ from swarm.server.validation import read_block_range, read_tensor
 logger = logging.getLogger(__name__)
 
 MAX_NUMEL = 2**28  # elements in one tensor of a request
+# batch x height x width of a sample: bounds the compute one evaluation can ask for (SDXL at 1024 px with guidance
+# is 2 x 128 x 128 = 32768; 16 frames of 96 x 96 latents with guidance 294912)
+MAX_SAMPLE_PIXELS = 2**20
 EXTRA_KEYS = {"num_frames": int, "image_only_indicator": "tensor"}  # block arguments a client may set
 
 
@@ -63,6 +66,9 @@ class UNetHandler(HandlerBase):
         size = self.span.unet.config.get("sample_size") or 64
         self.reference_pixels = 2 * (size * size if isinstance(size, int) else size[0] * size[1])
         self.evaluation_seconds: float | None = None  # EMA, at the reference size
+        # What our levels' blocks take, for clear errors before any compute (None: no such layer here)
+        self._temb_width = _first_in_features(self.span, "time_emb_proj")
+        self._cross_attention_width = _cross_attention_width(self.span)
 
     def measured_speed(self) -> SpanSpeed | None:
         """Evaluations/s over our levels at the reference size, and latent pixels/s (announced like an LLM span's
@@ -114,6 +120,9 @@ class UNetHandler(HandlerBase):
         ehs = read_tensor(message, "encoder_hidden_states", MAX_NUMEL, required=False)
         if ehs is not None and (not ehs.is_floating_point() or ehs.dim() != 3 or not torch.isfinite(ehs).all()):
             raise RequestError("encoder_hidden_states must be a finite float tensor (batch, tokens, width)")
+        width = self._cross_attention_width
+        if ehs is not None and width is not None and ehs.shape[-1] != width:
+            raise RequestError(f"encoder_hidden_states have width {ehs.shape[-1]}; this U-Net attends to {width}")
         extra = self._read_extra(message.get("extra") or {})
         frames = get_field(message, "latent_shift_frames", int, default=None)
         if frames is not None and frames <= 0:
@@ -151,6 +160,16 @@ class UNetHandler(HandlerBase):
         if sample.dim() != 4 or not sample.is_floating_point() or not torch.isfinite(sample).all():
             raise RequestError(f"sample must be a finite float tensor (batch, channels, height, width), got "
                                f"{sample.dtype} {list(sample.shape)}")
+        batch, pixels = sample.shape[0], sample.shape[0] * sample.shape[2] * sample.shape[3]
+        if pixels == 0 or pixels > MAX_SAMPLE_PIXELS:
+            raise RequestError(f"sample of {list(sample.shape)}: batch x height x width must be in 1..."
+                               f"{MAX_SAMPLE_PIXELS}")
+        ehs = session.encoder_hidden_states
+        if ehs is not None and ehs.shape[0] != batch:
+            raise RequestError(f"sample batch {batch} differs from the encoder hidden states' {ehs.shape[0]}")
+        if session.latent_shift_frames and batch % session.latent_shift_frames:
+            raise RequestError(f"sample batch {batch} is not a multiple of latent_shift_frames "
+                               f"{session.latent_shift_frames}")
         sizes = message.get("input_sizes")
         if not isinstance(sizes, list) or not all(isinstance(s, list) and len(s) == 2 and
                                                   all(isinstance(d, int) and d > 0 for d in s) for s in sizes):
@@ -162,8 +181,10 @@ class UNetHandler(HandlerBase):
             temb = read_tensor(message, "temb", MAX_NUMEL)
             if temb.dim() != 2 or temb.shape[0] != sample.shape[0] or not torch.isfinite(temb).all():
                 raise RequestError(f"temb must be a finite (batch, width) tensor with batch {sample.shape[0]}")
+            if self._temb_width is not None and temb.shape[1] != self._temb_width:
+                raise RequestError(f"temb has width {temb.shape[1]}; this U-Net's blocks take {self._temb_width}")
             self._check_channels(levels, session.start, sample)
-            output, sizes, went_up = await self.compute(lambda: self._down(session, levels, sample, temb, sizes))
+            output, sizes, went_up = await self._run(lambda: self._down(session, levels, sample, temb, sizes))
             self.count("down")
             if went_up:
                 self._evaluated(session)
@@ -183,10 +204,19 @@ class UNetHandler(HandlerBase):
                 raise RequestError(f"bad skips: {e}") from None
         if session.temb is None or len(sizes) < min(session.end, levels.n):
             raise RequestError("an 'up' pass needs the 'down' pass of the same evaluation first")
-        output = await self.compute(lambda: self._up(session, levels, sample, sizes))
+        output = await self._run(lambda: self._up(session, levels, sample, sizes))
         self.count("up")
         self._evaluated(session)
         return {"sample": self.encode(output.to(sample.dtype), codec)}
+
+    async def _run(self, fn):
+        """The levels on inputs that passed the checks above. What the blocks still cannot take (e.g. an 'up'
+        sample that does not fit the skips kept from the 'down' pass) is the request's fault: an error for this
+        caller, and the session stays usable for its next evaluation."""
+        try:
+            return await self.compute(fn)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise RequestError(f"these inputs do not fit the U-Net's levels: {type(e).__name__}: {e}") from None
 
     @staticmethod
     def _check_channels(levels: UNetLevels, level: int, sample: torch.Tensor) -> None:
@@ -229,3 +259,22 @@ class UNetHandler(HandlerBase):
         session.evaluations += 1
         session.compute_seconds += time.perf_counter() - started
         return sample
+
+
+def _first_in_features(levels: UNetLevels, path: str) -> int | None:
+    """``in_features`` of the first loaded linear layer ending in ``path`` (e.g. ``time_emb_proj``)."""
+    for name, module in levels.named_modules():
+        if (name == path or name.endswith("." + path)) and isinstance(module, torch.nn.Linear):
+            if not module.weight.is_meta:
+                return module.in_features
+    return None
+
+
+def _cross_attention_width(levels: UNetLevels) -> int | None:
+    """What our loaded cross-attention layers take as keys (temporal/motion self-attention does not count)."""
+    for module in levels.modules():
+        to_k = getattr(module, "to_k", None)
+        if getattr(module, "is_cross_attention", False) and isinstance(to_k, torch.nn.Linear) \
+                and not to_k.weight.is_meta:
+            return to_k.in_features
+    return None
