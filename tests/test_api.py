@@ -133,6 +133,18 @@ def test_seeded_sampling_repeats_and_n_gives_several_choices(swarm):
     assert 0 < several.usage.completion_tokens <= 3 * 12
 
 
+def test_tiny_temperatures_and_64_bit_seeds(swarm):
+    """A temperature too small to divide logits by samples greedily (it overflowed to a 500); seeds differing by a
+    multiple of 2**32 (all torch's CPU generator keeps) still draw differently."""
+    client = swarm["client"]
+    tiny = client.completions.create(model="tiny-chat", prompt="Pick a number:", max_tokens=6, temperature=1e-45)
+    greedy = client.completions.create(model="tiny-chat", prompt="Pick a number:", max_tokens=6, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    kwargs = dict(model="tiny-chat", prompt="Pick a number:", max_tokens=12, temperature=1.0)
+    texts = {client.completions.create(**kwargs, seed=seed).choices[0].text for seed in (5, 5 + 2**32, 5 + 2**40)}
+    assert len(texts) == 3
+
+
 def test_concurrent_requests_each_get_their_own_answer(swarm):
     client = swarm["client"]
     prompts = [f"Request number {i} says" for i in range(6)]
@@ -207,6 +219,15 @@ def test_invalid_requests_get_openai_errors_and_the_gateway_keeps_serving(swarm)
     assert caught.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.completions.create(model="tiny-chat", prompt="Hi", presence_penalty=0.5)
+    for unsupported in (dict(tool_choice="auto"), dict(functions=[{"name": "f"}]), dict(parallel_tool_calls=True)):
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                           **unsupported)
+    image = [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]
+    with pytest.raises(openai.BadRequestError, match="only text content parts"):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": image}])
+    with pytest.raises(openai.BadRequestError, match="needs content"):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": None}])
 
     response = client.completions.create(model="tiny-chat", prompt="Still there?", max_tokens=5, temperature=0)
     assert response.choices[0].text == reference(swarm, swarm["tokenizer"]("Still there?")["input_ids"], 5)[0]

@@ -9,6 +9,7 @@ goes away) ends a generation after its current step, which closes its session an
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -163,7 +164,7 @@ class Generator:
         kwargs: dict = dict(max_new_tokens=params.max_new_tokens, do_sample=False,
                             stopping_criteria=StoppingCriteriaList([tracker]),
                             attention_mask=torch.ones_like(prompt))
-        if params.temperature > 0:
+        if params.temperature >= MIN_TEMPERATURE:
             kwargs["logits_processor"] = LogitsProcessorList(
                 [SeededSampler(params.temperature, params.top_p, params.seed)])
         if params.ignore_eos:
@@ -244,6 +245,18 @@ def sendable_length(text: str, stop: Sequence[str]) -> int:
     return end - hold
 
 
+# Below this temperature sampling picks the most likely token anyway, and dividing float32 logits by it overflows
+# to inf (1e-45 gave NaN probabilities): such requests run greedy.
+MIN_TEMPERATURE = 1e-4
+
+
+def generator_seed(seed: int) -> int:
+    """A request's 64-bit seed as the 32 bits torch's CPU generator keeps (mt19937 uses only the low 32 bits, so
+    seeds differing by a multiple of 2**32 drew the same tokens): hashed, so every bit of the seed counts."""
+    digest = hashlib.blake2b(seed.to_bytes(9, "little", signed=True), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
 class SeededSampler(LogitsProcessor):
     """Temperature and nucleus (top-p) sampling with the request's own random generator.
 
@@ -258,7 +271,7 @@ class SeededSampler(LogitsProcessor):
         if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(generator_seed(seed))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float() / self.temperature

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
@@ -130,8 +130,33 @@ class TextPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # None: only for an assistant message (as OpenAI)
     name: str | None = None
+    tool_calls: list[Any] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: object) -> object:
+        # checked first: the union's own error would only say that content "should be a valid string"
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") != "text":
+                    raise ValueError(f"only text content parts are supported by this gateway, got "
+                                     f"{part.get('type')!r}")
+        return content
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list | None) -> None:
+        if value:
+            raise ValueError("tool calls are not supported by this gateway")
+        return None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -147,9 +172,14 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # the older form of tools
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("logprobs", "top_logprobs", "tools")
+    @field_validator("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+                     "parallel_tool_calls")
     @classmethod
     def _unsupported(cls, value: object) -> object:
         if value:
