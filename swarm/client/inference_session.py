@@ -168,20 +168,12 @@ class InferenceSession:
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
                 # its replacement repeats on the same step is ours to report.
                 failures += 1
-                repeated = isinstance(e, RemoteError) and isinstance(last_error, RemoteError)
-                if failures > config.max_retries or repeated:
-                    if repeated:  # the request's fault, not the first server's
-                        self.manager.forgive(last_error.peer or "")
+                if self.manager.request_at_fault(e, last_error) or failures > config.max_retries:
                     raise
                 last_error, relinked = e, True
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
-                try:
+                with self.manager.rerouting_after(e, hop.span.peer_id):
                     await self._replace_hop(index)
-                except MissingBlocksError as missing:
-                    if isinstance(e, RemoteError):  # nobody else to ask: report what the server said
-                        self.manager.forgive(hop.span.peer_id)
-                        raise e from missing
-                    raise
                 await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
                 continue
             if hidden.shape[1] == 1 and not push:  # decode steps calibrate the per-hop overhead routing expects

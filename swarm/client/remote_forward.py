@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest
+from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.verification import check_output
 from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
@@ -63,20 +63,12 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
                                       span_request(span, hidden, position_ids, attention_mask, codec), "hidden")
         except (PeerUnavailable, RemoteError) as e:
             failures += 1
-            repeated = isinstance(e, RemoteError) and isinstance(last_error, RemoteError)
-            if failures > manager.config.max_retries or repeated:
-                if repeated:  # the request's fault, not the first server's
-                    manager.forgive(last_error.peer or "")
+            if manager.request_at_fault(e, last_error) or failures > manager.config.max_retries:
                 raise
             last_error = e
             manager.ban(span.peer_id)
-            try:
+            with manager.rerouting_after(e, span.peer_id):
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
-            except MissingBlocksError as missing:
-                if isinstance(e, RemoteError):  # nobody else to ask: report what the server said
-                    manager.forgive(span.peer_id)
-                    raise e from missing
-                raise
             continue
         if random.random() < manager.config.verify_probability:
             verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,

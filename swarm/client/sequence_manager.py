@@ -8,9 +8,11 @@ statistics (RTT, observed overhead, recent failures), bans a failing server with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 from swarm.client.config import ClientConfig
@@ -29,7 +31,7 @@ from swarm.dht.identity import Identity
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos, merge_records
 from swarm.dht.schema import ServerInfo
-from swarm.rpc.client import measure_rtt
+from swarm.rpc.client import RemoteError, measure_rtt
 from swarm.settlement import load_backend
 from swarm.utils.loop_thread import LoopThread
 
@@ -116,6 +118,26 @@ class SequenceManager:
         self.banned_until.pop(peer, None)
         stats = self.stats_for(peer)
         stats.failures = max(0.0, stats.failures - 1.0)
+
+    def request_at_fault(self, error: Exception, last_error: Exception | None) -> bool:
+        """Whether a server's refusal repeats the refusal of the server it replaced on the same request: then the
+        request is at fault, and the first server is not held responsible."""
+        if isinstance(error, RemoteError) and isinstance(last_error, RemoteError):
+            self.forgive(last_error.peer or "")
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def rerouting_after(self, error: Exception, peer: str) -> Iterator[None]:
+        """Around routing a replacement for ``peer`` after ``error``: if there is nobody else to ask, a server's own
+        refusal (not a routing error) is what the caller gets, and it is not held against the server."""
+        try:
+            yield
+        except MissingBlocksError as missing:
+            if isinstance(error, RemoteError):
+                self.forgive(peer)
+                raise error from missing
+            raise
 
     def strike(self, peer: str) -> None:
         """A redundant check found this server's output wrong: its reputation drops (see routing's max_strikes)."""
