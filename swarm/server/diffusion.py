@@ -184,6 +184,7 @@ class UNetHandler(HandlerBase):
             if self._temb_width is not None and temb.shape[1] != self._temb_width:
                 raise RequestError(f"temb has width {temb.shape[1]}; this U-Net's blocks take {self._temb_width}")
             self._check_channels(levels, session.start, sample)
+            session.pixels = pixels  # what this evaluation's time is scaled by
             output, sizes, went_up = await self._run(lambda: self._down(session, levels, sample, temb, sizes))
             self.count("down")
             if went_up:
@@ -232,7 +233,7 @@ class UNetHandler(HandlerBase):
     def _down(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, temb: torch.Tensor,
               sizes: list) -> tuple[torch.Tensor, list, bool]:
         sizes, stashes = [list(s) for s in sizes], {}
-        started, session.pixels = time.perf_counter(), sample.shape[0] * sample.shape[-2] * sample.shape[-1]
+        started = time.perf_counter()
         with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
             for level in range(session.start, session.end):
                 if level < levels.n:
