@@ -157,6 +157,8 @@ class InferenceSession:
                 pushed = reply.get("pushing") and await hop.receive_push_status(
                     step_id, config.request_timeout + PUSH_TIMEOUT)
             except (PeerUnavailable, RemoteError) as e:
+                if self.closed:  # its owner closed the streams under a step still running (Ctrl-C): not a fault
+                    raise
                 if isinstance(e, RemoteError) and compat.REWIND_REFUSED in str(e) and index not in rebuilt:
                     # An edited history reaches back past a sliding window the server already dropped: not a
                     # fault. A new session for these blocks gets the history the client kept, then the step.
