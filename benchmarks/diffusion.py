@@ -22,8 +22,8 @@ from tiny_diffusion import save_sd15_size_unet  # noqa: E402
 from swarm.blocks.unet import load_head_and_tail  # noqa: E402
 from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.diffusion import RemoteUNet  # noqa: E402
-from swarm.hub.embedded import cache_root  # noqa: E402
 from swarm.hub.source import resolve_model  # noqa: E402
+from swarm.utils.cache import cache_root  # noqa: E402
 from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
 
 

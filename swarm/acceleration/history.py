@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from swarm.acceleration.features import TaskFeatures
+from swarm.utils.cache import cache_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATH = Path.home() / ".cache" / "swarm" / "acceleration.sqlite"
+def default_path() -> Path:
+    """``acceleration.sqlite`` in the cache directory (``$SWARM_CACHE`` or ``~/.cache/swarm``)."""
+    return cache_path("acceleration.sqlite")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class History:
     """An SQLite table of records; safe to share between the threads of one client."""
 
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else DEFAULT_PATH
+        self.path = Path(path) if path else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _connect(self) -> sqlite3.Connection:

@@ -49,7 +49,7 @@ class ClientConfig:
     acceleration_objective: str = "latency"  # "latency", "throughput" or "cost" (bytes on the wire)
     quality_floor: float = 0.9  # least expected greedy agreement with the exact path a chosen method must keep
     exploration: float = 0.05  # chance that "auto" tries another method, so the history keeps improving
-    history_path: str | None = None  # SQLite file of recorded outcomes (None: ~/.cache/swarm/acceleration.sqlite)
+    history_path: str | None = None  # SQLite file of recorded outcomes (None: acceleration.sqlite in the cache dir)
 
     @classmethod
     def with_options(cls, config: ClientConfig | None, initial_peers: Sequence[str],

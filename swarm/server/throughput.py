@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from swarm.blocks.span import BlockSpan
-from swarm.hub.embedded import cache_root
+from swarm.utils.cache import cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ came from). Rows are only ever inserted; ``verify`` walks the chain and re-check
 edited, deleted or reordered row shows. It is the server's own bookkeeping of countersigned usage: what a client
 owes and a server earned, with the receipts as proof.
 
-Options: ``path`` (the SQLite file; default ``~/.cache/swarm/ledger.sqlite``).
+Options: ``path`` (the SQLite file; default ``ledger.sqlite`` in the cache directory, ``$SWARM_CACHE`` or
+``~/.cache/swarm``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import msgpack
 
 from swarm.settlement.plugin import SettlementBackend
 from swarm.settlement.receipts import Receipt, ReceiptError
+from swarm.utils.cache import cache_path
 
 GENESIS = b"\x00" * 32
 
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 
 
-DEFAULT_PATH = Path.home() / ".cache" / "swarm" / "ledger.sqlite"
+def default_path() -> Path:
+    return cache_path("ledger.sqlite")
 
 
 class LedgerCorrupted(RuntimeError):
@@ -51,7 +54,7 @@ class LedgerSettlement(SettlementBackend):
 
     def __init__(self, options: Mapping[str, str] | None = None):
         super().__init__(options)
-        self.path = self.options.get("path") or str(DEFAULT_PATH)
+        self.path = self.options.get("path") or str(default_path())
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # Used from the settlement worker's thread and read from others (tests, info): one lock around it.
         self.db = sqlite3.connect(self.path, check_same_thread=False)
