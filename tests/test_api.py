@@ -26,7 +26,7 @@ MAX_TOKENS = 5000  # its --max-tokens: above the tiny model's context of 4096, t
 
 
 @pytest.fixture(scope="module")
-def swarm(launcher, tmp_path_factory):
+def swarm(launcher, tmp_path_factory, embedded_model):
     """Two servers of a tiny chat model, a reference client (bit-exact wire) and the gateway in front of them."""
     path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
     first = launcher.start_server(path, "0:2", [])

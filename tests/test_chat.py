@@ -22,7 +22,7 @@ STATS = re.compile(r"\[(\d+) new prompt tokens sent, (\d+) positions cached on t
 
 
 @pytest.fixture(scope="module")
-def swarm(launcher, tmp_path_factory):
+def swarm(launcher, tmp_path_factory, embedded_model):
     path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
     first = launcher.start_server(path, "0:2", [])
     launcher.start_server(path, "2:4", [first.maddr])

@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def peers(launcher):
+def peers(launcher, embedded_model):
     first = launcher.start_server(None, "0:15", [])
     launcher.start_server(None, "15:30", [first.maddr])
     return [first.maddr]

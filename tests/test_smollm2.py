@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(launcher):
+def smollm2(launcher, embedded_model):
     first = launcher.start_server(None, "0:10", [])  # no MODEL: the embedded default
     others = [launcher.start_server(None, blocks, [first.maddr], wait=False) for blocks in ("10:30", "10:20", "20:30")]
     for process in others:

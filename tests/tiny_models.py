@@ -63,7 +63,7 @@ def save_tiny_chat_model(directory: Path, seed: int = 0) -> Path:
 
     from swarm import load_tokenizer
 
-    tokenizer = load_tokenizer()  # the embedded default model's, prepared into ~/.cache/swarm on first use
+    tokenizer = load_tokenizer()  # the embedded default model's (callers depend on the embedded_model fixture)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
