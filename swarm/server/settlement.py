@@ -21,8 +21,11 @@ class SessionSettlement:
     def __init__(self, backend_name: str, options: Mapping[str, str], identity: Identity, model_id: str,
                  price: int, period: float = 1.0):
         self.backend = load_backend(backend_name, options)
+        where = self.backend.check_can_settle()
         self.identity, self.model_id, self.price = identity, model_id, price
         self.payee = self.backend.payee()
+        logger.info(f"Settlement on: {where}; price {price} per token (batch row x position), receipts name "
+                    f"{self.payee or identity.peer_id}")
         self.worker = SettlementWorker(self.backend, self.payee or identity.peer_id, period)
         self.accepted_seq: dict[str, int] = {}  # session id -> seq of the last countersigned receipt taken
 

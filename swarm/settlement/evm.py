@@ -26,6 +26,7 @@ from web3.exceptions import ContractLogicError
 
 from swarm.settlement.plugin import SettlementBackend
 from swarm.settlement.receipts import Receipt, ReceiptError
+from swarm.utils.errors import UserError
 
 try:  # the in-process chain raises its own revert type; RPC nodes raise ContractLogicError
     from eth_tester.exceptions import TransactionFailed
@@ -84,6 +85,10 @@ def sign_claim(private_key: str | bytes, contract: str, server: str, total: int,
             "s": signed.s.to_bytes(32, "big")}
 
 
+# Gas of one settle transaction of a full batch, rounded up: what a server must hold to be paid at all.
+SETTLE_GAS = 1_000_000
+
+
 class EVMSettlement(SettlementBackend):
     name = "evm"
 
@@ -118,6 +123,27 @@ class EVMSettlement(SettlementBackend):
 
     def payee(self) -> str:
         return self._own_address()
+
+    def check_can_settle(self) -> str:
+        """The node answers, the escrow is deployed where ``contract`` says, and the server's key holds enough to pay
+        the gas of a settlement at today's gas price (a server that cannot pay would serve and never be paid)."""
+        try:
+            address, escrow = self._own_address(), self.escrow.address
+            connected = self.w3.is_connected()
+        except ValueError as e:  # a missing or malformed option
+            raise UserError(f"settlement evm: {e}") from e
+        if not connected:
+            raise UserError(f"settlement evm: no Ethereum node answers at {self.options['rpc_url']}")
+        if not self.w3.eth.get_code(escrow):
+            raise UserError(f"settlement evm: no contract at {escrow} on {self.options['rpc_url']} (deploy the escrow "
+                            f"first, see swarm/settlement/evm.py)")
+        balance, needed = self.w3.eth.get_balance(address), self.w3.eth.gas_price * SETTLE_GAS
+        if balance < needed:
+            raise UserError(f"settlement evm: the server's account {address} holds {balance} wei, less than the "
+                            f"{needed} wei one settlement costs in gas ({SETTLE_GAS} gas at {self.w3.eth.gas_price} "
+                            f"wei): fund it first")
+        return (f"evm escrow {escrow} via {self.options['rpc_url']}, paid to {address} (balance {balance} wei, about "
+                f"{balance // max(needed, 1)} settlements of gas)")
 
     def record_receipt(self, receipt: Receipt) -> None:
         receipt.check_signatures()

@@ -22,6 +22,7 @@ import msgpack
 from swarm.settlement.plugin import SettlementBackend
 from swarm.settlement.receipts import Receipt, ReceiptError
 from swarm.utils.cache import cache_path
+from swarm.utils.errors import UserError
 
 GENESIS = b"\x00" * 32
 
@@ -55,13 +56,22 @@ class LedgerSettlement(SettlementBackend):
     def __init__(self, options: Mapping[str, str] | None = None):
         super().__init__(options)
         self.path = self.options.get("path") or str(default_path())
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # Used from the settlement worker's thread and read from others (tests, info): one lock around it.
-        self.db = sqlite3.connect(self.path, check_same_thread=False)
-        self.lock = threading.Lock()
-        with self.lock, self.db:
-            self.db.execute(SCHEMA)
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # Used from the settlement worker's thread and read from others (tests, info): one lock around it.
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.lock = threading.Lock()
+            with self.lock, self.db:
+                self.db.execute(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise UserError(f"cannot open the settlement ledger {self.path}: {e} (choose another file with "
+                            f"--settlement-option path=FILE)") from e
         self.pending: dict[bytes, Receipt] = {}  # session key -> latest receipt queued for the next settle
+
+    def check_can_settle(self) -> str:
+        with self.lock:
+            entries = self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return f"ledger {self.path} ({entries} entries)"
 
     def record_receipt(self, receipt: Receipt) -> None:
         receipt.check_signatures()

@@ -16,8 +16,13 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 
 from swarm.settlement.receipts import Receipt
+from swarm.utils.errors import UserError
 
 GROUP = "swarm.settlement"
+
+
+class SettlementConfigError(UserError, ValueError):
+    """An unknown backend name or a bad option: the user's to fix."""
 
 
 class SettlementBackend(ABC):
@@ -33,6 +38,12 @@ class SettlementBackend(ABC):
     def payee(self) -> str:
         """Where this server is paid, written into its receipts ("" : its peer id)."""
         return ""
+
+    def check_can_settle(self) -> str:
+        """Called once when a server starts: raise ``UserError`` (saying what to do) if settling would fail later
+        (no file to write, a node that cannot be reached, a key that cannot pay gas); else return a short line for
+        the start-up log saying where this backend records or pays."""
+        return self.name
 
     @abstractmethod
     def record_receipt(self, receipt: Receipt) -> None:
@@ -70,8 +81,9 @@ def load_backend(name: str, options: Mapping[str, str] | None = None) -> Settlem
     """An instance of the backend registered under ``name``."""
     found = available_backends()
     if name not in found:
-        raise ValueError(f"unknown settlement backend {name!r}; installed: {', '.join(sorted(found)) or 'none'} "
-                         f"(entry point group {GROUP!r})")
+        installed = ", ".join(sorted(found)) or "none"
+        raise SettlementConfigError(f"unknown settlement backend {name!r}; installed: {installed} "
+                                    f"(entry point group {GROUP!r})")
     backend_class = found[name].load()
     if not (isinstance(backend_class, type) and issubclass(backend_class, SettlementBackend)):
         raise TypeError(f"entry point {name!r} does not name a SettlementBackend subclass")
@@ -84,6 +96,6 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"expected key=value, got {pair!r}")
+            raise SettlementConfigError(f"expected --settlement-option KEY=VALUE, got {pair!r}")
         options[key] = value
     return options
