@@ -171,3 +171,29 @@ def test_evm_earnings_on_anvil_equal_tokens_served_times_price(ledger_swarm, anv
     assert backend.withdraw() == expected
     assert escrow.functions.earnings(accounts["server"].address).call() == 0
     assert w3.eth.get_balance(accounts["server"].address) > before + expected - 10**15  # earnings in, minus gas
+
+
+def test_a_server_that_could_not_be_paid_refuses_to_start(launcher, tiny_model, anvil_chain):
+    """A server whose key cannot pay a settlement's gas would serve and never be paid: it says so and exits at
+    start. A wrong contract address is caught the same way."""
+    if anvil_chain is None:
+        pytest.skip("anvil is not installed: `npm install --prefix .venv/node @foundry-rs/anvil@1.7.1` (.ci/run does)")
+    from eth_account import Account
+
+    from swarm.settlement.evm import EVMSettlement
+    from swarm.utils.errors import UserError
+
+    broke = Account.create()
+    options = (f"rpc_url={anvil_chain['url']}", f"contract={anvil_chain['contract']}", f"private_key={broke.key.hex()}")
+    process = launcher.start_server(tiny_model("llama"), "0:6", [], "--throughput", "1", "--settlement", "evm",
+                                    *[arg for option in options for arg in ("--settlement-option", option)],
+                                    wait=False)
+    assert process.proc.wait(120) != 0
+    assert f"account {broke.address} holds 0 wei" in process.output() and "fund it first" in process.output()
+
+    funded = anvil_chain["accounts"]["server"].key.hex()
+    wrong = EVMSettlement({"rpc_url": anvil_chain["url"], "contract": broke.address, "private_key": funded})
+    with pytest.raises(UserError, match=f"no contract at {broke.address}"):
+        wrong.check_can_settle()
+    right = EVMSettlement({"rpc_url": anvil_chain["url"], "contract": anvil_chain["contract"], "private_key": funded})
+    assert anvil_chain["contract"] in right.check_can_settle()
