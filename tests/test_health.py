@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,8 @@ from swarm.utils.local_swarm import free_port
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+# Screenshots for a human to look at: outside the project's tree (tests write nothing there), kept after the run.
+ARTIFACTS = Path(os.environ.get("SWARM_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "swarm-test-artifacts")
 
 
 class HealthService:
@@ -109,7 +111,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         spans = sorted(rows.nth(i).locator("td").nth(2).inner_text() for i in range(3))
         assert spans == ["0:2", "2:4", "4:6"]
         assert "first <server>" in model.inner_text()  # shown as text, escaped, not as markup
-        ARTIFACTS.mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "health-page.png"), full_page=True)
 
         lost = others[0]
