@@ -2,35 +2,42 @@
 
 Subpackages: ``dht`` (announcements), ``blocks`` (what a block is per model family), ``server``, ``client``,
 ``rpc`` (wire protocol), ``compression`` (tensor codecs), ``hub`` (where model files come from).
+
+The public names below are imported on first use (PEP 562): ``import swarm`` stays cheap, so command lines answer
+``--help`` and argument mistakes without loading torch, transformers and diffusers first.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-import logging  # noqa: E402
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
 
 # bitsandbytes, imported by diffusers and our codecs, warns at import about an optional 4-bit CPU kernel package.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from swarm.blocks.latent_shift import LatentShiftUNet  # noqa: E402
-from swarm.blocks.span import BlockSpan  # noqa: E402
-from swarm.client import (  # noqa: E402
-    AutoDistributedModel,
-    AutoDistributedModelForCausalLM,
-    AutoDistributedPipeline,
-    ClientConfig,
-    DistributedModel,
-    DistributedModelForCausalLM,
-    InferenceSession,
-    MissingBlocksError,
-    RemoteSequential,
-    RemoteUNet,
-    RoutingPolicy,
-)
-from swarm.hub.embedded import EMBEDDED_MODEL  # noqa: E402
-from swarm.hub.source import load_tokenizer, resolve_model  # noqa: E402
-from swarm.rpc.client import RemoteError  # noqa: E402
-
-__all__ = [
+_EXPORTS = {  # public name -> the module that defines it
+    "EMBEDDED_MODEL": "swarm.hub.embedded",
+    "AutoDistributedModel": "swarm.client",
+    "AutoDistributedPipeline": "swarm.client",
+    "LatentShiftUNet": "swarm.blocks.latent_shift",
+    "RemoteUNet": "swarm.client",
+    "AutoDistributedModelForCausalLM": "swarm.client",
+    "BlockSpan": "swarm.blocks.span",
+    "ClientConfig": "swarm.client",
+    "DistributedModel": "swarm.client",
+    "DistributedModelForCausalLM": "swarm.client",
+    "InferenceSession": "swarm.client",
+    "MissingBlocksError": "swarm.client",
+    "RemoteError": "swarm.rpc.client",
+    "RemoteSequential": "swarm.client",
+    "RoutingPolicy": "swarm.client",
+    "load_tokenizer": "swarm.hub.source",
+    "resolve_model": "swarm.hub.source",
+}
+__all__ = [  # the same names, spelled out for linters and readers (a test checks that they agree)
     "EMBEDDED_MODEL",
     "AutoDistributedModel",
     "AutoDistributedPipeline",
@@ -49,3 +56,36 @@ __all__ = [
     "load_tokenizer",
     "resolve_model",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+    from swarm.blocks.latent_shift import LatentShiftUNet
+    from swarm.blocks.span import BlockSpan
+    from swarm.client import (
+        AutoDistributedModel,
+        AutoDistributedModelForCausalLM,
+        AutoDistributedPipeline,
+        ClientConfig,
+        DistributedModel,
+        DistributedModelForCausalLM,
+        InferenceSession,
+        MissingBlocksError,
+        RemoteSequential,
+        RemoteUNet,
+        RoutingPolicy,
+    )
+    from swarm.hub.embedded import EMBEDDED_MODEL
+    from swarm.hub.source import load_tokenizer, resolve_model
+    from swarm.rpc.client import RemoteError
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swarm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

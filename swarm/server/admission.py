@@ -16,9 +16,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from swarm.rpc.protocol import RequestError
-from swarm.server.sessions import SessionTable
+
+if TYPE_CHECKING:  # sessions.py imports torch: the command line reads PeerLimits' defaults before loading it
+    from swarm.server.sessions import SessionTable
 
 
 class Refused(RequestError):
