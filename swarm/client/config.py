@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from swarm.client.routing import RoutingPolicy
+from swarm.utils.multiaddrs import require_initial_peers
 
 
 @dataclass
 class ClientConfig:
-    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm node
+    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of any swarm node ($SWARM_INITIAL_PEERS)
     model_id: str | None = None  # DHT name of the model (default: derived from the name passed to from_pretrained)
     host: str = "127.0.0.1"  # where the client's own libp2p daemon listens; a client needs no inbound traffic
     connect_timeout: float = 10.0  # opening a stream to a server
@@ -55,14 +56,15 @@ class ClientConfig:
     def with_options(cls, config: ClientConfig | None, initial_peers: Sequence[str],
                      options: dict[str, object]) -> ClientConfig:
         """``config`` (or the defaults) with ``initial_peers`` and keyword ``options`` set, as ``from_pretrained``
-        takes them; an unknown option is a TypeError."""
+        takes them; an unknown option is a TypeError. The peers are ``initial_peers``, else the config's, else
+        ``$SWARM_INITIAL_PEERS``, each checked: none at all, or a bad multiaddr, is a ``UserError`` right here, before
+        anything is loaded (a client without peers would only fail at its first request)."""
         config = config or cls()
-        if initial_peers:
-            config.initial_peers = list(initial_peers)
         for key, value in options.items():
             if not hasattr(config, key):
                 raise TypeError(f"unknown option {key!r}")
             setattr(config, key, value)
+        config.initial_peers = require_initial_peers(initial_peers or config.initial_peers)
         return config
 
     @property

@@ -65,14 +65,22 @@ class DistributedPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str | os.PathLike | None = None, *,
                         initial_peers: Sequence[str] = (), model_id: str | None = None,
-                        client_config: ClientConfig | None = None, dtype: torch.dtype = torch.float32,
+                        client_config: ClientConfig | None = None, dtype: torch.dtype | str = torch.float32,
                         **client_options: object):
         """Load the local parts of a model and connect to the swarm serving its blocks.
 
         ``model_name_or_path``: a local directory or a hub name; None means the embedded default model.
         ``initial_peers``: multiaddrs of any swarm node. ``model_id``: the model's DHT name if it differs from the
         default (the hub name, or the local directory's name). Other keywords set ``ClientConfig`` fields.
+        ``dtype`` of the local parts: a torch dtype or its name; ``torch_dtype=`` (transformers' and Petals' older
+        name) is accepted too.
         """
+        if "torch_dtype" in client_options:
+            dtype = client_options.pop("torch_dtype")
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"dtype {dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+            dtype = getattr(torch, dtype)
         client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         config = load_config(source)
