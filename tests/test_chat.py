@@ -15,7 +15,7 @@ import pytest
 from tiny_models import save_tiny_chat_model
 
 from swarm import AutoDistributedModelForCausalLM, load_tokenizer
-from swarm.chat import PROMPT
+from swarm.chat import ANSWER, PROMPT
 
 MAX_NEW_TOKENS = 12
 STATS = re.compile(r"\[(\d+) new prompt tokens sent, (\d+) positions cached on the servers\]")
@@ -133,3 +133,44 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(swarm):
     assert terminal.proc.returncode == 0, terminal.output
     assert len(STATS.findall(terminal.output)) == 1, terminal.output  # the second turn completed, not the first
     assert "Error" not in terminal.output, terminal.output
+
+
+@pytest.fixture(scope="module")
+def failover_swarm(launcher, tmp_path_factory, embedded_model):
+    """Two servers of all the blocks: one that announces itself far faster (so the chat picks it) and errs after a
+    few steps, mid-answer; and a healthy one that takes over while the client logs a warning."""
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat-failover")
+    faulty = launcher.start_server(path, "0:4", [], "--throughput", "1000",
+                                   env={"SWARM_TEST_FAULT": "error-after-steps:3"})
+    launcher.start_server(path, "0:4", [faulty.maddr], "--throughput", "0.01")
+    return {"path": path, "peers": [faulty.maddr]}
+
+
+def test_help_and_log_lines_stay_out_of_answers(failover_swarm):
+    """/help is answered by the chat itself (not sent to the model), and a warning logged while an answer streams
+    (here: the failover from a server that errs mid-answer) is printed after the answer, not inside its line."""
+    terminal = Terminal([sys.executable, "-m", "swarm.chat", str(failover_swarm["path"]), "--initial-peers",
+                         *failover_swarm["peers"], "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                         "--compression", "none"])
+    try:
+        terminal.expect(PROMPT, 1)
+        terminal.send(b"/help\n")
+        terminal.expect(PROMPT, 2)
+        terminal.send(b"Hello! Who are you?\n")
+        terminal.expect(PROMPT, 3)
+        terminal.send(b"\x04")
+        terminal.proc.wait(60)
+    finally:
+        terminal.close()
+    output = terminal.output
+    assert terminal.proc.returncode == 0, output
+    help_text = output.split(PROMPT)[1]  # between the first and the second prompt: /help and what it printed
+    assert "/reset" in help_text and "/exit" in help_text and ANSWER not in help_text, output
+    assert output.count(ANSWER) == 1, output  # /help was not sent to the model
+
+    answer_start = output.index(ANSWER) + len(ANSWER)
+    answer_end = output.index("\n", answer_start)  # the answer's line ends with the answer
+    warning = "routing its blocks elsewhere"  # the client's failover warning
+    assert warning not in output[answer_start:answer_end] and "swarm.client" not in output[answer_start:answer_end]
+    assert warning in output[answer_end:], f"no failover warning was logged:\n{output}"  # else this proves nothing
+    assert "Error" not in output, output
