@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# A developer's own swarm or log level must not leak into the tests' servers and clients.
+for name in ("SWARM_INITIAL_PEERS", "SWARM_LOG_LEVEL"):
+    os.environ.pop(name, None)
 RUN_CACHE = Path(tempfile.mkdtemp(prefix="swarm-test-cache-"))
 os.environ["SWARM_CACHE"] = str(RUN_CACHE)
 os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")  # offline anyway; nothing read from or left in ~/.cache
