@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from tiny_diffusion import (
-    UNET_KINDS,
-    save_tiny_sd,
-    save_tiny_sdxl,
-    save_tiny_text_to_video,
-    tiny_unet,
-    tiny_unet_inputs,
-)
+from tiny_diffusion import UNET_KINDS, tiny_unet, tiny_unet_inputs
 
 from swarm import AutoDistributedPipeline, LatentShiftUNet
 from swarm.blocks.unet import UNetLevels, num_levels, run_head, run_tail
+from swarm.hub.tiny_diffusion import save_tiny_sd, save_tiny_sdxl, save_tiny_text_to_video
 
 
 def staged(unet, args: tuple, kwargs: dict, split: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Smoke tests of tests/tiny_diffusion.py: the saved tiny pipelines load with the real diffusers code and run."""
+"""Smoke tests of the tiny diffusion models (swarm/hub/tiny_diffusion.py, tests/tiny_diffusion.py): the saved tiny
+pipelines load with the real diffusers code and run."""
 
 from __future__ import annotations
 
@@ -7,19 +8,19 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel, UNet3DConditionModel
 from safetensors.torch import load_file
-from tiny_diffusion import (
+from tiny_diffusion import UNET_KINDS, sd15_unet_config, tiny_unet, tiny_unet_inputs
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from swarm.hub.tiny_diffusion import (
     HIDDEN,
     TOKENS,
-    UNET_KINDS,
     VAE_SCALE,
+    level_ranges,
     save_tiny_sd,
     save_tiny_sdxl,
     save_tiny_text_to_video,
-    sd15_unet_config,
-    tiny_unet,
-    tiny_unet_inputs,
+    unet_levels,
 )
-from transformers import CLIPTextModel, CLIPTokenizer
 
 SAVERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl, "video": save_tiny_text_to_video}
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "video": "TextToVideoSDPipeline"}
@@ -106,3 +107,16 @@ def test_sd15_config_size():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15_unet_config())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+def test_levels_and_server_ranges(saved, tmp_path):
+    """--blocks ranges come from the saved U-Net's levels: SD 1.5's 5 levels split 0:2, 2:5 (the README's ranges for
+    it), the tiny pipelines' 3 levels 0:1, 1:3."""
+    assert {name: unet_levels(path) for name, path in saved.items()} == {"sd": 3, "sdxl": 3, "video": 3}
+    assert level_ranges(3, 2) == [(0, 1), (1, 3)]
+    with torch.device("meta"):
+        UNet2DConditionModel(**sd15_unet_config()).save_config(tmp_path / "sd15-unet")
+    assert unet_levels(tmp_path / "sd15-unet") == 5
+    assert level_ranges(5, 2) == [(0, 2), (2, 5)]
+    assert level_ranges(5, 3) == [(0, 1), (1, 3), (3, 5)]
+    assert level_ranges(3, 9) == [(0, 1), (1, 2), (2, 3)]  # never more servers than levels
