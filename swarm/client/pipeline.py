@@ -26,8 +26,13 @@ class AutoDistributedPipeline:
         client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
-        unet = RemoteUNet(load_head_and_tail(source, dtype), client_config, model_id)
-        pipe = DiffusionPipeline.from_pretrained(source.config_path, unet=unet, dtype=dtype)
+        head_and_tail = load_head_and_tail(source, dtype)
+        # diffusers checks the components given to from_pretrained against the types the pipeline's __init__
+        # declares ("Expected types for unet: ..."), and a RemoteUNet is no UNet2DConditionModel. The head and tail
+        # are that U-Net's own class (blocks as weightless stand-ins), so the pipeline is built with them; then
+        # its unet is replaced, as diffusers lets one swap a pipeline's component.
+        pipe = DiffusionPipeline.from_pretrained(source.config_path, unet=head_and_tail, dtype=dtype)
+        pipe.unet = RemoteUNet(head_and_tail, client_config, model_id)
         pipe.__class__ = _closing_sessions(type(pipe))
         return pipe
 
