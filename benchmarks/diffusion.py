@@ -1,6 +1,12 @@
 """One denoising step of an SD1.5-size U-Net (860M parameters, random weights, float32, 64x64 latents, batch 1):
 local vs the swarm (two servers on loopback, U-shaped: skips stay on the servers) vs a linear chain that carries
 the skips over the network (the same servers in ``carry_skips`` mode). Seconds and bytes per step, side by side.
+
+    python benchmarks/diffusion.py [--runs 3] [--split LEVEL]
+    python benchmarks/diffusion.py --tiny     # the same on a tiny random U-Net: a smoke run, its figures mean nothing
+
+Processes: two U-Net servers (each with its p2pd daemon), plus the p2pd of this script's client; all stopped on
+exit, SIGTERM and SIGHUP included.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from swarm.blocks.unet import load_head_and_tail  # noqa: E402
 from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.diffusion import RemoteUNet  # noqa: E402
 from swarm.hub.source import resolve_model  # noqa: E402
+from swarm.hub.tiny_diffusion import build_random, tiny_sd_unet_config  # noqa: E402
 from swarm.utils.cache import cache_root  # noqa: E402
 from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
 
@@ -40,15 +47,25 @@ def timed(fn, runs: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--split", type=int, default=2, help="levels [0, split) on the first server")
+    parser.add_argument("--split", type=int, help="levels [0, split) on the first server (default: half of them)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random U-Net instead (seconds; for smoke runs)")
     args = parser.parse_args()
-    path = cache_root() / "bench" / "sd15-size-unet"
-    if not (path / "config.json").exists():
-        print(f"Building the SD1.5-size U-Net with random weights in {path} (once, ~20 s, 3.4 GB)...", flush=True)
-        save_sd15_size_unet(path)
+    if args.tiny:
+        path = cache_root() / "bench" / "tiny-sd-unet"
+        if not (path / "config.json").exists():
+            build_random(UNet2DConditionModel, tiny_sd_unet_config(), seed=0).save_pretrained(path)
+    else:
+        path = cache_root() / "bench" / "sd15-size-unet"
+        if not (path / "config.json").exists():
+            print(f"Building the SD1.5-size U-Net with random weights in {path} (once, ~20 s, 3.4 GB)...", flush=True)
+            save_sd15_size_unet(path)
+    config = UNet2DConditionModel.load_config(path)
+    levels = len(config["down_block_types"]) + 1
+    split = args.split or levels // 2
+    side = config["sample_size"]
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 64, 64, generator=generator)
-    ehs = torch.randn(1, 77, 768, generator=generator)
+    sample = torch.randn(1, config["in_channels"], side, side, generator=generator)
+    ehs = torch.randn(1, 77, config["cross_attention_dim"], generator=generator)
     timestep = torch.tensor(500)
 
     local = UNet2DConditionModel.from_pretrained(path).eval()
@@ -59,8 +76,10 @@ def main() -> None:
 
     results = {}
     with LocalSwarm() as swarm:
-        first = swarm.start_server(path, f"0:{args.split}", [], "--session-timeout", "600")
-        swarm.start_server(path, f"{args.split}:5", [first.maddr], "--session-timeout", "600")
+        first = swarm.start_server(path, f"0:{split}", [], "--session-timeout", "600")
+        second = swarm.start_server(path, f"{split}:{levels}", [first.maddr], "--session-timeout", "600")
+        print(f"servers: levels 0:{split} and {split}:{levels} on 127.0.0.1 (pids {first.proc.pid} and "
+              f"{second.proc.pid}, logs in {swarm.directory})", flush=True)
         for name, compression, carry in (("swarm, U-shaped, raw float32", "none", False),
                                          ("swarm, U-shaped, default codecs", "blockwise8", False),
                                          ("linear chain carrying skips, raw", "none", True)):

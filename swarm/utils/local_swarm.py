@@ -2,6 +2,13 @@
 
 Used by the demo, the benchmarks and the tests. Each process gets its own session (process group); its p2pd daemon
 runs in a group of its own (so that a terminal's Ctrl-C leaves it to the server), and ``signal`` reaches it too.
+
+Being in sessions of their own, the processes get none of the signals meant for the script that started them, and
+SIGTERM's or SIGHUP's default action ends Python without running ``finally`` blocks or ``with`` exits: ``timeout``
+or a closed terminal would leave the whole swarm running. So while a :class:`LocalSwarm` is open, those two signals
+raise :class:`Terminated` in the main thread instead, everything unwinds and every swarm's processes are stopped.
+Start every process a script needs through a ``LocalSwarm`` (``start_process`` takes any ``python`` command line) so
+that it is stopped too.
 """
 
 from __future__ import annotations
@@ -13,12 +20,79 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SERVER_READY = "Join this swarm with: --initial-peers "
 DHT_READY = "--initial-peers "
 PROXY_READY = "WAN proxy ready: "
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(SystemExit):
+    """A SIGTERM or SIGHUP received while a :class:`LocalSwarm` was open, raised in the main thread so that the
+    script unwinds and stops its processes; uncaught, Python exits with status 128 + the signal's number, as a
+    shell reports a process ended by that signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class _Signals:
+    """The process-wide state of the handler: how many swarms are open, the handlers it replaced, and a signal that
+    arrived while raising had to wait (a process being started, or processes being stopped)."""
+
+    open_swarms = 0
+    replaced: dict[int, object] = {}
+    held = 0
+    pending: int | None = None
+
+
+def _on_terminating_signal(signum: int, frame: object) -> None:
+    if _Signals.held:
+        _Signals.pending = signum
+        return
+    raise Terminated(signum)
+
+
+def _install_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python runs handlers in the main thread only, and only it may install them
+    if _Signals.open_swarms == 0:
+        for sig in TERMINATING_SIGNALS:
+            # Only over the default action: an ignored SIGHUP (nohup) stays ignored, a program's own handler stays.
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                _Signals.replaced[sig] = signal.signal(sig, _on_terminating_signal)
+    _Signals.open_swarms += 1
+
+
+def _restore_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _Signals.open_swarms -= 1
+    if _Signals.open_swarms == 0:
+        for sig, previous in _Signals.replaced.items():
+            signal.signal(sig, previous)
+        _Signals.replaced = {}
+
+
+@contextlib.contextmanager
+def _signals_held(deliver: bool = True) -> Iterator[None]:
+    """Delay a terminating signal until the block is over: raised between a process's start and its being
+    recorded, it would orphan that process; raised while processes are being stopped, it would cut that short.
+    ``deliver=False``: a signal that arrived meanwhile is dropped (a ``Terminated`` is already on its way)."""
+    _Signals.held += 1
+    try:
+        yield
+    finally:
+        _Signals.held -= 1
+    if _Signals.held == 0 and _Signals.pending is not None:
+        signum, _Signals.pending = _Signals.pending, None
+        if deliver:
+            raise Terminated(signum)
 
 
 class SwarmProcess:
@@ -73,20 +147,28 @@ class SwarmProcess:
                 pids += [int(pid) for pid in children.read_text().split()]
         return pids
 
-    def stop(self, timeout: float = 15) -> None:
+    def terminate(self) -> None:
+        """SIGTERM to the process alone: a server announces itself offline through its p2pd, then stops both."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the server alone: it announces offline through its p2pd
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.signal(signal.SIGKILL)  # whatever is left of the group
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15) -> None:
+        """``terminate``, wait up to ``timeout`` seconds, then SIGKILL whatever is left of the process group."""
+        if self.log.closed:
+            return  # stopped already: its pid may belong to another process by now
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.signal(signal.SIGKILL)
         self.proc.wait()
         self.log.close()
 
 
 class LocalSwarm:
-    """``with LocalSwarm() as swarm: swarm.start_server(...)``: every process is stopped on exit."""
+    """``with LocalSwarm() as swarm: swarm.start_server(...)``: every process is stopped on exit, also when the
+    script gets SIGTERM or SIGHUP (see the module docstring)."""
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory or tempfile.mkdtemp(prefix="swarm-logs-"))
@@ -94,10 +176,20 @@ class LocalSwarm:
         self.processes: list[SwarmProcess] = []
 
     def __enter__(self) -> LocalSwarm:
+        _install_handlers()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop_all()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            running = sum(process.proc.poll() is None for process in self.processes)
+            if isinstance(exc, Terminated) and running:
+                print(f"{signal.Signals(exc.signum).name}: stopping the {running} processes of the local swarm...",
+                      file=sys.stderr, flush=True)
+            # A signal during the stop is not lost, unless the swarm is stopping because of one already.
+            with _signals_held(deliver=not isinstance(exc, Terminated)):
+                self.stop_all()
+        finally:
+            _restore_handlers()
 
     def start_dht(self) -> SwarmProcess:
         return self._start(["-m", "swarm.dht", "--host", "127.0.0.1"], DHT_READY, "dht").wait_ready()
@@ -122,13 +214,19 @@ class LocalSwarm:
         return self._start(args, PROXY_READY, f"proxy-{listen_port}").wait_ready()
 
     def _start(self, args: list[str], marker: str, name: str, env: dict[str, str] | None = None) -> SwarmProcess:
-        process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker, env)
-        self.processes.append(process)
+        with _signals_held():
+            process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker, env)
+            self.processes.append(process)
         return process
 
-    def stop_all(self) -> None:
-        for process in self.processes:
-            process.stop()
+    def stop_all(self, timeout: float = 15) -> None:
+        """SIGTERM to every process at once, then wait for each (SIGKILL after ``timeout`` seconds in all)."""
+        with _signals_held():
+            for process in self.processes:
+                process.terminate()
+            deadline = time.monotonic() + timeout
+            for process in self.processes:
+                process.stop(max(0.0, deadline - time.monotonic()))
 
 
 def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike | None,
