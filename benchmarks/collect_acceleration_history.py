@@ -29,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.acceleration import METHODS, Outcome, Record, applied, probe_chain, task_features  # noqa: E402
 from swarm.rpc.framing import TRAFFIC  # noqa: E402
+from swarm.utils.cache import cache_root  # noqa: E402
 from swarm.utils.local_swarm import LocalSwarm, free_port  # noqa: E402
 
 NETWORKS = [("lan", 0.0, None), ("wan-fast", 20.0, 100.0), ("wan-slow", 80.0, 5.0)]  # (name, RTT ms, Mbit/s)
@@ -99,14 +100,18 @@ def collect(name: str, model_path: str | None, out: Path, work: Path, networks: 
                                    "--announce-maddrs", f"/ip4/127.0.0.1/tcp/{proxy_port}", *extra, wait=False)
                 ports.append((server_port, proxy_port))
         servers = swarm.processes[1:]
+        # The first network's proxies go up before anyone dials the servers' announced (proxy) addresses: a dial
+        # that finds nothing there puts the address in libp2p's dial backoff, and the next probe fails at once.
+        proxies = [swarm.start_wan_proxy(server, proxy, *networks[0][1:]) for server, proxy in ports]
         for process in servers:
             process.wait_ready()
         model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=[bootstrap.maddr],
                                                                 verify_probability=0.0)
         vocab = model.config.vocab_size
         try:
-            for network, rtt, mbit in networks:
-                proxies = [swarm.start_wan_proxy(server, proxy, rtt, mbit) for server, proxy in ports]
+            for index, (network, rtt, mbit) in enumerate(networks):
+                if index:
+                    proxies = [swarm.start_wan_proxy(server, proxy, rtt, mbit) for server, proxy in ports]
                 float_chain = [p.peer_id for p in servers[:2]]
                 link = model.get_remote().manager.loop.run(probe_chain(model.get_remote().manager.p2p, float_chain))
                 for method in METHODS.values():  # warm-up: pings, local spans, first 8-bit calls
@@ -140,7 +145,8 @@ def collect(name: str, model_path: str | None, out: Path, work: Path, networks: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data" / "acceleration_history.jsonl")
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "swarm" / "bench" / "acceleration")
+    parser.add_argument("--work", type=Path, default=cache_root() / "bench" / "acceleration",
+                        help="the small model and the servers' logs (default: under $SWARM_CACHE)")
     parser.add_argument("--models", nargs="*", default=["small", "smollm2"])
     parser.add_argument("--quick", action="store_true", help="one network, two tasks (a smoke run)")
     args = parser.parse_args()
