@@ -16,9 +16,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from swarm import AutoDistributedPipeline
+from swarm.hub.tiny_diffusion import CLIENT_CODE_FOLLOWS
 from swarm.utils.local_swarm import SERVER_READY, start_process
 
-CLIENT_CODE_AFTER = "(random weights: expect noise):\n"
 OUTPUT = {"sd": "tiny-sd.png", "video": "tiny-video.gif"}
 
 
@@ -62,7 +62,7 @@ def test_quick_start_as_printed(kind, launcher, tmp_path, monkeypatch, diffusers
             args = [arg.replace("MADDR", servers[0].maddr) if servers else arg for arg in command[1:]]
             servers.append(start_process(launcher, args, SERVER_READY, f"quick-start-{kind}-{i}"))
 
-        code = printed.split(CLIENT_CODE_AFTER, 1)[1].replace("MADDR", servers[0].maddr)
+        code = printed.split(CLIENT_CODE_FOLLOWS, 1)[1].replace("MADDR", servers[0].maddr)
         monkeypatch.chdir(tmp_path)  # the code saves its image or video in the current directory
         exec(compile(code, f"<quick start {kind}>", "exec"), {})
         with Image.open(tmp_path / OUTPUT[kind]) as output:
@@ -86,3 +86,11 @@ def test_quick_start_as_printed(kind, launcher, tmp_path, monkeypatch, diffusers
         for server in servers:
             server.stop()
     assert not [message for message in diffusers_log if "Expected types" in message], diffusers_log
+
+
+def test_quick_start_refuses_a_directory_in_use(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "swarm.hub.tiny_diffusion", "sd", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and (tmp_path / "notes.txt").read_text() == "mine"

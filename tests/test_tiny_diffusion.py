@@ -20,6 +20,7 @@ from swarm.hub.tiny_diffusion import (
     save_tiny_sdxl,
     save_tiny_text_to_video,
     unet_levels,
+    write_pipeline,
 )
 
 SAVERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl, "video": save_tiny_text_to_video}
@@ -120,3 +121,15 @@ def test_levels_and_server_ranges(saved, tmp_path):
     assert level_ranges(5, 2) == [(0, 2), (2, 5)]
     assert level_ranges(5, 3) == [(0, 1), (1, 3), (3, 5)]
     assert level_ranges(3, 9) == [(0, 1), (1, 2), (2, 3)]  # never more servers than levels
+
+
+def test_quick_start_keeps_what_is_there(saved, tmp_path):
+    """The quick start writes into a new or empty directory; one holding a pipeline of the asked class is used as it
+    is (the commands are printed for it), anything else is refused."""
+    assert not write_pipeline(saved["sd"], "sd")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_pipeline(saved["sd"], "video")
+    (tmp_path / "empty").mkdir()
+    assert write_pipeline(tmp_path / "empty", "sd")
+    assert DiffusionPipeline.load_config(tmp_path / "empty")["_class_name"] == "StableDiffusionPipeline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # the staging directory was renamed into place

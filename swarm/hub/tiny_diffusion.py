@@ -254,6 +254,9 @@ KINDS = {
 }
 
 
+CLIENT_CODE_FOLLOWS = "Then generate from Python with the U-Net in the swarm:"
+
+
 def unet_levels(directory: str | os.PathLike) -> int:
     """How many levels a pipeline's (or a bare U-Net directory's) U-Net is served as: one per down block (with the
     up block that consumes its skips), plus the mid block. ``--blocks`` ranges of a U-Net server count these."""
@@ -286,7 +289,7 @@ def quick_start(directory: str | os.PathLike, kind: str, servers: int = 2) -> st
         lines.append(f"  python -m swarm.server {path} --blocks {start}:{end} --host 127.0.0.1{join}")
     lines += ["where MADDR is the address the first server prints after 'Join this swarm with: --initial-peers'",
               "(leave out --host 127.0.0.1 to let other machines join).", "",
-              "Then generate from Python with the U-Net in the swarm (random weights: expect noise):", "",
+              CLIENT_CODE_FOLLOWS, "",
               "from swarm import AutoDistributedPipeline", "",
               f"pipe = AutoDistributedPipeline.from_pretrained({str(directory)!r}, initial_peers=['MADDR'])",
               *KINDS[kind][2], "pipe.unet.shutdown()  # closes the client's connection to the swarm"]
@@ -294,7 +297,8 @@ def quick_start(directory: str | os.PathLike, kind: str, servers: int = 2) -> st
 
 
 def write_pipeline(directory: str | os.PathLike, kind: str, seed: int = 0) -> bool:
-    """Write the tiny ``kind`` pipeline into ``directory`` unless it holds one already (returns whether it wrote).
+    """Write the tiny ``kind`` pipeline into ``directory`` unless it holds a pipeline of that class already (tiny or
+    not: the commands are then printed for it); returns whether it wrote.
 
     Written into a temporary directory beside it and renamed into place, so that an interrupted run never leaves a
     half-written pipeline that a later run would take for a whole one. A directory holding anything else is
@@ -306,6 +310,12 @@ def write_pipeline(directory: str | os.PathLike, kind: str, seed: int = 0) -> bo
         return False
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise FileExistsError(f"{directory} exists and is not empty: name a new or empty directory")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # A few MB: the save's progress bars would only bury the instructions printed after it.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
@@ -329,18 +339,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.servers < 1:
         parser.error("--servers must be at least 1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Writing a few MB: the save's progress bars would only bury the instructions.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     try:
         wrote = write_pipeline(args.directory, args.kind, args.seed)
     except FileExistsError as e:
         parser.error(str(e))
-    class_name = KINDS[args.kind][1]
-    print(f"{'Wrote' if wrote else 'Found'} a tiny random {class_name} in {args.directory.resolve()}.")
+    class_name, where = KINDS[args.kind][1], args.directory.resolve()
+    print(f"Wrote a tiny random {class_name} in {where} (random weights: it generates noise)." if wrote else
+          f"Found a {class_name} in {where}: left as it is.")
     print(quick_start(args.directory, args.kind, args.servers), flush=True)
 
 
