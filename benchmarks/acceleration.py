@@ -10,6 +10,8 @@ separate SmolLM2's tasks (a model 30x larger) from held-out small-model tasks, a
 
 The expert rule: no compression on a LAN (RTT < 10 ms), else 8-bit activations between servers with float16 ends
 (the swarm's default); float weights; no local blocks; no chunked prefill; pushes on.
+
+Duration on a 2-core machine: 28 s (measured). Processes: none (it reads the dataset).
 """
 
 from __future__ import annotations

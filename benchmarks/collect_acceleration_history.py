@@ -8,6 +8,11 @@ on the wire and greedy agreement with the exact method, and appends a record to 
 (RTT, bandwidth) are measured with the same probes the client uses when it chooses a method.
 
     python benchmarks/collect_acceleration_history.py --out benchmarks/data/acceleration_history.jsonl
+
+Duration on a 2-core machine: about an hour (estimated: --quick took 137 s, measured, and the full grid has twelve
+times its tasks, most of them behind slower links). Processes, per model: a bootstrap node and six servers, each
+with its p2pd daemon, six WAN proxies per network condition (six at a time), and the client's p2pd; all stopped when
+it ends, also on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed terminal).
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ the skips over the network (the same servers in ``carry_skips`` mode). Seconds a
     python benchmarks/diffusion.py [--runs 3] [--split LEVEL]
     python benchmarks/diffusion.py --tiny     # the same on a tiny random U-Net: a smoke run, its figures mean nothing
 
-Processes: two U-Net servers (each with its p2pd daemon), plus the p2pd of this script's client; all stopped on
-exit, SIGTERM and SIGHUP included.
+Duration on a 2-core machine: 134 s on the first run, which builds the 3.4 GB U-Net in the cache (measured); --tiny:
+30 s (measured). Processes: two U-Net servers, each with its p2pd daemon, and a client p2pd per configuration
+(three, one at a time); all stopped when it ends, also on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed
+terminal).
 """
 
 from __future__ import annotations

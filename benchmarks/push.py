@@ -3,6 +3,10 @@ proxy adding the same RTT to all its traffic), SmolLM2-135M float32 over three s
 
 With client relay a step costs a client round trip per server (3 RTTs here); with push it costs one pass along the
 chain, client -> S1 -> S2 -> S3 -> client (4 one-way trips: 2 RTTs).
+
+Duration on a 2-core machine: 65 s (measured, defaults). Processes: a bootstrap node, three WAN proxies and three
+servers, each node with its p2pd daemon, and a client p2pd per mode (two, one at a time); all stopped when it ends,
+also on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed terminal).
 """
 
 from __future__ import annotations

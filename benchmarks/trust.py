@@ -1,6 +1,10 @@
 """Redundant-execution checks on SmolLM2-135M (real weights): the honest spread they must tolerate, how often they
 catch a lying server, and what they cost in decode speed. Servers on 127.0.0.1: blocks 0:15 twice, 15:30 twice,
 plus a liar on 15:30 (SWARM_TEST_FAULT=perturb:EPS) for the detection part only.
+
+Duration on a 2-core machine: about 4 min (measured: 237 s, defaults). Processes: five servers (four honest, one
+liar), each with its p2pd daemon, and a client p2pd per measurement (seven, one at a time); all stopped when it
+ends, also on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed terminal).
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
     python examples/chat.py --initial-peers MADDR            # interactive, one user turn per line
     python examples/chat.py --prompts "Hi!" "What's 2+2?"     # scripted turns
 Without --initial-peers, a local swarm of two servers is started on 127.0.0.1 for the session.
+
+Duration on a 2-core machine, with the local swarm and two scripted turns (``--prompts``): 32 s (measured);
+interactive, as long as you chat. Processes: without --initial-peers two servers, each with its p2pd daemon; the
+client's p2pd either way; all stopped when it ends, also on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed
+terminal).
 """
 
 from __future__ import annotations

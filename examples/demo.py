@@ -2,6 +2,10 @@
 
 Starts a bootstrap node and two servers (blocks 0:15 and 15:30) on 127.0.0.1, asks the client a question through
 them, prints the answer, the chain of servers and the speed, and stops every process it started.
+
+Duration on a 2-core machine: 25 s (measured; 49 s on the first run, which converts the embedded model into the
+cache). Processes: a bootstrap node and two servers, each with its p2pd daemon, and the client's p2pd; all stopped
+when it ends, also on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed terminal).
 """
 
 from __future__ import annotations

