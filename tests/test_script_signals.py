@@ -3,12 +3,15 @@ started: its servers run in sessions of their own, so nothing else would reach t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -16,9 +19,11 @@ import pytest
 from swarm.utils.local_swarm import LocalSwarm, Terminated
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+T = TypeVar("T")
 
 
-def wait_until(condition, timeout: float, what: str, output: Path):
+def wait_until(condition: Callable[[], T], timeout: float, what: str, output: Path) -> T:
+    """``condition()``'s first true value within ``timeout`` seconds; else fail, showing the script's output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -54,13 +59,13 @@ def test_sigterm_stops_every_process_of_a_benchmark(tmp_path):
         assert not alive, [p.cmdline() for p in alive]  # servers, their p2pd daemons and the client's p2pd
     finally:  # whatever the outcome, nothing outlives the test
         if script.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                started += psutil.Process(script.pid).children(recursive=True)
             script.kill()
         script.wait()
         for process in started:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
