@@ -38,7 +38,8 @@ def test_sigterm_stops_every_process_of_a_benchmark(tmp_path):
     with open(output, "w") as out:
         # --runs 300: the tiny U-Net's local steps take a second or two, the swarm's long enough to be interrupted
         script = subprocess.Popen([sys.executable, str(BENCHMARKS / "diffusion.py"), "--tiny", "--runs", "300"],
-                                  stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                  env={**os.environ, "TMPDIR": str(tmp_path)})  # its swarm's logs land here
     started: list[psutil.Process] = []
     try:
         wait_until(lambda: "servers: levels" in output.read_text() or script.poll() is not None, 240,
