@@ -24,11 +24,21 @@ RUN_CACHE = Path(tempfile.mkdtemp(prefix="swarm-test-cache-"))
 os.environ["SWARM_CACHE"] = str(RUN_CACHE)
 os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")  # offline anyway; nothing read from or left in ~/.cache
 atexit.register(shutil.rmtree, RUN_CACHE, ignore_errors=True)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model  # noqa: E402
 
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
+from swarm.utils.local_swarm import LocalSwarm, Terminated  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """SIGTERM or SIGHUP (e.g. CI's timeout) reaches a test as ``Terminated`` while a local swarm is open, which
+    stops that swarm's processes: the run stops there too instead of going on with the next test."""
+    yield
+    if call.excinfo is not None and call.excinfo.errisinstance(Terminated):
+        item.session.shouldstop = f"{call.excinfo.value!r}: stopping the run"
 
 
 @pytest.fixture(scope="session")

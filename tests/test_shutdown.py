@@ -71,7 +71,6 @@ def test_ctrl_c_in_a_terminal_announces_offline(launcher, tiny_model):
         second.proc.wait(30)
         assert "announcing offline" in second.output()
         infos = loop.run(fetch_block_infos(node, "tiny-llama", [3]))[0]
-        print("DEBUG", infos, second.output()[-3000:])
         assert infos[second.peer_id].state == ServerState.OFFLINE
         daemon.wait(10)  # raises psutil.TimeoutExpired if the daemon outlived its server
     finally:

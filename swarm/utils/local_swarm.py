@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,9 @@ class LocalSwarm:
     script gets SIGTERM or SIGHUP (see the module docstring)."""
 
     def __init__(self, directory: str | Path | None = None):
+        # Logs go to ``directory``, kept; or to a temporary one, removed after a clean exit and kept (and named on
+        # stderr) after an error, where they help.
+        self.own_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="swarm-logs-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         self.processes: list[SwarmProcess] = []
@@ -190,6 +194,11 @@ class LocalSwarm:
                 self.stop_all()
         finally:
             _restore_handlers()
+        if self.own_directory:
+            if exc is None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            else:
+                print(f"The local swarm's logs are in {self.directory}", file=sys.stderr, flush=True)
 
     def start_dht(self) -> SwarmProcess:
         return self._start(["-m", "swarm.dht", "--host", "127.0.0.1"], DHT_READY, "dht").wait_ready()
