@@ -49,11 +49,14 @@ class HopSession:
         return session
 
     async def send_step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        position: int, hypo_ids: torch.Tensor | None, step_id: int, push: bool) -> None:
+                        position: int, hypo_ids: torch.Tensor | None, step_id: int, push: bool,
+                        trace: bool = False) -> None:
         """Send encoded ``hidden`` for positions from ``position``; ``push``: the server hands its output on to
-        the next one itself."""
+        the next one itself; ``trace``: the server reports its own timing in the reply."""
         extra = {"type": "step", "session_id": self.session_id, "position": position, "step_id": step_id,
                  "push": push}
+        if trace:
+            extra["trace"] = True
         if hypo_ids is not None:
             extra["hypo_ids"] = serialize_tensor(hypo_ids)
         if self.manager is not None and not self.manager.config.server_batching:

@@ -21,6 +21,7 @@ from swarm.blocks import compat
 from swarm.client.hop_session import HopSession
 from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
+from swarm.client.trace import HopTiming, StepTiming, Trace
 from swarm.client.verification import Verdict, check_output
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.rpc.client import PeerUnavailable, RemoteError
@@ -45,6 +46,7 @@ class InferenceSession:
         self._pending_hypo_ids: torch.Tensor | None = None
         self._step_ids = itertools.count()
         self.checks: list[Verdict] = []  # redundant checks run in this session
+        self.trace: Trace | None = None  # set to record each step's timeline (trace.py)
         self.closed = False
 
     def __enter__(self) -> InferenceSession:
@@ -103,7 +105,13 @@ class InferenceSession:
             raise ValueError(f"attention_mask must have shape ({batch}, {self.position + tokens}), "
                              f"got {tuple(attention_mask.shape)}")
         self.batch_size = batch
-        output = self.manager.loop.run(self._step(hidden.detach(), position_ids.long(), attention_mask))
+        timing, began = self.trace.begin() if self.trace is not None else (None, time.perf_counter())
+        if timing is not None:
+            timing.tokens = tokens
+        output = self.manager.loop.run(self._step(hidden.detach(), position_ids.long(), attention_mask, timing,
+                                                  began))
+        if timing is not None:
+            self.trace.end(timing, began)
         self.position += tokens
         self.tokens_sent += tokens
         self.position_ids = self._extend(self.position_ids, position_ids.long())
@@ -117,14 +125,16 @@ class InferenceSession:
     def _extend(history: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         return new if history is None else torch.cat([history, new], dim=1)
 
-    async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+    async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    timing: StepTiming | None = None, began: float = 0.0) -> torch.Tensor:
+        if timing is not None:
+            timing.handoff = time.perf_counter() - began
         if not self.hops:
             self.hops = await self._open_chain(self.manager.first_block, self.manager.num_blocks, upstream=None)
             await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         for _ in range(self.manager.config.max_retries + 1):
-            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids)
+            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids, timing)
             hypo_ids = None  # applied: a re-run of this step must not reorder the caches again
             liar = await self._verify(sent, received, position_ids, attention_mask)
             if liar is None:
@@ -138,21 +148,28 @@ class InferenceSession:
         return deserialize_tensor(output)
 
     async def _run_hops(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        hypo_ids: torch.Tensor | None) -> tuple[dict, dict, dict]:
+                        hypo_ids: torch.Tensor | None, timing: StepTiming | None = None) -> tuple[dict, dict, dict]:
         """One pass of the step along the chain; returns what each hop was sent and answered, and the output."""
         config = self.manager.config
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
         step_id, push = next(self._step_ids), config.push and len(self.hops) > 1
         sent: dict[HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
         received: dict[HopSession, dict] = {}
+        encoding = time.perf_counter()
         payload = serialize_tensor(hidden, config.edge_codec)  # encoded once; servers' outputs travel as they are
+        hop_timings: list[HopTiming] = []
+        if timing is not None:
+            timing.encode = time.perf_counter() - encoding
         await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
+        mark, pushed_in = time.perf_counter(), False
+        sent_at: float | None = mark  # when the client sent the current hop its input (None: pushed to it)
         failures, index, last_error, relinked, rebuilt = 0, 0, None, False, set()
         while index < len(self.hops):
             hop = self.hops[index]
             started = time.perf_counter()
             try:
                 reply = await hop.receive_step(step_id, config.request_timeout, tokens=hidden.shape[:2].numel())
+                replied_at = time.perf_counter()
                 # The push status follows the reply once the next server took the step (or failed to).
                 pushed = reply.get("pushing") and await hop.receive_push_status(
                     step_id, config.request_timeout + PUSH_TIMEOUT)
@@ -180,15 +197,22 @@ class InferenceSession:
                 continue
             if hidden.shape[1] == 1 and not push:  # decode steps calibrate the per-hop overhead routing expects
                 self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
+            if timing is not None:
+                hop_timings.append(_hop_timing(hop, reply, mark, replied_at, sent_at if not pushed_in else None))
+                mark = time.perf_counter()
+            pushed_in, sent_at = pushed, None
             sent[hop], received[hop] = payload, reply["hidden"]
             payload = reply["hidden"]
             if index + 1 < len(self.hops) and not pushed:  # the client relays it
                 next_hop = self.hops[index + 1]
                 await self._send(next_hop, payload, position_ids, attention_mask,
                                  hypo_ids if next_hop in reordered_before else None, step_id, push)
+                sent_at = time.perf_counter()
             index += 1
         if relinked:
             await self._link()
+        if timing is not None:
+            timing.hops = hop_timings
         return sent, received, payload
 
     async def _verify(self, sent: dict, received: dict, position_ids: torch.Tensor,
@@ -231,7 +255,8 @@ class InferenceSession:
                     attention_mask: torch.Tensor | None, hypo_ids: torch.Tensor | None, step_id: int,
                     push: bool) -> None:
         try:
-            await hop.send_step(payload, position_ids, attention_mask, self.position, hypo_ids, step_id, push)
+            await hop.send_step(payload, position_ids, attention_mask, self.position, hypo_ids, step_id, push,
+                                trace=self.trace is not None)
         except PeerUnavailable:
             pass  # the broken stream shows when its reply is awaited, where failover happens
 
@@ -330,3 +355,15 @@ class InferenceSession:
         except Exception:
             logger.debug("Failed to close an inference session cleanly", exc_info=True)
         self.hops = []
+
+
+def _hop_timing(hop: HopSession, reply: dict, since: float, replied_at: float, sent_at: float | None) -> HopTiming:
+    """How long the client waited for ``hop``'s reply since ``since``, with the server's own account of it;
+    ``sent_at``: when the client sent the hop its input (None: the previous server pushed it)."""
+    timing = HopTiming(hop.span.peer_id, (hop.span.start, hop.span.end), replied_at - since, pushed=sent_at is None,
+                       sent_at=sent_at, replied_at=replied_at, settled_at=time.perf_counter())
+    reported = reply.get("timing")
+    if isinstance(reported, list) and len(reported) == 5:
+        numbers = [float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None for x in reported]
+        timing.queue, timing.compute, timing.encode, timing.server_received, timing.server_done = numbers
+    return timing

@@ -26,6 +26,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.remote_sequential import RemoteSequential
 from swarm.client.routing import RemoteSpan, RouteRequest
+from swarm.client.trace import Trace, enabled_by_env
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 
 
@@ -238,15 +239,22 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             loss = ForCausalLMLoss(logits, labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, *args, trace: bool | None = None, **kwargs):
         """transformers' ``generate``, inside an inference session (a new one unless one is active); with an
-        ``acceleration`` setting, under the method it names or the one chosen for this request ("auto")."""
-        if self.get_remote().active_session is not None:
-            return super().generate(inputs, *args, **kwargs)
+        ``acceleration`` setting, under the method it names or the one chosen for this request ("auto").
+
+        ``trace=True`` (or ``SWARM_TRACE=1``, which also prints it) records each step's timeline in
+        ``model.last_trace`` (``swarm.client.trace.Trace``: client compute, hand-over, encoding, and per hop the
+        server's queue, compute and encoding and the transport around them)."""
+        trace = enabled_by_env() if trace is None else trace
+        session = self.get_remote().active_session
+        if session is not None:
+            with self._tracing(session, trace):
+                return super().generate(inputs, *args, **kwargs)
         max_length = self._generation_length(inputs, kwargs)
 
         def run():
-            with self.inference_session(max_length=max_length):
+            with self.inference_session(max_length=max_length) as session, self._tracing(session, trace):
                 return super(DistributedModelForCausalLM, self).generate(inputs, *args, **kwargs)
 
         selector = self.__dict__.get("_selector")
@@ -255,6 +263,19 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             return run()
         batch, length = prompt.shape[:2]
         return selector.generate(run, batch, length, max_length - length)
+
+    @contextlib.contextmanager
+    def _tracing(self, session: InferenceSession, enabled: bool) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        previous, session.trace = session.trace, Trace()
+        try:
+            yield
+        finally:
+            self.last_trace, session.trace = session.trace, previous
+            if enabled_by_env():
+                self.last_trace.print()
 
     def _generation_length(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -120,6 +121,8 @@ async def _pump_client(handler: BlockHandler, reader: asyncio.StreamReader, inbo
     try:
         while True:
             message = await handler.read_request(reader)
+            if message is not None and message.get("trace") is True:
+                message["_received"] = time.perf_counter()  # for the client's timeline (never read from the wire)
             await inbox.put(message)
             if message is None:
                 return
@@ -174,6 +177,8 @@ async def accept_push(handler: BlockHandler, peer: str, message: dict) -> dict:
     if not isinstance(step, dict) or step.get("type") != "step":
         raise RequestError("a push must carry a step")
     try:
+        if step.get("trace") is True:
+            step["_received"] = time.perf_counter()
         session.inbox.put_nowait(step)
     except asyncio.QueueFull:  # the session is behind: its client relays this step itself
         raise RequestError("session busy: too many queued steps") from None
@@ -183,8 +188,8 @@ async def accept_push(handler: BlockHandler, peer: str, message: dict) -> dict:
 
 async def _push(handler: BlockHandler, session: ServerSession, step: dict, output: dict) -> bool:
     downstream = session.downstream
-    pushed = {key: step[key] for key in ("position", "position_ids", "attention_mask", "hypo_ids", "step_id")
-              if key in step}
+    pushed = {key: step[key] for key in ("position", "position_ids", "attention_mask", "hypo_ids", "step_id",
+                                         "trace") if key in step}
     pushed.update(type="step", push=True, session_id=downstream["session_id"], start=downstream["start"],
                   end=downstream["end"], hidden=output)
     try:
@@ -229,28 +234,41 @@ async def run_step(handler: BlockHandler, session: ServerSession, message: dict)
     # "batch": false keeps this step out of cross-session batches (batching.py), e.g. to time it alone
     batchable = get_field(message, "batch", bool, default=True) and tokens == 1 and hypo_ids is None
 
-    def run() -> torch.Tensor:
+    times = {"submitted": time.perf_counter()}
+
+    def run():  # on the compute thread, in pieces (a layer each)
+        times["started"] = time.perf_counter()
         compat.truncate_cache(session.cache, position)  # a client rewinding (or replaying) to `position`
         if hypo_ids is not None:
             compat.reorder_cache(session.cache, hypo_ids)
         try:
-            with torch.no_grad():
-                return span(hidden.to(span.dtype), positions, mask, session.cache, first, last)
-        except BaseException:
+            return (yield from span.forward_pieces(hidden.to(span.dtype), positions, mask, session.cache, first,
+                                                   last))
+        except BaseException:  # an error, or the job dropped because its client went away
             compat.truncate_cache(session.cache, position)  # undo what the layers that ran have written
             raise
 
     try:
         if batchable:
-            output = await handler.compute_decode(DecodeStep(run, span, session.cache, first, last, position,
-                                                             hidden.to(span.dtype), positions, mask))
+            output = await handler.compute_decode(session.peer, DecodeStep(
+                run, span, session.cache, first, last, position, hidden.to(span.dtype), positions, mask))
         else:
-            output = await handler.compute(run)
+            output = await handler.compute(session.peer, run)
     except ValueError as e:  # e.g. rewinding a sliding window past what it kept
         raise RequestError(str(e)) from None
+    computed = time.perf_counter()
     session.length = position + tokens
     session.tokens_processed += batch * tokens
     session.steps += 1
     output = handler.faults.corrupt(output)
     encoded = handler.encode(output.to(hidden.dtype), codec)
-    return {"hidden": encoded, "position": session.length, "commitment": commit(output)}, encoded
+    reply = {"hidden": encoded, "position": session.length, "commitment": commit(output)}
+    if message.get("trace") is True:  # the client's timeline (swarm/client/trace.py)
+        started = times.get("started", times["submitted"])  # a batched step ran inside another step's call
+        now = time.perf_counter()
+        # durations (queue, compute, encode), then this host's clock when the step arrived and when it was done:
+        # comparable with the client's own clock only when both run on one machine
+        received = message.get("_received")
+        reply["timing"] = [started - times["submitted"], computed - started, now - computed,
+                           received if isinstance(received, float) else None, now]
+    return reply, encoded
