@@ -20,7 +20,8 @@ from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.dht.node import start_dht, stop_dht
 from swarm.rpc import protocol
 from swarm.rpc.client import RemoteError, Stream, call
-from swarm.server.batching import DecodeBatcher, DecodeStep, _by_length
+from swarm.server.batching import DecodeBatches, DecodeStep, _by_length, run_batch
+from swarm.server.compute import ComputeQueue, single
 from swarm.utils.loop_thread import LoopThread
 
 HIDDEN = 64  # tiny llama
@@ -78,7 +79,7 @@ def test_batched_call_equals_unbatched(span, first, last):
             with torch.no_grad():
                 expected.append(span(hidden, positions, mask, cache, first, last))
             steps.append(DecodeStep(None, span, own_cache, first, last, position, hidden, positions, mask))
-        for output, reference in zip(DecodeBatcher._run_batch(steps), expected, strict=True):
+        for output, reference in zip(run_batch(steps), expected, strict=True):
             assert_close(output, reference)
     for (cache, _), (own_cache, _) in zip(alone, batched, strict=True):
         for layer, own_layer in zip(cache.layers, own_cache.layers, strict=True):
@@ -92,16 +93,15 @@ def test_failed_batch_runs_steps_alone_and_errors_stay_with_their_step(span):
     """A step that cannot be merged (its cache does not hold the positions it claims) fails the batch; every step
     then runs alone: the good ones get their right outputs, the bad one alone gets its error."""
     torch.manual_seed(1)
-    executor = ThreadPoolExecutor(1)
     counters: dict[str, int] = {}
-    batcher = DecodeBatcher(executor, 32, counters)
     caches = [prefilled(span, length)[0] for length in (4, 9, 5)]
     references = [copy.deepcopy(cache) for cache in caches]
     hiddens = [torch.randn(1, 1, HIDDEN) for _ in caches]
     claimed = [4, 9, 7]  # the last one claims two positions its cache does not hold
 
     def alone(index: int):
-        def run() -> torch.Tensor:
+        def run():
+            yield from ()
             if index == 2:
                 raise ValueError("bad step")
             with torch.no_grad():
@@ -113,16 +113,20 @@ def test_failed_batch_runs_steps_alone_and_errors_stay_with_their_step(span):
     blocker = threading.Event()  # holds the compute thread so that all three steps wait together
 
     async def main():
-        executor.submit(blocker.wait)
-        tasks = [asyncio.ensure_future(batcher.run(step)) for step in steps]
-        await asyncio.sleep(0.05)
-        blocker.set()
-        return await asyncio.gather(*tasks, return_exceptions=True)
+        queue = ComputeQueue(batch_runner=DecodeBatches(counters))
+        try:
+            hold = asyncio.ensure_future(queue.run("other", single(blocker.wait)))
+            await asyncio.sleep(0.05)
+            tasks = [asyncio.ensure_future(queue.run(f"peer{i}", step.run_alone, batch_key=step.key, payload=step))
+                     for i, step in enumerate(steps)]
+            await asyncio.sleep(0.05)
+            blocker.set()
+            await hold
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            queue.stop()
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        executor.shutdown()
+    results = asyncio.run(main())
     assert isinstance(results[2], ValueError) and str(results[2]) == "bad step"
     for index in (0, 1):
         with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Generator
 
 import torch
 from torch import nn
@@ -105,6 +106,18 @@ class BlockSpan(nn.Module):
         ``position_ids``: (batch, new_tokens) absolute positions; ``attention_mask``: (batch, past + new) with 0 at
         padding, or None; ``cache``: this session's cache (None: no cache, e.g. training forward).
         """
+        pieces = self.forward_pieces(hidden, position_ids, attention_mask, cache, first, last)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as done:
+                return done.value
+
+    def forward_pieces(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, cache: DynamicCache | None = None, first: int = 0,
+                       last: int | None = None) -> Generator[None, None, torch.Tensor]:
+        """``forward`` as a generator that yields between layers, where a server's compute thread may run other
+        requests' work (swarm/server/compute.py); its return value is the output."""
         last = len(self.layers) if last is None else last
         device = self.device  # requests arrive on the CPU; a CUDA server computes on its GPU
         hidden, position_ids = hidden.to(device), position_ids.to(device)
@@ -113,6 +126,8 @@ class BlockSpan(nn.Module):
                                        attention_mask, cache, position_ids)
         position_embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None
         for index in range(first, last):
+            if index > first:
+                yield
             hidden = compat.call_layer(self.layers[index], hidden, mask=masks[self.layer_types[index]],
                                        position_ids=position_ids, position_embeddings=position_embeddings,
                                        cache=cache)

@@ -7,7 +7,8 @@ copied, left-padded to the longest, into one temporary cache, the padding is mas
 its own rows of the output and has its own cache grown by its new positions, exactly as if it had run alone.
 
 No step waits for company: a step that finds the compute thread idle runs at once (alone); steps that arrive
-while it is busy are collected and run as one batch when it frees up. Only steps that can be merged exactly are:
+while it is busy wait in the compute queue (compute.py), which hands the ones at the head of their peers' queues to
+this runner together when it frees up. Only steps that can be merged exactly are:
 the same span object and layer range, one new token, no beam reorder, plain full-attention caches of one dtype.
 Anything else, or a batch that fails, runs step by step as before, each error going to its own caller. Sessions
 of very different lengths go in separate batches, so that padding never costs more than about the real positions.
@@ -15,12 +16,9 @@ of very different lengths go in separate batches, so that padding never costs mo
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-from collections.abc import Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +31,7 @@ logger = logging.getLogger(__name__)
 class DecodeStep:
     """One session's decode step, validated, waiting for the compute thread."""
 
-    run_alone: Callable[[], torch.Tensor]  # the step as an unbatched call (truncates, runs, undoes on failure)
+    run_alone: Callable[[], Generator]  # the step as an unbatched job (truncates, runs, undoes on failure)
     span: torch.nn.Module
     cache: object  # the session's DynamicCache
     first: int
@@ -42,7 +40,6 @@ class DecodeStep:
     hidden: torch.Tensor  # (rows, 1, hidden_size) in the span's dtype
     positions: torch.Tensor  # (rows, 1)
     mask: torch.Tensor | None  # (rows, position + 1), or None: no padding
-    future: asyncio.Future = field(default=None, repr=False)
 
     @property
     def key(self) -> tuple:
@@ -50,97 +47,79 @@ class DecodeStep:
         return id(self.span), self.first, self.last, self.hidden.dtype, self.hidden.device
 
 
-class DecodeBatcher:
-    """Collects decode steps and runs them on ``executor`` (the server's one compute thread), batched where possible.
+class DecodeBatches:
+    """The compute queue's batch runner (compute.py): decode steps that were waiting together, merged where they
+    can be, else run one by one, each with its own result or error.
 
     ``counters`` (the handler's ``served``) gets ``batched_steps`` (steps that ran inside a batch of two or more)
-    and ``decode_batches`` (such batches).
+    and ``decode_batches`` (such batches); it is updated on the compute thread (plain integer increments).
     """
 
-    def __init__(self, executor: Executor, max_rows: int, counters: dict[str, int]):
-        self.executor, self.max_rows, self.counters = executor, max(1, max_rows), counters
+    def __init__(self, counters: dict[str, int]):
+        self.counters = counters
         counters.setdefault("batched_steps", 0)
         counters.setdefault("decode_batches", 0)
-        self.lock = threading.Lock()  # `waiting` is filled by the event loop and drained by the compute thread
-        self.waiting: list[DecodeStep] = []
-        self.scheduled = False  # a drain is queued on the executor and has not taken its steps yet
 
-    async def run(self, step: DecodeStep) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        step.future = loop.create_future()
-        with self.lock:
-            self.waiting.append(step)
-            schedule, self.scheduled = not self.scheduled, True
-        if schedule:
-            self.executor.submit(self._drain, loop)
-        return await step.future
-
-    # ---- on the compute thread
-
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self.lock:
-            taken, rows = [], 0
-            while self.waiting and (not taken or rows + self.waiting[0].hidden.shape[0] <= self.max_rows):
-                step = self.waiting.pop(0)
-                taken.append(step)
-                rows += step.hidden.shape[0]
-            self.scheduled = bool(self.waiting)  # the rest goes in the next drain, queued behind other work
-        if self.scheduled:
-            self.executor.submit(self._drain, loop)
-        groups: dict[tuple, list[DecodeStep]] = {}
-        for step in taken:
-            groups.setdefault(step.key, []).append(step)
-        for group in (chunk for steps in groups.values() for chunk in _by_length(steps)):
+    def __call__(self, jobs: list) -> list[tuple[torch.Tensor | None, BaseException | None]]:
+        steps: list[DecodeStep] = [job.payload for job in jobs]
+        results: dict[int, tuple[torch.Tensor | None, BaseException | None]] = {}
+        for group in _by_length(steps):
             if len(group) > 1 and all(compat.is_mergeable(step.cache) for step in group):
                 try:
-                    outputs = self._run_batch(group)
+                    outputs = run_batch(group)
                 except Exception:
                     logger.warning(f"A batch of {len(group)} decode steps failed; running them one by one",
                                    exc_info=True)
                 else:
-                    loop.call_soon_threadsafe(self._count, len(group))
-                    for step, output in zip(group, outputs, strict=True):
-                        loop.call_soon_threadsafe(_resolve, step.future, output, None)
+                    self.counters["batched_steps"] += len(group)
+                    self.counters["decode_batches"] += 1
+                    results.update({id(step): (output, None) for step, output in zip(group, outputs, strict=True)})
                     continue
             for step in group:
                 try:
-                    result, error = step.run_alone(), None
+                    results[id(step)] = (drain(step.run_alone()), None)
                 except BaseException as e:  # goes to this step's caller only
-                    result, error = None, e
-                loop.call_soon_threadsafe(_resolve, step.future, result, error)
+                    results[id(step)] = (None, e)
+        return [results[id(step)] for step in steps]
 
-    @staticmethod
-    def _run_batch(group: list[DecodeStep]) -> list[torch.Tensor]:
-        span, first, last = group[0].span, group[0].first, group[0].last
-        caches = [step.cache for step in group]
-        rows = [step.hidden.shape[0] for step in group]
-        length = max(step.position for step in group)  # past positions of the merged cache
+
+def drain(pieces: Generator):
+    """Run a piecewise computation to its end in one go; its return value."""
+    while True:
         try:
-            for step in group:
-                compat.truncate_cache(step.cache, step.position)  # a client rewinding (or replaying)
-                lengths = compat.cache_layer_lengths(step.cache)[first:last]
-                if any(n != step.position for n in lengths):  # the padding masks would not match the caches
-                    raise ValueError(f"cache layers hold {lengths} positions, the step starts at {step.position}")
-            masks = []
-            for step in group:
-                own = step.mask if step.mask is not None else torch.ones(step.hidden.shape[0], step.position + 1,
-                                                                           dtype=torch.long)
-                pad = own.new_zeros(own.shape[0], length - step.position)
-                masks.append(torch.cat([pad, own.to(torch.long)], dim=1))
-            merged = compat.merge_caches(span.config, caches, rows, length, first, last)
-            with torch.no_grad():
-                output = span(torch.cat([step.hidden for step in group]), torch.cat([step.positions for step in group]),
-                              torch.cat(masks), merged, first, last)
-            compat.append_from_merged(merged, caches, rows, 1, first, last)
-        except BaseException:
-            for step in group:  # each session's cache as it was before this step (never longer)
-                compat.truncate_cache(step.cache, step.position)
-            raise
-        return list(output.split(rows))
+            next(pieces)
+        except StopIteration as done:
+            return done.value
 
-    def _count(self, steps: int) -> None:
-        self.counters["batched_steps"] += steps
-        self.counters["decode_batches"] += 1
+
+def run_batch(group: list[DecodeStep]) -> list[torch.Tensor]:
+    """The steps of ``group`` as one call of their span: each one's output, its cache grown as if it ran alone."""
+    span, first, last = group[0].span, group[0].first, group[0].last
+    caches = [step.cache for step in group]
+    rows = [step.hidden.shape[0] for step in group]
+    length = max(step.position for step in group)  # past positions of the merged cache
+    try:
+        for step in group:
+            compat.truncate_cache(step.cache, step.position)  # a client rewinding (or replaying)
+            lengths = compat.cache_layer_lengths(step.cache)[first:last]
+            if any(n != step.position for n in lengths):  # the padding masks would not match the caches
+                raise ValueError(f"cache layers hold {lengths} positions, the step starts at {step.position}")
+        masks = []
+        for step in group:
+            own = step.mask if step.mask is not None else torch.ones(step.hidden.shape[0], step.position + 1,
+                                                                       dtype=torch.long)
+            pad = own.new_zeros(own.shape[0], length - step.position)
+            masks.append(torch.cat([pad, own.to(torch.long)], dim=1))
+        merged = compat.merge_caches(span.config, caches, rows, length, first, last)
+        with torch.no_grad():
+            output = span(torch.cat([step.hidden for step in group]), torch.cat([step.positions for step in group]),
+                          torch.cat(masks), merged, first, last)
+        compat.append_from_merged(merged, caches, rows, 1, first, last)
+    except BaseException:
+        for step in group:  # each session's cache as it was before this step (never longer)
+            compat.truncate_cache(step.cache, step.position)
+        raise
+    return list(output.split(rows))
 
 
 PAD_SLACK = 32  # positions of padding always tolerated (short sessions batch together whatever their lengths)
@@ -157,12 +136,3 @@ def _by_length(steps: list[DecodeStep]) -> list[list[DecodeStep]]:
         else:
             chunks.append([step])
     return chunks
-
-
-def _resolve(future: asyncio.Future, result: torch.Tensor | None, error: BaseException | None) -> None:
-    if future.done():  # its caller went away (the session closed meanwhile)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

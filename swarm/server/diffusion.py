@@ -107,7 +107,7 @@ class UNetHandler(HandlerBase):
                 if message is None or message.get("type") == "close":
                     return
                 try:
-                    reply = await self._evaluate(session, levels, message)
+                    reply = await self._evaluate(peer, session, levels, message)
                 except RequestError as e:  # refused; the session stays usable
                     reply = {"error": str(e)}
                 reply["step_id"] = message.get("step_id")
@@ -152,7 +152,7 @@ class UNetHandler(HandlerBase):
                 result[key] = value
         return result
 
-    async def _evaluate(self, session: DiffusionSession, levels: UNetLevels, message: dict) -> dict:
+    async def _evaluate(self, peer: str, session: DiffusionSession, levels: UNetLevels, message: dict) -> dict:
         kind = get_field(message, "type", str)
         if kind not in ("down", "up"):
             raise RequestError(f"expected 'down', 'up' or 'close', got {kind!r}")
@@ -185,7 +185,8 @@ class UNetHandler(HandlerBase):
                 raise RequestError(f"temb has width {temb.shape[1]}; this U-Net's blocks take {self._temb_width}")
             self._check_channels(levels, session.start, sample)
             session.pixels = pixels  # what this evaluation's time is scaled by
-            output, sizes, went_up = await self._run(lambda: self._down(session, levels, sample, temb, sizes))
+            output, sizes, went_up = await self._run(peer, lambda: self._down(session, levels, sample, temb,
+                                                                               sizes))
             self.count("down")
             if went_up:
                 self._evaluated(session)
@@ -205,17 +206,17 @@ class UNetHandler(HandlerBase):
                 raise RequestError(f"bad skips: {e}") from None
         if session.temb is None or len(sizes) < min(session.end, levels.n):
             raise RequestError("an 'up' pass needs the 'down' pass of the same evaluation first")
-        output = await self._run(lambda: self._up(session, levels, sample, sizes))
+        output = await self._run(peer, lambda: self._up(session, levels, sample, sizes))
         self.count("up")
         self._evaluated(session)
         return {"sample": self.encode(output.to(sample.dtype), codec)}
 
-    async def _run(self, fn):
+    async def _run(self, peer: str, work):
         """The levels on inputs that passed the checks above. What the blocks still cannot take (e.g. an 'up'
         sample that does not fit the skips kept from the 'down' pass) is the request's fault: an error for this
         caller, and the session stays usable for its next evaluation."""
         try:
-            return await self.compute(fn)
+            return await self.compute(peer, work)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise RequestError(f"these inputs do not fit the U-Net's levels: {type(e).__name__}: {e}") from None
 
@@ -229,36 +230,46 @@ class UNetHandler(HandlerBase):
         if sample.shape[1] != expected:
             raise RequestError(f"sample has {sample.shape[1]} channels, level {level} takes {expected}")
 
+    # Both passes run on the compute thread as generators that yield between levels (compute.py: other peers'
+    # work may run there). Per-thread state (grad mode, Latent-Shift's frames) is set around each level, never
+    # across a yield, where it would leak into the next job's piece.
+
     @staticmethod
     def _down(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, temb: torch.Tensor,
-              sizes: list) -> tuple[torch.Tensor, list, bool]:
+              sizes: list):
         sizes, stashes = [list(s) for s in sizes], {}
-        started = time.perf_counter()
-        with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
-            for level in range(session.start, session.end):
-                if level < levels.n:
-                    sizes.append(list(sample.shape[-2:]))
+        session.compute_seconds = 0.0
+        for level in range(session.start, session.end):
+            if level > session.start:
+                yield
+            started = time.perf_counter()
+            if level < levels.n:
+                sizes.append(list(sample.shape[-2:]))
+            with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
                 sample, stash = levels.down(level, sample, temb, session.encoder_hidden_states, session.extra)
-                if stash is not None:
-                    stashes[level] = stash
+            if stash is not None:
+                stashes[level] = stash
+            session.compute_seconds += time.perf_counter() - started
         session.temb, session.stashes = temb, stashes
-        session.compute_seconds = time.perf_counter() - started
         went_up = session.end == levels.n + 1  # we hold the mid level: go straight back up through our levels
         if went_up:
-            sample = UNetHandler._up(session, levels, sample, sizes)
+            yield
+            sample = yield from UNetHandler._up(session, levels, sample, sizes)
         return sample, sizes, went_up
 
     @staticmethod
-    def _up(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, sizes: list) -> torch.Tensor:
-        started = time.perf_counter()
-        with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
-            for level in reversed(range(session.start, min(session.end, levels.n))):
-                size = levels.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
+    def _up(session: DiffusionSession, levels: UNetLevels, sample: torch.Tensor, sizes: list):
+        for number, level in enumerate(reversed(range(session.start, min(session.end, levels.n)))):
+            if number:
+                yield
+            started = time.perf_counter()
+            size = levels.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
+            with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
                 sample = levels.up(level, sample, session.temb, session.encoder_hidden_states, session.extra,
                                    session.stashes.pop(level), size)
+            session.compute_seconds += time.perf_counter() - started
         session.temb = None
         session.evaluations += 1
-        session.compute_seconds += time.perf_counter() - started
         return sample
 
 

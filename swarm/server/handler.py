@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +22,8 @@ from swarm.rpc import protocol
 from swarm.rpc.framing import MalformedMessage, MessageTooLarge, read_message, write_message
 from swarm.rpc.protocol import RequestError, get_field
 from swarm.server.admission import Admission, PeerLimits, RateLimited, Refused
-from swarm.server.batching import DecodeBatcher, DecodeStep
+from swarm.server.batching import DecodeBatches, DecodeStep
+from swarm.server.compute import ComputeQueue, Work, single
 from swarm.server.inference import accept_push, serve_session
 from swarm.server.sessions import SessionTable
 from swarm.server.throughput import SpanSpeed
@@ -60,10 +60,9 @@ class HandlerBase:
     def __init__(self, span: torch.nn.Module, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
         self.span, self.sessions, self.limits, self.info = span, sessions, limits, info
         self.admission = Admission(limits.peers, sessions)
-        # One compute thread: requests run one at a time in arrival order, the event loop stays free for I/O.
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self.pending = 0  # requests waiting for or running on the compute thread
         self.served: dict[str, int] = {}  # requests answered, by kind, shown by info
+        # One compute thread, shared fairly between peers in pieces (compute.py); the event loop stays free for I/O.
+        self.compute_queue = ComputeQueue(batch_runner=self.batch_runner(), max_batch=limits.max_decode_batch)
         self.steps_served = 0  # inference steps (transformer blocks only), shown by info
         self.pushes: dict[str, int] = {}  # server-to-server hand-offs (transformer blocks only), shown by info
         self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
@@ -73,6 +72,15 @@ class HandlerBase:
 
     def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
         return {protocol.INFO: self.rpc_info}
+
+    def batch_runner(self) -> Callable | None:
+        """What runs merged jobs (decode steps) on the compute thread; None: nothing is merged."""
+        return None
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for or running on the compute thread: the load a server announces."""
+        return self.compute_queue.pending
 
     def measured_speed(self) -> SpanSpeed | None:
         """A speed measured on the requests served, for spans not measured at start (U-Net levels)."""
@@ -91,7 +99,7 @@ class HandlerBase:
         self.served[kind] = self.served.get(kind, 0) + 1
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.compute_queue.stop()
 
     async def _serve(self, rpc: Callable[..., Awaitable[None]], paced: bool, stream_info,
                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -139,24 +147,16 @@ class HandlerBase:
         with suppress(Exception):
             await asyncio.wait_for(write_message(writer, {"error": message}), cls.ERROR_WRITE_SECONDS)
 
-    async def compute(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        self.pending += 1  # announced as the server's load
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
-        finally:
-            self.pending -= 1
+    async def compute(self, peer: str, work: Work, **options: object) -> torch.Tensor:
+        """``work`` (a generator function: pieces, see compute.py) on the compute thread, in ``peer``'s turn."""
+        return await self.compute_queue.run(peer, work, **options)
 
-    async def compute_decode(self, step: DecodeStep) -> torch.Tensor:
-        """A decode step on the compute thread, batched with other sessions' waiting steps when the server
-        allows it (else alone, like ``compute``)."""
-        batcher = getattr(self, "batcher", None)
-        if batcher is None:
-            return await self.compute(step.run_alone)
-        self.pending += 1
-        try:
-            return await batcher.run(step)
-        finally:
-            self.pending -= 1
+    async def compute_decode(self, peer: str, step: DecodeStep) -> torch.Tensor:
+        """A decode step on the compute thread, merged with other sessions' waiting steps when the server allows
+        it (else alone, like ``compute``)."""
+        if not self.limits.batch_decode:
+            return await self.compute(peer, step.run_alone)
+        return await self.compute(peer, step.run_alone, batch_key=step.key, payload=step)
 
     async def read_request(self, reader: asyncio.StreamReader, timeout: float | None = None) -> dict | None:
         """The next message; with ``timeout``, a caller that does not send it in time is refused (a stream opened
@@ -198,10 +198,11 @@ class BlockHandler(HandlerBase):
         super().__init__(span, sessions, limits, info)
         self.steps_served = 0
         self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
-        self.served = {"forward": 0, "backward": 0}
-        self.batcher = (DecodeBatcher(self.executor, limits.max_decode_batch, self.served)
-                        if limits.batch_decode else None)
+        self.served.update(forward=0, backward=0)
         self.max_position = getattr(span.config, "max_position_embeddings", None) or 2**31 - 1
+
+    def batch_runner(self) -> Callable | None:
+        return DecodeBatches(self.served) if self.limits.batch_decode else None
 
     def rpcs(self) -> dict[str, Callable[..., Awaitable[None]]]:
         return {**super().rpcs(), protocol.FORWARD: self.rpc_forward, protocol.BACKWARD: self.rpc_backward,
@@ -224,11 +225,10 @@ class BlockHandler(HandlerBase):
         first, last, hidden, positions, mask = self.read_span_inputs(message, span)
         codec = self.output_codec(message)
 
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return span(hidden.to(span.dtype), positions, mask, None, first, last)
+        def run():
+            return (yield from span.forward_pieces(hidden.to(span.dtype), positions, mask, None, first, last))
 
-        output = self.faults.corrupt(await self.compute(run))
+        output = self.faults.corrupt(await self.compute(peer, run))
         self.count("forward")
         await write_message(writer, {"hidden": self.encode(output.to(hidden.dtype), codec),
                                      "commitment": commit(output)})
@@ -252,7 +252,7 @@ class BlockHandler(HandlerBase):
                 (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.device, outputs.dtype))
             return grad
 
-        grad = await self.compute(run)
+        grad = await self.compute(peer, single(run))  # one piece: grad mode must not leak to others' pieces
         self.count("backward")
         await write_message(writer, {"grad_input": self.encode(grad.to(hidden.dtype), codec)})
 

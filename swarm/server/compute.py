@@ -1,0 +1,222 @@
+"""The server's one compute thread, shared fairly: work runs in pieces, round-robin between the peers waiting.
+
+A piece of work is a generator function run on the compute thread: each ``yield`` is a point where other peers'
+work may run (a transformer span yields after each layer, U-Net levels after each block), and its ``return``
+value is the result. So a long request (a big prefill, a large image) holds the thread for at most one piece at a
+time while others wait: a decode step queued behind it runs after the current piece, not after the whole request.
+A request whose caller has gone (its coroutine cancelled) is dropped at its next piece boundary; its generator is
+closed, so its ``finally`` blocks undo partial work (e.g. a half-written KV cache).
+
+Grad mode is per thread and would leak between interleaved generators at their ``yield``: every piece starts with
+it off, and work that needs it (a backward pass) must not yield while it is on.
+
+Decode steps can also be merged: when the thread picks a job that has a ``batch_key``, it takes every other waiting
+job with the same key (at the head of its peer's queue) and runs them as one call through ``batch_runner``
+(batching.py), which gives each its own result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Work = Callable[[], Generator[None, None, Any]]  # a generator function: yields between pieces, returns the result
+
+
+@dataclass(eq=False)
+class Job:
+    peer: str
+    work: Work
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    batch_key: object = None  # jobs with equal keys may run merged (decode steps), via ComputeQueue.batch_runner
+    payload: object = None  # what the batch runner needs of this job (a DecodeStep)
+    cost: float = 0.0  # what the caller estimated this job costs (seconds at the measured speed), for accounting
+    generator: Iterator | None = field(default=None, repr=False)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # the compute thread's first piece of it
+    seconds: float = 0.0  # compute thread time spent on it so far
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+
+class ComputeQueue:
+    """``await queue.run(peer, work)`` runs ``work`` on the compute thread and returns its result."""
+
+    def __init__(self, name: str = "compute",
+                 batch_runner: Callable[[list[Job]], list[tuple[Any, BaseException | None]]] | None = None,
+                 max_batch: int = 32):
+        self.batch_runner, self.max_batch = batch_runner, max(1, max_batch)
+        self.lock = threading.Condition()
+        self.queues: OrderedDict[str, deque[Job]] = OrderedDict()  # per peer, in round-robin order
+        self.pending = 0  # jobs waiting or running: the server's announced load
+        self.busy_seconds: dict[str, float] = {}  # compute thread time by peer (bounded: see _account)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    async def run(self, peer: str, work: Work, *, batch_key: object = None, payload: object = None,
+                  cost: float = 0.0) -> Any:
+        loop = asyncio.get_running_loop()
+        job = Job(peer, work, loop, loop.create_future(), batch_key, payload, cost)
+        with self.lock:
+            if self.stopped:
+                raise RuntimeError("the compute thread is stopped")
+            self.queues.setdefault(peer, deque()).append(job)
+            self.pending += 1
+            self.lock.notify()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():  # the caller went away: the compute thread drops the job at its next piece
+                job.future.cancel()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for queue in self.queues.values():
+                for job in queue:
+                    job.loop.call_soon_threadsafe(_cancel, job.future)
+            self.queues.clear()
+            self.lock.notify()
+
+    # ---- on the compute thread
+
+    def _next(self) -> list[Job] | None:
+        """The next peer's next job (with the jobs it can merge with), rotating that peer to the back."""
+        with self.lock:
+            while not self.stopped:
+                for peer in list(self.queues):
+                    queue = self.queues[peer]
+                    while queue and queue[0].cancelled:
+                        self._drop(queue.popleft())
+                    if not queue:
+                        del self.queues[peer]
+                        continue
+                    job = queue.popleft()
+                    self.queues.move_to_end(peer)
+                    if not queue:
+                        del self.queues[peer]
+                    group = [job]
+                    if job.batch_key is not None and job.generator is None and self.batch_runner is not None:
+                        group += self._take_mergeable(job.batch_key)
+                    return group
+                self.lock.wait()
+            return None
+
+    def _take_mergeable(self, key: object) -> list[Job]:
+        taken = []
+        for peer in list(self.queues):
+            queue = self.queues[peer]
+            while queue and len(taken) + 1 < self.max_batch and queue[0].batch_key == key and \
+                    queue[0].generator is None and not queue[0].cancelled:
+                taken.append(queue.popleft())
+            if not queue:
+                del self.queues[peer]
+        return taken
+
+    def _drop(self, job: Job) -> None:
+        """A job whose caller went away: close its generator (its ``finally`` undoes partial work)."""
+        if job.generator is not None:
+            try:
+                job.generator.close()
+            except Exception:
+                logger.debug("A dropped job failed while closing", exc_info=True)
+        self.pending -= 1
+
+    def _loop(self) -> None:
+        while True:
+            group = self._next()
+            if group is None:
+                return
+            if len(group) > 1:
+                self._run_batch(group)
+            else:
+                self._step(group[0])
+
+    def _step(self, job: Job) -> None:
+        """Run one piece of ``job``; requeue it behind the other peers' work if it has more."""
+        started = time.perf_counter()
+        if job.started is None:
+            job.started = started
+        # Grad mode is per thread: a piece that enabled it (a backward pass) must not leave it on for the next
+        # job's piece, so every piece starts with it off and a backward pass runs as a single piece.
+        torch.set_grad_enabled(False)
+        try:
+            if job.generator is None:
+                job.generator = job.work()
+            next(job.generator)
+        except StopIteration as done:
+            self._finish(job, started, done.value, None)
+            return
+        except BaseException as error:  # goes to this job's caller only
+            self._finish(job, started, None, error)
+            return
+        job.seconds += time.perf_counter() - started
+        with self.lock:
+            if job.cancelled or self.stopped:
+                self._drop(job)
+            else:
+                self.queues.setdefault(job.peer, deque()).append(job)
+
+    def _run_batch(self, group: list[Job]) -> None:
+        started = time.perf_counter()
+        for job in group:
+            job.started = started
+        try:
+            results = self.batch_runner(group)
+        except BaseException as error:  # the runner gives each job its own error; this is a bug of the runner
+            results = [(None, error)] * len(group)
+        for job, (result, error) in zip(group, results, strict=True):
+            self._finish(job, started, result, error, share=1 / len(group))
+
+    def _finish(self, job: Job, started: float, result: Any, error: BaseException | None, share: float = 1.0) -> None:
+        job.seconds += (time.perf_counter() - started) * share
+        with self.lock:
+            self.pending -= 1
+            self._account(job.peer, job.seconds)
+        job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+
+    MAX_ACCOUNTS = 10_000
+
+    def _account(self, peer: str, seconds: float) -> None:
+        self.busy_seconds[peer] = self.busy_seconds.get(peer, 0.0) + seconds
+        if len(self.busy_seconds) > self.MAX_ACCOUNTS:  # many identities: keep the busiest half
+            keep = sorted(self.busy_seconds.items(), key=lambda item: -item[1])[: self.MAX_ACCOUNTS // 2]
+            self.busy_seconds = dict(keep)
+
+
+def single(fn: Callable[[], Any]) -> Work:
+    """A job of one piece: ``fn()`` on the compute thread."""
+
+    def work() -> Generator[None, None, Any]:
+        yield from ()  # a generator function that never yields: one piece
+        return fn()
+
+    return work
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _cancel(future: asyncio.Future) -> None:
+    if not future.done():
+        future.cancel()

@@ -1,0 +1,113 @@
+"""The server's compute thread: work in pieces, round-robin between peers, dropped when its caller goes away,
+decode steps merged, errors to their own caller."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from swarm.server.compute import ComputeQueue, single
+
+
+def pieces(log: list, name: str, count: int, seconds: float = 0.0, closed: list | None = None):
+    def work():
+        try:
+            for index in range(count):
+                time.sleep(seconds)
+                log.append((name, index))
+                yield
+            return name
+        finally:
+            if closed is not None:
+                closed.append(name)
+
+    return work
+
+
+def test_a_short_job_runs_between_the_pieces_of_a_long_one():
+    log: list = []
+
+    async def main():
+        queue = ComputeQueue()
+        try:
+            long = asyncio.create_task(queue.run("alice", pieces(log, "long", 20, 0.005)))
+            await asyncio.sleep(0.02)  # the long job is running
+            assert await queue.run("bob", pieces(log, "short", 1)) == "short"
+            done_at = len(log)
+            assert await long == "long"
+            return done_at
+        finally:
+            queue.stop()
+
+    done_at = asyncio.run(main())
+    # bob's one piece ran after at most one more piece of alice's, not after all 20
+    assert log.index(("short", 0)) <= done_at and sum(1 for name, _ in log[:done_at] if name == "long") < 20
+
+
+def test_a_job_whose_caller_went_away_is_dropped_and_closed():
+    log, closed = [], []
+
+    async def main():
+        queue = ComputeQueue()
+        try:
+            task = asyncio.create_task(queue.run("alice", pieces(log, "long", 1000, 0.002, closed)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.05)
+            assert await queue.run("bob", single(lambda: 42)) == 42
+            assert queue.pending == 0
+        finally:
+            queue.stop()
+
+    asyncio.run(main())
+    assert closed == ["long"] and len(log) < 1000
+
+
+def test_an_error_goes_to_its_own_caller_only():
+    def failing():
+        yield
+        raise ValueError("bad input")
+
+    async def main():
+        queue = ComputeQueue()
+        try:
+            bad = asyncio.create_task(queue.run("mallory", failing))
+            good = asyncio.create_task(queue.run("alice", single(lambda: "fine")))
+            with pytest.raises(ValueError, match="bad input"):
+                await bad
+            assert await good == "fine"
+        finally:
+            queue.stop()
+
+    asyncio.run(main())
+
+
+def test_waiting_jobs_with_one_batch_key_run_merged():
+    batches: list[list[str]] = []
+    gate = threading.Event()
+
+    def runner(jobs):
+        batches.append([job.payload for job in jobs])
+        return [(job.payload.upper(), None) for job in jobs]
+
+    async def main():
+        queue = ComputeQueue(batch_runner=runner)
+        try:
+            blocker = asyncio.create_task(queue.run("zed", single(gate.wait)))
+            await asyncio.sleep(0.02)  # the thread is busy: the steps below wait together
+            steps = [asyncio.create_task(queue.run(peer, single(lambda: None), batch_key="decode", payload=peer))
+                     for peer in ("a", "b", "c")]
+            await asyncio.sleep(0.02)
+            gate.set()
+            await blocker
+            return await asyncio.gather(*steps)
+        finally:
+            queue.stop()
+
+    assert asyncio.run(main()) == ["A", "B", "C"]
+    assert batches == [["a", "b", "c"]]
