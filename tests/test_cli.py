@@ -11,6 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 
 import swarm
@@ -272,7 +273,12 @@ def test_ctrl_c_before_start_exits_quietly(tiny_model, launcher):
     process = SwarmProcess(["-m", "swarm.server", str(tiny_model("llama")), "--blocks", "0:2", "--host",
                             "127.0.0.1"], launcher.directory / "ctrl-c.log", SERVER_READY)
     launcher.processes.append(process)  # stopped with the others whatever happens
-    time.sleep(2.0)  # arguments parsed, torch still loading: the server's own signal handlers are not installed
+    # Arguments parsed, torch loading (it is imported only after parsing): the server's own signal handlers are
+    # not installed yet. A fixed sleep was too short on a busy machine, where the Ctrl-C came before main().
+    deadline = time.monotonic() + 60
+    while not any("libtorch" in m.path for m in psutil.Process(process.proc.pid).memory_maps()):
+        assert time.monotonic() < deadline and process.proc.poll() is None, process.output()
+        time.sleep(0.05)
     os.kill(process.proc.pid, signal.SIGINT)
     assert process.proc.wait(60) in (130, 0), process.output()  # 0: it was quicker, and stopped cleanly
     assert "Traceback" not in process.output(), process.output()

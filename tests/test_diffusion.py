@@ -10,7 +10,10 @@ from tiny_diffusion import UNET_KINDS, tiny_unet, tiny_unet_inputs
 
 from swarm import AutoDistributedPipeline, LatentShiftUNet
 from swarm.blocks.unet import UNetLevels, num_levels, run_head, run_tail
+from swarm.compression import serialize_tensor
 from swarm.hub.tiny_diffusion import save_tiny_sd, save_tiny_sdxl, save_tiny_text_to_video
+from swarm.rpc import protocol
+from swarm.rpc.client import RemoteError, Stream
 
 
 def staged(unet, args: tuple, kwargs: dict, split: int) -> torch.Tensor:
@@ -305,7 +308,7 @@ def test_malformed_evaluations_get_clear_errors_and_the_session_goes_on(served_p
             for message, error in [
                 (down(temb=torch.randn(2, 7)), "temb has width 7"),
                 (down(torch.randn(3, 32, 8, 8), torch.randn(3, head.temb.shape[1])), "differs from the encoder"),
-                (down(torch.randn(1, 1, 1100, 1000), torch.randn(1, head.temb.shape[1])), "must be in 1..."),
+                (down(torch.randn(1, 1, 1100, 1000), torch.randn(1, head.temb.shape[1])), "must be at most 1048576"),
                 ({**down(), "type": "up", "sample": serialize_tensor(torch.randn(2, 3, 4, 4)), "input_sizes": [[8, 8]]},
                  "needs the 'down' pass"),
             ]:
@@ -322,3 +325,97 @@ def test_malformed_evaluations_get_clear_errors_and_the_session_goes_on(served_p
             stream.close()
 
     manager.loop.run(exchange())
+
+
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
+def test_unet_requests_are_bounded_before_any_compute(served_pipeline):
+    """What made a U-Net server compute a 256 MB tensor, attend for a minute or hold a 64 MB prompt is refused from
+    the request itself, with a clear error, and the server goes on serving."""
+    pipe = served_pipeline["local"]
+    local = pipe.unet
+    sample, timestep, ehs = _one_evaluation(pipe)
+    with torch.no_grad():
+        head = run_head(local, sample, timestep, ehs)
+    manager = served_pipeline["remote"].unet.manager
+    first = served_pipeline["peers"][0].rsplit("/p2p/", 1)[1]
+    manager.loop.run(manager.update(force=True))
+    second = next(peer for peer, info in manager.servers.items() if info.start == 1)
+    width = head.encoder_hidden_states.shape[-1]
+
+    def opening(**fields) -> dict:
+        return {"type": "open", "start": 0, "end": 1, "output_codec": "none",
+                "encoder_hidden_states": serialize_tensor(head.encoder_hidden_states), **fields}
+
+    async def refused(peer: str, messages: list[dict], error: str) -> None:
+        stream = await Stream.open(manager.p2p, peer, protocol.DIFFUSION, 10)
+        try:
+            for message in messages[:-1]:
+                await stream.request(message, 30)
+            with pytest.raises(RemoteError, match=error):
+                await stream.request(messages[-1], 30)
+        finally:
+            stream.close()
+
+    async def exchange() -> None:
+        # a prompt of 5000 tokens per row (64 MB of it was accepted before)
+        await refused(first, [opening(encoder_hidden_states=serialize_tensor(torch.randn(2, 5000, width)))],
+                      "5000 tokens per row; this server takes at most 4096")
+        # 256 x 256 latents: 65536 positions attend to each other at level 0 (a minute of compute per request)
+        await refused(first, [opening(sample_shape=[1, 4, 256, 256])], "attends over 65536 positions at level 0")
+        # a 4x4 sample claiming a 1024x1024 level above: it would have upsampled to a 256 MB tensor
+        second_open = {"type": "open", "start": 1, "end": 3, "output_codec": "none", "forward_upsample_size": True,
+                       "encoder_hidden_states": serialize_tensor(head.encoder_hidden_states)}
+        down = {"type": "down", "step_id": 1, "sample": serialize_tensor(torch.randn(2, 32, 4, 4)),
+                "temb": serialize_tensor(head.temb), "input_sizes": [[1024, 1024]], "output_codec": "none"}
+        await refused(second, [second_open, down], r"input_sizes \[\[1024, 1024\]\] do not lead down")
+        nan = head.sample.clone()
+        nan[0, 0, 0, 0] = float("nan")
+        await refused(first, [opening(), {"type": "down", "step_id": 1, "sample": serialize_tensor(nan),
+                                          "temb": serialize_tensor(head.temb), "input_sizes": [],
+                                          "output_codec": "none"}], "sample contains NaN or infinite values")
+
+    manager.loop.run(exchange())
+    out = _generate(served_pipeline["remote"], served_pipeline["kwargs"])
+    ref = _generate(served_pipeline["local"], served_pipeline["kwargs"])
+    assert (out.images == ref.images).all()
+
+
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
+def test_one_peer_cannot_take_every_generation(served_pipeline):
+    """Generations share the server's session memory with a per-peer share: a peer holding its share is told the
+    server is busy (it is not banned for that), and another client still generates."""
+    remote = served_pipeline["remote"]
+    manager = remote.unet.manager
+    first = served_pipeline["peers"][0].rsplit("/p2p/", 1)[1]
+    pipe = served_pipeline["local"]
+    sample, timestep, ehs = _one_evaluation(pipe)
+    with torch.no_grad():
+        head = run_head(pipe.unet, sample, timestep, ehs)
+    opening = {"type": "open", "start": 0, "end": 1, "output_codec": "none", "sample_shape": [4, 4, 16, 16],
+               "encoder_hidden_states": serialize_tensor(head.encoder_hidden_states.repeat(2, 1, 1))}
+
+    async def hog() -> tuple[list[Stream], RemoteError]:
+        streams = []
+        while True:
+            stream = await Stream.open(manager.p2p, first, protocol.DIFFUSION, 10)
+            try:
+                await stream.request(opening, 30)
+            except RemoteError as e:
+                stream.close()
+                return streams, e
+            streams.append(stream)
+            assert len(streams) <= 16, "no limit per peer"
+
+    streams, error = manager.loop.run(hog())
+    try:
+        assert "per-peer cache limit" in str(error) and error.busy, error
+        other = AutoDistributedPipeline.from_pretrained(served_pipeline["path"], initial_peers=served_pipeline["peers"],
+                                                         compression="none")
+        try:
+            out = _generate(other, served_pipeline["kwargs"])
+        finally:
+            other.unet.shutdown()
+        assert (out.images == _generate(pipe, served_pipeline["kwargs"]).images).all()
+    finally:
+        for stream in streams:
+            stream.close()

@@ -309,3 +309,42 @@ def test_sessions_linked_in_a_cycle_do_not_loop(peers, server, rate_server):
     assert [after - b for after, b in zip(steps(), before, strict=True)] == [2, 1]
     first.close()
     second.close()
+
+
+def test_work_of_a_caller_that_left_is_dropped(launcher, model_path):
+    """A caller that closes its stream while its request computes (it gave up, or crashed) costs the server no
+    more than the piece in progress: the rest is dropped, for a one-shot forward and for a session step alike."""
+    slow = launcher.start_server(model_path, "0:3", [], env={"SWARM_TEST_FAULT": "slow-pieces:0.5"})
+    loop = LoopThread()
+    p2p, node = loop.run(start_dht([slow.maddr], host="127.0.0.1", client_mode=True))
+    hidden = torch.randn(1, 4, HIDDEN)
+    positions = serialize_tensor(torch.arange(4)[None])
+
+    async def send_and_leave(rpc: str, messages: list[dict]) -> None:
+        stream = await Stream.open(p2p, slow.peer_id, rpc, timeout=10)
+        for message in messages[:-1]:
+            await stream.request(message, timeout=30)
+        await stream.send(messages[-1])
+        await asyncio.sleep(0.3)  # its first piece (of three layers, 0.5 s each) is running
+        stream.close()
+
+    def dropped_and_served(expected_dropped: int) -> dict:
+        deadline = time.monotonic() + 10
+        while (served := info(loop, p2p, slow)["served"])["dropped"] < expected_dropped:
+            assert time.monotonic() < deadline, served
+            time.sleep(0.1)
+        return served
+
+    try:
+        forward = {"start": 0, "end": 3, "hidden": serialize_tensor(hidden), "position_ids": positions}
+        loop.run(send_and_leave(protocol.FORWARD, [forward]))
+        served = dropped_and_served(1)
+        assert served["forward"] == 0
+        opening = {"type": "open", "start": 0, "end": 3, "max_length": 16}
+        loop.run(send_and_leave(protocol.INFERENCE, [opening, {"type": "step", **forward, "position": 0}]))
+        served = dropped_and_served(2)
+        assert served["step"] == 0 and served["dropped"] == 2
+        assert info(loop, p2p, slow)["load"] == 0.0  # nothing left on the compute thread
+    finally:
+        loop.run(stop_dht(p2p, node))
+        loop.stop()

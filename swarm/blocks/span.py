@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,7 +15,11 @@ from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
 from swarm.blocks.quantization import quantize_linear_layers
+from swarm.blocks.served import BlockSession, Bounds, Prepared, ServedBlocks
+from swarm.compression import CODECS
 from swarm.hub.source import ModelSource, resolve_model
+from swarm.rpc.messages import read_attention_mask, read_block_range, read_hidden, read_position_ids, read_tensor
+from swarm.rpc.protocol import RequestError, get_field
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ def build_skeleton(config: PretrainedConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-class BlockSpan(nn.Module):
+class BlockSpan(nn.Module, ServedBlocks):
     """Decoder layers [start, end) of one model, run with or without a per-session KV cache.
 
     Layers are renumbered 0..n-1 so each session's cache holds exactly this span. Rotary position embeddings are
@@ -132,3 +137,176 @@ class BlockSpan(nn.Module):
                                        position_ids=position_ids, position_embeddings=position_embeddings,
                                        cache=cache)
         return hidden
+
+    # ---- the served-block protocol (served.py): sessions, steps, one-shot forward and backward
+
+    kind = "span"
+    session_steps = ("step",)
+    one_shots = ("forward", "backward")
+    flops_per_second: float | None = None  # from the speed measured at start (swarm/server/throughput.py)
+
+    @property
+    def max_position(self) -> int:
+        return getattr(self.config, "max_position_embeddings", None) or 2**31 - 1
+
+    def kv_bytes_per_position(self) -> int:
+        """KV cache bytes one position of one row takes in one layer (keys and values)."""
+        config = self.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * heads * head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    def layer_params(self) -> int:
+        return sum(p.numel() for p in self.layers[0].parameters()) if len(self.layers) else 0
+
+    def flops(self, rows: int, tokens: int, context: int, layers: int) -> float:
+        """Estimated cost of ``tokens`` new positions per row attending over ``context`` positions, in ``layers``."""
+        return layers * rows * tokens * (2.0 * self.layer_params() + 4.0 * context * self.hidden_size)
+
+    def set_measured_speed(self, forward_tps: float) -> None:
+        """From the start-up measurement: tokens/s of a 256-token forward over the whole span."""
+        self.flops_per_second = self.flops(1, 256, 256, len(self.layers)) / 256 * forward_tps
+
+    def open_session(self, message: dict, bounds: Bounds) -> SpanSession:
+        start, end = read_block_range(message, self.start, self.end)
+        max_length = get_field(message, "max_length", int)
+        batch_size = get_field(message, "batch_size", int, default=1)
+        if not 0 < max_length <= bounds.max_session_length:
+            raise RequestError(f"max_length must be in [1, {bounds.max_session_length}], got {max_length}")
+        if not 0 < batch_size <= bounds.max_batch_tokens:
+            raise RequestError(f"batch_size must be in [1, {bounds.max_batch_tokens}], got {batch_size}")
+        reserved = batch_size * max_length * (end - start) * self.kv_bytes_per_position()
+        return SpanSession(start, end, reserved, read_codec(message, "output_codec"), blocks=self,
+                           batch_size=batch_size, max_length=max_length, cache=self.new_cache())
+
+    def read_inputs(self, message: dict, bounds: Bounds, past: int = 0):
+        """Local layer range, hidden states, positions and mask of a forward/backward/step request."""
+        start, end = read_block_range(message, self.start, self.end)
+        hidden = read_hidden(message, self.hidden_size, bounds.max_batch_tokens)
+        batch, tokens, _ = hidden.shape
+        positions = read_position_ids(message, batch, tokens, self.max_position)
+        mask = read_attention_mask(message, batch, past + tokens)
+        return start - self.start, end - self.start, hidden, positions, mask
+
+    def prepare(self, kind: str, message: dict, session: BlockSession | None, bounds: Bounds) -> Prepared:
+        if kind == "step" and isinstance(session, SpanSession):
+            return self._prepare_step(message, session, bounds)
+        if kind == "forward":
+            return self._prepare_forward(message, bounds)
+        if kind == "backward":
+            return self._prepare_backward(message, bounds)
+        raise RequestError(f"a span serves steps in sessions, forward and backward; not {kind!r}")
+
+    def _prepare_forward(self, message: dict, bounds: Bounds) -> Prepared:
+        first, last, hidden, positions, mask = self.read_inputs(message, bounds)
+        batch, tokens, _ = hidden.shape
+        flops = self.flops(batch, tokens, tokens, last - first)
+        self.check_cost(flops, bounds)
+
+        def run():
+            return (yield from self.forward_pieces(hidden.to(self.dtype), positions, mask, None, first, last))
+
+        return Prepared(run, flops, batch * tokens, lambda output: ({}, {"hidden": output}), hidden.dtype)
+
+    def _prepare_backward(self, message: dict, bounds: Bounds) -> Prepared:
+        """Gradient of the span's output w.r.t. its input, recomputing the forward (nothing is kept between calls)."""
+        first, last, hidden, positions, mask = self.read_inputs(message, bounds)
+        grad_output = read_hidden(message, self.hidden_size, bounds.max_batch_tokens, name="grad_output")
+        if grad_output.shape != hidden.shape:
+            raise RequestError(f"grad_output has shape {list(grad_output.shape)}, hidden {list(hidden.shape)}")
+        batch, tokens, _ = hidden.shape
+        flops = 3 * self.flops(batch, tokens, tokens, last - first)
+        self.check_cost(flops, bounds)
+
+        def run():  # one piece: grad mode is per thread and must not be on while others' pieces run
+            yield from ()
+            with torch.enable_grad():
+                inputs = hidden.to(self.dtype).requires_grad_(True)
+                outputs = self(inputs, positions, mask, None, first, last)
+                (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.device, outputs.dtype))
+            return grad
+
+        return Prepared(run, flops, batch * tokens, lambda grad: ({}, {"grad_input": grad}), hidden.dtype)
+
+    def _prepare_step(self, message: dict, session: SpanSession, bounds: Bounds) -> Prepared:
+        position = get_field(message, "position", int, default=session.length)
+        if not 0 <= position <= session.length:
+            raise RequestError(f"step starts at position {position}, but {session.length} positions are cached")
+        start, end = read_block_range(message, session.start, session.end)
+        if (start, end) != (session.start, session.end):
+            raise RequestError(f"this session runs blocks {session.start}:{session.end}, not {start}:{end}")
+        first, last, hidden, positions, mask = self.read_inputs(message, bounds, past=position)
+        batch, tokens, _ = hidden.shape
+        if batch != session.batch_size:
+            raise RequestError(f"batch of {batch} rows, but the session was opened for {session.batch_size}")
+        if position + tokens > session.max_length:
+            raise RequestError(f"length {position + tokens} exceeds the session's max_length {session.max_length}")
+        hypo_ids = read_tensor(message, "hypo_ids", max_numel=batch, required=False)
+        if hypo_ids is not None and (hypo_ids.dtype != torch.int64 or list(hypo_ids.shape) != [batch]
+                                     or hypo_ids.min() < 0 or hypo_ids.max() >= batch):
+            raise RequestError(f"hypo_ids must be int64 of shape [{batch}] with values in [0, {batch})")
+        flops = self.flops(batch, tokens, position + tokens, last - first)
+        self.check_cost(flops, bounds)
+        cache, inputs = session.cache, hidden.to(self.dtype)
+
+        def run():  # in pieces (a layer each); undone if it fails or is dropped
+            compat.truncate_cache(cache, position)  # a client rewinding (or replaying) to `position`
+            if hypo_ids is not None:
+                compat.reorder_cache(cache, hypo_ids)
+            try:
+                return (yield from self.forward_pieces(inputs, positions, mask, cache, first, last))
+            except BaseException:
+                compat.truncate_cache(cache, position)  # undo what the layers that ran have written
+                raise
+
+        def finish(output: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+            session.length = position + tokens
+            session.steps += 1
+            return {"position": session.length}, {"hidden": output}
+
+        # "batch": false keeps this step out of cross-session batches (batching.py), e.g. to time it alone
+        batchable = get_field(message, "batch", bool, default=True) and tokens == 1 and hypo_ids is None
+        prepared = Prepared(run, flops, batch * tokens, finish, hidden.dtype)
+        if batchable:
+            prepared.batch_key = (id(self), first, last, inputs.dtype, inputs.device)
+            prepared.payload = DecodeStep(run, self, cache, first, last, position, inputs, positions, mask)
+        return prepared
+
+
+@dataclass(eq=False)
+class SpanSession(BlockSession):
+    """An inference session on a span: its KV cache and where the client's history stands."""
+
+    batch_size: int = 1
+    max_length: int = 0
+    cache: DynamicCache | None = None
+    length: int = 0  # positions currently cached
+    steps: int = 0
+
+
+@dataclass
+class DecodeStep:
+    """One session's decode step, checked, waiting for the compute thread (merged with others by
+    swarm/server/batching.py)."""
+
+    run_alone: Callable[[], Generator]  # the step as an unbatched job (truncates, runs, undoes on failure)
+    span: nn.Module
+    cache: object  # the session's DynamicCache
+    first: int
+    last: int
+    position: int  # where the new token goes: the cache is rewound to this length first
+    hidden: torch.Tensor  # (rows, 1, hidden_size) in the span's dtype
+    positions: torch.Tensor  # (rows, 1)
+    mask: torch.Tensor | None  # (rows, position + 1), or None: no padding
+
+    @property
+    def key(self) -> tuple:
+        """Steps with equal keys can share one call."""
+        return id(self.span), self.first, self.last, self.hidden.dtype, self.hidden.device
+
+
+def read_codec(message: dict, name: str, default: str = "none") -> str:
+    codec = get_field(message, name, str, default=default)
+    if codec not in CODECS:
+        raise RequestError(f"unknown {name.replace('_', ' ')} {codec!r}; known: {sorted(CODECS)}")
+    return codec

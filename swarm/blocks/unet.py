@@ -24,7 +24,12 @@ from torch import nn
 
 from swarm.blocks import latent_shift
 from swarm.blocks.checkpoint import Checkpoint
+from swarm.blocks.served import BlockSession, Bounds, Prepared, ServedBlocks, SpanSpeed
+from swarm.blocks.span import read_codec
+from swarm.compression import PayloadError, deserialize_tensor, serialize_tensor
 from swarm.hub.source import ModelSource
+from swarm.rpc.messages import read_block_range, read_float_tensor, read_sizes, read_tensor
+from swarm.rpc.protocol import RequestError, get_field
 
 UNET_CLASSES = ("UNet2DConditionModel", "UNet3DConditionModel", "UNetSpatioTemporalConditionModel", "I2VGenXLUNet",
                 "UNetMotionModel")
@@ -139,7 +144,376 @@ class LevelStash:
     skips: list[torch.Tensor]  # the down block's input, then its resnets' outputs
 
 
-class UNetLevels(nn.Module):
+# ---- the served-block protocol (served.py): one session per generation, down and up passes
+
+EXTRA_KEYS = {"num_frames": int, "image_only_indicator": "tensor"}  # block arguments a client may set
+
+
+@dataclass(eq=False)
+class LevelsSession(BlockSession):
+    """One generation on a server's levels: what stays fixed for all its evaluations, and the evaluation in
+    progress (its time embedding and the skips its down pass kept for the up pass)."""
+
+    encoder_hidden_states: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+    forward_upsample_size: bool = False
+    latent_shift_frames: int | None = None  # frames folded in the batch to shift along (Latent-Shift)
+    carry_skips: bool = False  # for comparison only: send skips back to the client instead of keeping them
+    sample_shape: tuple[int, int, int, int] | None = None  # (batch, channels, height, width) at level 0, reserved
+    temb: torch.Tensor | None = None
+    stashes: dict[int, LevelStash] = field(default_factory=dict)
+    sizes: dict[int, list[int]] = field(default_factory=dict)  # input size of each of our levels, this evaluation
+    evaluations: int = 0
+
+
+def _ceil_half(size: list[int] | tuple[int, ...]) -> list[int]:
+    return [-(-d // 2) for d in size]
+
+
+class _LevelsProtocol(ServedBlocks):
+    """UNetLevels' side of the served-block protocol (mixed into UNetLevels below)."""
+
+    kind = "levels"
+    session_steps = ("down", "up")
+    input_errors = (RuntimeError, ValueError, KeyError, IndexError)
+    unet: nn.Module
+    n: int
+
+    def input_error_message(self, error: BaseException) -> str:
+        return f"these inputs do not fit the U-Net's levels: {type(error).__name__}: {error}"
+
+    def measured_request(self, flops: float, seconds: float) -> None:
+        self.fold_speed(flops, seconds)  # measured on the evaluations served (and at start, where it could be)
+
+    def reference_flops(self) -> tuple[float, int]:
+        """Cost of one evaluation of our levels at the model's own sample size with guidance (batch 2), and its
+        latent pixels: the unit of the speed a U-Net server announces."""
+        size = self.unet.config.get("sample_size") or 64
+        height, width = (size, size) if isinstance(size, int) else size
+        return self.flops(2, self.level_size([height, width], self.start), self.start, self.end, 77), 2 * height * width
+
+    def reference_session_bytes(self) -> int:
+        """What a generation at the model's own sample size with guidance (batch 2, 77 text tokens) reserves."""
+        size = self.unet.config.get("sample_size") or 64
+        height, width = (size, size) if isinstance(size, int) else size
+        element = torch.tensor([], dtype=self.compute_dtype).element_size()
+        return self.skip_bytes(2, [height, width], self.start, self.end) + \
+            2 * 77 * (self.cross_attention_width() or 0) * element
+
+    def announced_speed(self) -> SpanSpeed | None:
+        """Evaluations/s over our levels at the reference size, and latent pixels/s."""
+        if not self.flops_per_second:
+            return None
+        flops, pixels = self.reference_flops()
+        rate = self.flops_per_second / max(flops, 1.0)
+        return SpanSpeed(inference_rps=rate, forward_tps=rate * pixels)
+
+    # -- what the levels take
+
+    def _level_blocks(self, level: int) -> list[nn.Module]:
+        unet = self.unet
+        if level == self.n:
+            return [unet.mid_block] if unet.mid_block is not None else []
+        return [unet.down_blocks[level], unet.up_blocks[self.n - 1 - level]]
+
+    def level_channels(self, level: int) -> int:
+        """Channels of the sample entering ``level``'s down block (or the mid block)."""
+        block = self.unet.mid_block if level == self.n else self.unet.down_blocks[level]
+        # ResnetBlock2D says so itself; SVD's SpatioTemporalResBlock through the spatial block it wraps
+        return next(m.in_channels for m in block.resnets[0].modules()
+                    if isinstance(getattr(m, "in_channels", None), int))
+
+    def _skip_channels(self, level: int) -> list[int]:
+        """Channels of each skip ``level`` keeps: its input, then each resnet's output."""
+        block = self.unet.down_blocks[level]
+        outs = [next(m.out_channels for m in resnet.modules() if isinstance(getattr(m, "out_channels", None), int))
+                for resnet in block.resnets]
+        return [self.level_channels(level), *outs]
+
+    def _level_profile(self, level: int) -> tuple[int, list[tuple[bool, int]]]:
+        """Parameters of the level's loaded blocks, and its spatial attention layers as (cross?, inner width)."""
+        cache = self.__dict__.setdefault("_profiles", {})
+        if level not in cache:
+            params, attentions = 0, []
+            for block in self._level_blocks(level):
+                params += sum(p.numel() for p in block.parameters() if not p.is_meta)
+                for name, module in block.named_modules():
+                    to_q = getattr(module, "to_q", None)
+                    if not isinstance(to_q, nn.Linear) or "temp" in name or "motion" in name:
+                        continue  # temporal attention runs over frames: cheap next to space
+                    attentions.append((bool(getattr(module, "is_cross_attention", False)), to_q.out_features))
+            cache[level] = (params, attentions)
+        return cache[level]
+
+    def cross_attention_width(self) -> int | None:
+        """What our loaded cross-attention layers take as keys (temporal/motion self-attention does not count)."""
+        for module in self.modules():
+            to_k = getattr(module, "to_k", None)
+            if getattr(module, "is_cross_attention", False) and isinstance(to_k, nn.Linear) \
+                    and not to_k.weight.is_meta:
+                return to_k.in_features
+        return None
+
+    def temb_width(self) -> int | None:
+        """``in_features`` of the first loaded ``time_emb_proj``: the time embedding our blocks take."""
+        for name, module in self.named_modules():
+            if name.endswith("time_emb_proj") and isinstance(module, nn.Linear) and not module.weight.is_meta:
+                return module.in_features
+        return None
+
+    def level_size(self, size: list[int], level: int) -> list[int]:
+        """The sample's height and width at ``level`` from its size at level 0 (each down block but the last
+        halves it, rounding up)."""
+        for _ in range(min(level, self.n - 1)):
+            size = _ceil_half(size)
+        return list(size)
+
+    def skip_bytes(self, batch: int, size: list[int], start: int, end: int) -> int:
+        """Bytes of the skips levels [start, end) keep for one evaluation of a sample of ``size`` at level 0."""
+        element = torch.tensor([], dtype=self.compute_dtype).element_size()
+        total = 0
+        for level in range(start, min(end, self.n)):
+            height, width = self.level_size(size, level)
+            total += batch * height * width * sum(self._skip_channels(level))
+        return total * element
+
+    def flops(self, batch: int, size: list[int], start: int, end: int, encoder_tokens: int,
+              down: bool = True, up: bool = True) -> float:
+        """Estimated cost of running levels [start, end) on a sample of ``size`` at level ``start``: convolutions
+        and linear layers (2 x parameters x pixels; split evenly between the passes) and spatial attention (4 x
+        batch x tokens x keys x width per layer; cheap temporal attention left out)."""
+        total, size_here = 0.0, list(size)
+        for level in range(start, end):
+            params, attentions = self._level_profile(level)
+            tokens = size_here[0] * size_here[1]
+            share = (0.5 if down else 0.0) + (0.5 if up else 0.0) if level < self.n else (1.0 if down else 0.0)
+            total += share * 2.0 * params * batch * tokens
+            for cross, width in attentions:
+                keys = encoder_tokens if cross else tokens
+                total += share * 4.0 * batch * tokens * keys * width
+            if level < self.n - 1:
+                size_here = _ceil_half(size_here)
+        return total
+
+    # -- sessions
+
+    def open_session(self, message: dict, bounds: Bounds) -> LevelsSession:
+        start, end = read_block_range(message, self.start, self.end)
+        ehs = read_float_tensor(message, "encoder_hidden_states", bounds.max_numel, 3, required=False,
+                                layout="batch, tokens, width")
+        width = self.cross_attention_width()
+        if ehs is not None and width is not None and ehs.shape[-1] != width:
+            raise RequestError(f"encoder_hidden_states have width {ehs.shape[-1]}; this U-Net attends to {width}")
+        if ehs is not None and ehs.shape[1] > bounds.max_encoder_tokens:
+            raise RequestError(f"encoder_hidden_states hold {ehs.shape[1]} tokens per row; this server takes at most "
+                               f"{bounds.max_encoder_tokens}")
+        frames = get_field(message, "latent_shift_frames", int, default=None)
+        if frames is not None and frames <= 0:
+            raise RequestError("latent_shift_frames must be positive")
+        shape = self._read_sample_shape(message, ehs, bounds)
+        element = torch.tensor([], dtype=self.compute_dtype).element_size()
+        reserved = self.skip_bytes(shape[0], list(shape[2:]), start, end) + (
+            ehs.numel() * element if ehs is not None else 0)
+        return LevelsSession(start, end, reserved, read_codec(message, "output_codec"), blocks=self,
+                             encoder_hidden_states=ehs,
+                             extra=self._read_extra(message.get("extra") or {}, bounds),
+                             forward_upsample_size=get_field(message, "forward_upsample_size", bool, default=False),
+                             latent_shift_frames=frames, sample_shape=shape,
+                             carry_skips=get_field(message, "carry_skips", bool, default=False))
+
+    def _read_sample_shape(self, message: dict, ehs: torch.Tensor | None, bounds: Bounds) -> tuple[int, ...]:
+        """The declared (batch, channels, height, width) of the samples at level 0; without one, the model's own
+        sample size and the encoder states' batch (clients of the previous version did not declare it)."""
+        shape = message.get("sample_shape")
+        if shape is None:
+            size = self.unet.config.get("sample_size") or 64
+            height, width = (size, size) if isinstance(size, int) else size
+            batch = ehs.shape[0] if ehs is not None else 2
+            return batch, self.level_channels(0) if self.start == 0 else 0, height, width
+        if not (isinstance(shape, list) and len(shape) == 4 and all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise RequestError("sample_shape must be [batch, channels, height, width] of positive integers")
+        batch, _, height, width = shape
+        if batch * height * width > bounds.max_sample_pixels:
+            raise RequestError(f"sample_shape {shape}: batch x height x width must be at most "
+                               f"{bounds.max_sample_pixels}")
+        self._check_attention_size([height, width], bounds)
+        return tuple(shape)
+
+    def _check_attention_size(self, size: list[int], bounds: Bounds) -> None:
+        """Attention cost grows with the square of an image's positions: bound them at each level we attend at."""
+        for level in range(self.start, self.end):
+            if self._level_profile(level)[1]:
+                height, width = self.level_size(size, level)
+                if height * width > bounds.max_attention_tokens:
+                    raise RequestError(f"a {size[0]}x{size[1]} latent attends over {height * width} positions at "
+                                       f"level {level} (limit {bounds.max_attention_tokens}); use a smaller image")
+
+    @staticmethod
+    def _read_extra(extra: object, bounds: Bounds) -> dict:
+        if not isinstance(extra, dict):
+            raise RequestError("extra must be a map")
+        result = {}
+        for key, value in extra.items():
+            kind = EXTRA_KEYS.get(key)
+            if kind is None:
+                raise RequestError(f"unsupported block argument {key!r}; supported: {sorted(EXTRA_KEYS)}")
+            if kind == "tensor":
+                result[key] = read_tensor(extra, key, bounds.max_numel)
+            elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise RequestError(f"{key} must be a positive integer")
+            else:
+                result[key] = value
+        return result
+
+    # -- passes
+
+    def prepare(self, kind: str, message: dict, session: BlockSession | None, bounds: Bounds) -> Prepared:
+        if not isinstance(session, LevelsSession) or kind not in ("down", "up"):
+            raise RequestError(f"U-Net levels serve 'down' and 'up' passes in a session, not {kind!r}")
+        sample = read_float_tensor(message, "sample", bounds.max_numel, 4, layout="batch, channels, height, width")
+        batch, size = sample.shape[0], list(sample.shape[2:])
+        if batch * size[0] * size[1] > bounds.max_sample_pixels:
+            raise RequestError(f"sample of {list(sample.shape)}: batch x height x width must be at most "
+                               f"{bounds.max_sample_pixels}")
+        ehs = session.encoder_hidden_states
+        if ehs is not None and ehs.shape[0] != batch:
+            raise RequestError(f"sample batch {batch} differs from the encoder hidden states' {ehs.shape[0]}")
+        if session.latent_shift_frames and batch % session.latent_shift_frames:
+            raise RequestError(f"sample batch {batch} is not a multiple of latent_shift_frames "
+                               f"{session.latent_shift_frames}")
+        sizes = read_sizes(message)
+        encoder_tokens = ehs.shape[1] if ehs is not None else 0
+        return (self._prepare_down if kind == "down" else self._prepare_up)(
+            message, session, sample, sizes, encoder_tokens, bounds)
+
+    def _check_chain(self, sizes: list[list[int]], level: int, size: list[int]) -> None:
+        """The sizes the client reports for the levels before ``level`` must lead down to ``size`` (each level
+        halving, rounding up): they decide the upsampling sizes, so they must stay within the U-Net's geometry."""
+        expected = list(size)
+        for index in reversed(range(level)):
+            # every down block but the last halves the size
+            below = _ceil_half(sizes[index]) if index < self.n - 1 else list(sizes[index])
+            if below != expected:
+                raise RequestError(f"input_sizes {sizes[:level]} do not lead down to the sample's {size} at level "
+                                   f"{level}")
+            expected = sizes[index]
+
+    def _reserve(self, session: LevelsSession, batch: int, size_at_start: list[int]) -> None:
+        """The sample must fit what the session reserved at open (the skips kept between the passes)."""
+        declared = session.sample_shape
+        if declared is None:
+            return
+        size0 = declared[2:]
+        if batch > declared[0] or any(a > b for a, b in zip(size_at_start, self.level_size(list(size0), session.start),
+                                                            strict=True)):
+            raise RequestError(f"sample of batch {batch} and size {size_at_start} at level {session.start} exceeds "
+                               f"the session's declared sample_shape {list(declared)}")
+
+    def _prepare_down(self, message: dict, session: LevelsSession, sample: torch.Tensor, sizes: list,
+                      encoder_tokens: int, bounds: Bounds) -> Prepared:
+        batch, size = sample.shape[0], list(sample.shape[2:])
+        if len(sizes) != session.start:
+            raise RequestError(f"input_sizes must list the {session.start} levels before ours, got {len(sizes)}")
+        self._check_chain(sizes, session.start, size)
+        temb = read_float_tensor(message, "temb", bounds.max_numel, 2, layout="batch, width")
+        if temb.shape[0] != batch:
+            raise RequestError(f"temb must be a (batch, width) tensor with batch {batch}")
+        temb_width = self.temb_width()
+        if temb_width is not None and temb.shape[1] != temb_width:
+            raise RequestError(f"temb has width {temb.shape[1]}; this U-Net's blocks take {temb_width}")
+        expected = self.level_channels(session.start)
+        if sample.shape[1] != expected:
+            raise RequestError(f"sample has {sample.shape[1]} channels, level {session.start} takes {expected}")
+        self._check_attention_size(size if session.start == 0 else self._size_at_zero(sizes, size), bounds)
+        self._reserve(session, batch, size)
+        went_up = session.end == self.n + 1  # we hold the mid level: go straight back up through our levels
+        flops = self.flops(batch, size, session.start, session.end, encoder_tokens, down=True, up=went_up)
+        self.check_cost(flops, bounds)
+
+        def run():
+            out_sizes, stashes = [list(s) for s in sizes], {}
+            session.sizes = {}
+            current = sample
+            for level in range(session.start, session.end):
+                if level > session.start:
+                    yield
+                if level < self.n:
+                    out_sizes.append(list(current.shape[-2:]))
+                    session.sizes[level] = list(current.shape[-2:])
+                with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
+                    current, stash = self.down(level, current, temb, session.encoder_hidden_states, session.extra)
+                if stash is not None:
+                    stashes[level] = stash
+            session.temb, session.stashes = temb, stashes
+            if went_up:
+                yield
+                current = yield from self._up_pieces(session, current, out_sizes)
+            return current, out_sizes
+
+        def finish(result) -> tuple[dict, dict[str, torch.Tensor]]:
+            output, out_sizes = result
+            fields = {"input_sizes": out_sizes, "went_up": went_up}
+            tensors = {"sample": output}
+            if session.carry_skips and session.stashes:  # a linear chain's traffic, for comparison
+                fields["skips"] = {str(level): [serialize_tensor(t, session.output_codec) for t in stash.skips]
+                                   for level, stash in session.stashes.items()}
+                fields["temb"] = serialize_tensor(session.temb, "none")
+                session.stashes, session.temb = {}, None
+            return fields, tensors
+
+        return Prepared(run, flops, batch, finish, sample.dtype, extra={"evaluated": went_up})
+
+    def _size_at_zero(self, sizes: list, size: list[int]) -> list[int]:
+        return list(sizes[0]) if sizes else list(size)
+
+    def _prepare_up(self, message: dict, session: LevelsSession, sample: torch.Tensor, sizes: list,
+                    encoder_tokens: int, bounds: Bounds) -> Prepared:
+        if session.carry_skips and isinstance(message.get("skips"), dict):  # given back by the client
+            try:
+                session.stashes = {int(level): LevelStash([deserialize_tensor(t, bounds.max_numel) for t in tensors])
+                                   for level, tensors in message["skips"].items()}
+                session.temb = deserialize_tensor(message.get("temb"), bounds.max_numel)
+                session.sizes = {level: list(stash.skips[0].shape[-2:]) for level, stash in session.stashes.items()}
+            except (PayloadError, ValueError, TypeError, IndexError) as e:
+                raise RequestError(f"bad skips: {e}") from None
+        top = min(session.end, self.n)
+        if session.temb is None or len(sizes) < top or any(level not in session.stashes
+                                                           for level in range(session.start, top)):
+            raise RequestError("an 'up' pass needs the 'down' pass of the same evaluation first")
+        if session.temb.shape[0] != sample.shape[0]:
+            raise RequestError(f"sample batch {sample.shape[0]} differs from the down pass's {session.temb.shape[0]}")
+        # Our own levels' sizes are the ones we saw; the client's account of the levels before ours must lead
+        # down to our first one.
+        sizes = [list(s) for s in sizes[:session.start]] + [session.sizes[level] for level in
+                                                             range(session.start, top)]
+        self._check_chain(sizes, session.start, session.sizes[session.start])
+        flops = self.flops(sample.shape[0], session.sizes[session.start], session.start, top, encoder_tokens,
+                           down=False, up=True)
+        self.check_cost(flops, bounds)
+
+        def run():
+            return (yield from self._up_pieces(session, sample, sizes))
+
+        return Prepared(run, flops, sample.shape[0], lambda output: ({}, {"sample": output}), sample.dtype,
+                        extra={"evaluated": True})
+
+    def _up_pieces(self, session: LevelsSession, sample: torch.Tensor, sizes: list):
+        """The up pass through our levels, one level a piece. Per-thread state (grad mode, Latent-Shift's frames)
+        is set around each level, never across a yield, where it would leak into another job's piece."""
+        for number, level in enumerate(reversed(range(session.start, min(session.end, self.n)))):
+            if number:
+                yield
+            size = self.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
+            stash = session.stashes.pop(level)
+            with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
+                sample = self.up(level, sample, session.temb, session.encoder_hidden_states, session.extra, stash, size)
+        session.temb = None
+        session.evaluations += 1
+        return sample
+
+
+class UNetLevels(_LevelsProtocol, nn.Module):
     """Levels [start, end) of a U-Net (level i < n: down block i + up block n-1-i; level n: mid)."""
 
     def __init__(self, unet: nn.Module, start: int, end: int):
@@ -275,3 +649,4 @@ def load_head_and_tail(source: ModelSource, dtype: torch.dtype = torch.float32) 
         if buffer.is_meta:
             raise NotImplementedError(f"U-Net buffer {name} is not supported by the splitter")
     return unet.eval().requires_grad_(False)
+

@@ -23,7 +23,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.routing import Hop, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
-from swarm.rpc import protocol
+from swarm.rpc import messages, protocol
 from swarm.rpc.client import PeerUnavailable, RemoteError, Stream
 from swarm.rpc.framing import encode_message
 
@@ -48,13 +48,9 @@ class _HopSession:
     async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str,
                    carry_skips: bool = False) -> _HopSession:
         stream = await Stream.open(manager.p2p, hop.span.peer_id, protocol.DIFFUSION, manager.config.connect_timeout)
-        extra = {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
-                 for key, value in head.extra.items()}
-        message = {"type": "open", "start": hop.span.start, "end": hop.span.end, "extra": extra,
-                   "forward_upsample_size": head.forward_upsample_size, "output_codec": codec,
-                   "latent_shift_frames": head.latent_shift_frames, "carry_skips": carry_skips}
-        if head.encoder_hidden_states is not None:
-            message["encoder_hidden_states"] = serialize_tensor(head.encoder_hidden_states, codec)
+        message = messages.open_levels(hop.span.start, hop.span.end, codec, head.encoder_hidden_states, head.extra,
+                                       head.forward_upsample_size, head.latent_shift_frames,
+                                       list(head.sample.shape), carry_skips)
         try:
             await stream.request(message, timeout=manager.config.request_timeout)
         except BaseException:
@@ -163,7 +159,7 @@ class DiffusionSession:
                 failures += 1
                 if failures > config.max_retries:
                     raise
-                self.manager.ban(e.peer or chain[len(opened)].span.peer_id)
+                self.manager.failed(e.peer or chain[len(opened)].span.peer_id, e)
 
     def close(self) -> None:
         async def close_all() -> None:

@@ -293,7 +293,7 @@ class InferenceSession:
                 if not isinstance(e, (PeerUnavailable, RemoteError)) or failures > config.max_retries:
                     raise
                 logger.warning(f"Cannot open a session on {chain[len(opened)].span} ({e}); choosing another server")
-                self.manager.ban(getattr(e, "peer", None) or chain[len(opened)].span.peer_id)
+                self.manager.failed(getattr(e, "peer", None) or chain[len(opened)].span.peer_id, e)
 
     async def _replace_hop(self, index: int, ban: bool = True) -> None:
         """Route the failed hop's blocks to other servers and replay its history there (one prefill each).

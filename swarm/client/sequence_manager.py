@@ -41,6 +41,7 @@ EMA = 0.3  # weight of a new measurement in running averages
 FAILURE_MEMORY = 300.0  # s: a failure's weight in the reliability score decays with this time constant
 STRIKE_MEMORY = 6 * 3600.0  # s: a strike (a wrong output caught by a redundant check) decays this slowly
 MAX_BAN = 300.0  # s: longest ban after repeated failures
+BUSY_TIME = 5.0  # s: a server that said it is full is left out of new chains this long (no fault of its own)
 PING_TIMEOUT = 2.0  # s
 
 
@@ -58,6 +59,7 @@ class SequenceManager:
         self.last_update = -math.inf
         self.stats: dict[str, PeerStats] = {}
         self.banned_until: dict[str, float] = {}
+        self.busy_until: dict[str, float] = {}
         self.consecutive_failures: dict[str, int] = {}
         self.failure_cost = DEFAULT_FAILURE_COST  # replaced by measured failover times
         self.strikes_given = 0
@@ -111,6 +113,15 @@ class SequenceManager:
         self.stats_for(peer).failures += 1.0
         self.last_update = -math.inf  # refresh the view before the next chain
 
+    def failed(self, peer: str, error: BaseException) -> None:
+        """``peer`` could not take a request: a server that said it is full is left out for a few seconds; any
+        other failure bans it."""
+        if isinstance(error, RemoteError) and error.busy:
+            self.busy_until[peer] = time.monotonic() + BUSY_TIME
+            self.last_update = -math.inf
+        else:
+            self.ban(peer)
+
     def forgive(self, peer: str) -> None:
         """Undo the ban of a server whose error turned out to be the request's fault (another server refused it
         too, or no other server could be tried): it should keep serving this client's other requests."""
@@ -156,8 +167,10 @@ class SequenceManager:
         self._failures_decayed_at = now
 
     def banned(self) -> set[str]:
+        """Servers left out of new chains now: banned after failures, or full when last asked."""
         now = time.monotonic()
-        return {peer for peer, until in self.banned_until.items() if until > now}
+        return {peer for until_by_peer in (self.banned_until, self.busy_until)
+                for peer, until in until_by_peer.items() if until > now}
 
     # ---- routing
 

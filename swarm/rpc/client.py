@@ -13,11 +13,12 @@ from swarm.rpc.framing import DEFAULT_MAX_MESSAGE_BYTES, read_message, write_mes
 
 
 class RemoteError(RuntimeError):
-    """A server answered our request with an error (the request is at fault, or the server refused it)."""
+    """A server answered our request with an error (the request is at fault, or the server refused it).
+    ``busy``: the server is full for now (memory, sessions, a queue): no fault of anyone's, try another."""
 
-    def __init__(self, peer: str, message: str):
+    def __init__(self, peer: str, message: str, busy: bool = False):
         super().__init__(f"server {peer[-8:]}: {message}")
-        self.peer, self.remote_message = peer, message
+        self.peer, self.remote_message, self.busy = peer, message, busy
 
 
 class PeerUnavailable(ConnectionError):
@@ -66,7 +67,7 @@ class Stream:
         if reply is None:
             raise PeerUnavailable(f"server {peer[-8:]} closed the stream", peer)
         if "error" in reply:
-            raise RemoteError(peer, str(reply["error"]))
+            raise RemoteError(peer, str(reply["error"]), busy=reply.get("busy") is True)
         return reply
 
     async def request(self, message: dict, timeout: float | None = None) -> dict:

@@ -101,6 +101,17 @@ def build_parser() -> Parser:
                         help="largest request accepted, in MiB")
     limits.add_argument("--session-timeout", type=positive(float), default=300, metavar="SECONDS",
                         help="close sessions idle this many seconds")
+    limits.add_argument("--open-timeout", type=positive(float), default=30, metavar="SECONDS",
+                        help="a stream must send its first message within this")
+    limits.add_argument("--max-request-seconds", type=positive(float), default=120, metavar="SECONDS",
+                        help="refuse a request whose predicted compute time (at this server's measured speed) is "
+                             "longer; long work is computed in pieces, fairly shared between peers")
+    limits.add_argument("--max-attention-tokens", type=positive(int), default=128 * 128, metavar="N",
+                        help="U-Net servers: positions one image may attend over at a level (its cost is the square)")
+    limits.add_argument("--max-encoder-tokens", type=positive(int), default=4096, metavar="N",
+                        help="U-Net servers: cross-attention tokens per row (text, image embeddings)")
+    limits.add_argument("--max-diffusion-sessions", type=positive(int), default=16, metavar="N",
+                        help="U-Net servers: session memory is this many generations at the model's own size")
     peers = PeerLimits()
     limits.add_argument("--max-sessions-per-peer", type=positive(int), default=peers.max_sessions_per_peer,
                         metavar="N", help="inference sessions one peer may hold open at once")
@@ -151,7 +162,10 @@ def main() -> None:
                        rate=args.peer_rate, burst=args.peer_burst)
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
                     max_session_length=args.max_session_length, session_timeout=args.session_timeout, peers=peers,
-                    batch_decode=args.batch_decode, max_decode_batch=args.max_decode_batch)
+                    batch_decode=args.batch_decode, max_decode_batch=args.max_decode_batch,
+                    open_timeout=args.open_timeout, max_request_seconds=args.max_request_seconds,
+                    max_attention_tokens=args.max_attention_tokens, max_encoder_tokens=args.max_encoder_tokens,
+                    max_diffusion_sessions=args.max_diffusion_sessions)
     config = ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,

@@ -17,34 +17,14 @@ of very different lengths go in separate batches, so that padding never costs mo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Generator
 
 import torch
 
 from swarm.blocks import compat
+from swarm.blocks.span import DecodeStep
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DecodeStep:
-    """One session's decode step, validated, waiting for the compute thread."""
-
-    run_alone: Callable[[], Generator]  # the step as an unbatched job (truncates, runs, undoes on failure)
-    span: torch.nn.Module
-    cache: object  # the session's DynamicCache
-    first: int
-    last: int
-    position: int  # where the new token goes: the cache is rewound to this length first
-    hidden: torch.Tensor  # (rows, 1, hidden_size) in the span's dtype
-    positions: torch.Tensor  # (rows, 1)
-    mask: torch.Tensor | None  # (rows, position + 1), or None: no padding
-
-    @property
-    def key(self) -> tuple:
-        """Steps with equal keys can share one call."""
-        return id(self.span), self.first, self.last, self.hidden.dtype, self.hidden.device
 
 
 class DecodeBatches:

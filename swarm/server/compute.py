@@ -62,13 +62,16 @@ class ComputeQueue:
         self.lock = threading.Condition()
         self.queues: OrderedDict[str, deque[Job]] = OrderedDict()  # per peer, in round-robin order
         self.pending = 0  # jobs waiting or running: the server's announced load
+        self.dropped = 0  # jobs dropped because their caller went away (shown by the server's info)
         self.busy_seconds: dict[str, float] = {}  # compute thread time by peer (bounded: see _account)
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     async def run(self, peer: str, work: Work, *, batch_key: object = None, payload: object = None,
-                  cost: float = 0.0) -> Any:
+                  cost: float = 0.0, timing: dict | None = None) -> Any:
+        """``work``'s result; ``timing`` (if given) gets ``queued`` (s until its first piece ran) and ``compute``
+        (s of compute thread time it took; its share, when merged with others)."""
         loop = asyncio.get_running_loop()
         job = Job(peer, work, loop, loop.create_future(), batch_key, payload, cost)
         with self.lock:
@@ -82,6 +85,8 @@ class ComputeQueue:
         finally:
             if not job.future.done():  # the caller went away: the compute thread drops the job at its next piece
                 job.future.cancel()
+            if timing is not None and job.started is not None:
+                timing.update(queued=job.started - job.submitted, compute=job.seconds)
 
     def stop(self) -> None:
         with self.lock:
@@ -135,6 +140,7 @@ class ComputeQueue:
             except Exception:
                 logger.debug("A dropped job failed while closing", exc_info=True)
         self.pending -= 1
+        self.dropped += 1
 
     def _loop(self) -> None:
         while True:

@@ -20,6 +20,7 @@ import torch
 
 import swarm
 from swarm.blocks.quantization import parameter_bytes
+from swarm.blocks.served import SpanSpeed
 from swarm.blocks.span import BlockSpan, load_config
 from swarm.blocks.unet import UNetLevels, build_unet_skeleton, is_unet_source, load_unet_config, num_levels
 from swarm.compression import blockwise
@@ -31,11 +32,10 @@ from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
 from swarm.rpc.client import measure_rtt
 from swarm.server.block_selection import choose_span, should_move
-from swarm.server.diffusion import UNetHandler
-from swarm.server.handler import BlockHandler, Limits
+from swarm.server.handler import Handler, Limits
 from swarm.server.sessions import SessionTable
 from swarm.server.settlement import SessionSettlement
-from swarm.server.throughput import SpanSpeed, get_span_speed
+from swarm.server.throughput import get_span_speed
 from swarm.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Server:
         self.span: BlockSpan | None = None
         self.sessions: SessionTable | None = None
         self.speed: SpanSpeed | None = None
-        self.handler: BlockHandler | None = None
+        self.handler: Handler | None = None
         self.next_pings: dict[str, float] = {}  # peer -> EMA of RTT (s) to servers holding the block after ours
 
     # ---- what we announce
@@ -111,7 +111,8 @@ class Server:
                 "hidden_size": getattr(self.span, "hidden_size", None), "sessions": len(self.sessions.sessions),
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "pushes": dict(self.handler.pushes) if self.handler else {},
-                "served": {**self.handler.served, "steps": self.handler.steps_served} if self.handler else {},
+                "served": {**self.handler.served, "steps": self.handler.steps_served,
+                           "dropped": self.handler.compute_queue.dropped} if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens,
                 "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None}
 
@@ -154,9 +155,8 @@ class Server:
             await self.announce()
             self.span = await self.load_span(source, self.start, self.end)
             self.speed = await asyncio.to_thread(self.measure_speed)
-            self.sessions = SessionTable(cfg.cache_tokens, self.end - self.start)
-            handler_class = UNetHandler if self.is_unet else BlockHandler
-            self.handler = handler_class(self.span, self.sessions, cfg.limits, self.rpc_info)
+            self.sessions = self.session_table()
+            self.handler = Handler(self.span, self.sessions, cfg.limits, self.rpc_info)
             if cfg.settlement:
                 self.handler.settlement = SessionSettlement(cfg.settlement, cfg.settlement_options, identity,
                                                             self.model_id, cfg.price, cfg.settlement_period)
@@ -249,8 +249,21 @@ class Server:
             value = float(self.config.throughput)
             return SpanSpeed(inference_rps=value, forward_tps=value)
         if self.is_unet:
-            return None  # measured on the evaluations served instead (UNetHandler.measured_speed)
-        return get_span_speed(self.span, self.model_id, force=self.config.throughput == "eval")
+            return None  # measured on the evaluations served instead (UNetLevels.announced_speed)
+        speed = get_span_speed(self.span, self.model_id, force=self.config.throughput == "eval")
+        self.span.set_measured_speed(speed.forward_tps)  # what predicts a request's compute time (cost bounds)
+        return speed
+
+    def session_table(self) -> SessionTable:
+        """One memory budget for the sessions: ``--cache-tokens`` positions over the whole span for a transformer
+        server (announced in tokens); for U-Net levels, ``max_diffusion_sessions`` generations at the model's own
+        size with guidance (announced in such generations)."""
+        cfg = self.config
+        if self.is_unet:
+            unit = max(1, self.span.reference_session_bytes())
+            return SessionTable(cfg.limits.max_diffusion_sessions * unit, unit, "generations")
+        unit = (self.end - self.start) * self.span.kv_bytes_per_position()
+        return SessionTable(cfg.cache_tokens * unit, unit, "tokens")
 
     # ---- measurements of the swarm around us
 

@@ -1,7 +1,9 @@
-"""Server-side inference sessions: each holds a KV cache for part of the span, under one shared token budget.
+"""Server-side sessions of every kind of blocks under one memory budget, in bytes, with a per-peer share.
 
-The budget is counted in token-blocks: a session of ``batch`` rows and ``max_length`` positions over ``n`` blocks
-reserves ``batch * max_length * n``. Per-session usage (tokens processed) is kept for settlement.
+A transformer session reserves its KV cache (batch x max_length positions over its blocks); a U-Net generation
+reserves the skips its levels keep between the passes of one evaluation and its conditioning. Both come out of the
+same budget, and one peer's open sessions may hold at most a share of it together, so that one caller cannot take
+all of it. Per-session usage (what it computed) is kept for settlement.
 """
 
 from __future__ import annotations
@@ -10,42 +12,50 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from torch import nn
-from transformers import DynamicCache
-
+from swarm.blocks.served import BlockSession
 from swarm.rpc.protocol import RequestError
 
 
-@dataclass
+class Busy(RequestError):
+    """Refused for lack of room right now (memory, sessions): not the request's fault, and not the server's."""
+
+
+@dataclass(eq=False)
 class ServerSession:
     session_id: str
     peer: str  # the caller's peer id
-    start: int  # absolute block range this session runs
-    end: int
-    batch_size: int
-    max_length: int
-    cache: DynamicCache
-    span: nn.Module  # the BlockSpan it runs on (a server moving its blocks keeps the old one until sessions end)
-    length: int = 0  # positions currently cached
-    tokens_processed: int = 0  # batch rows x new positions computed, replays included (usage)
+    state: BlockSession  # the blocks' own state: a KV cache, a generation's conditioning and skips
+    tokens_processed: int = 0  # usage: batch rows x new positions (spans) or samples x passes (levels), replays too
     steps: int = 0
     upstream: str | None = None  # the peer allowed to push steps into this session
     downstream: dict | None = None  # where to push outputs: peer, session_id, start, end
-    output_codec: str = "none"  # for steps that do not name one (pushed steps)
     inbox: object = None  # asyncio.Queue of steps from the client's stream and from pushes
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
+    def start(self) -> int:
+        return self.state.start
+
+    @property
+    def end(self) -> int:
+        return self.state.end
+
+    @property
     def reserved(self) -> int:
-        return self.batch_size * self.max_length * (self.end - self.start)
+        return self.state.reserved
+
+    @property
+    def output_codec(self) -> str:
+        return self.state.output_codec
 
 
 class SessionTable:
-    def __init__(self, cache_tokens: int, span_length: int):
-        self.capacity = cache_tokens * span_length  # token-blocks
-        self.span_length = span_length
+    def __init__(self, capacity_bytes: int, unit_bytes: int = 1, unit: str = "bytes"):
+        """``capacity_bytes`` for all sessions; ``unit_bytes``: what one announced unit of free room is (a cache
+        token over the whole span, for a transformer server), so that ``tokens_left`` speaks the client's unit."""
+        self.capacity, self.unit_bytes, self.unit = capacity_bytes, max(1, unit_bytes), unit
         self.sessions: dict[str, ServerSession] = {}
-        self.finished_usage: dict[str, int] = {}  # peer -> tokens processed in closed sessions
+        self.finished_usage: dict[str, int] = {}  # peer -> usage of its closed sessions
 
     @property
     def used(self) -> int:
@@ -53,30 +63,34 @@ class SessionTable:
 
     @property
     def tokens_left(self) -> int:
-        """Batch x positions a new full-span session could still reserve."""
-        return max(0, self.capacity - self.used) // self.span_length
+        """Free room in the announced unit (batch x positions a new full-span session could still reserve)."""
+        return max(0, self.capacity - self.used) // self.unit_bytes
 
-    def open(self, peer: str, start: int, end: int, batch_size: int, max_length: int,
-             span: nn.Module, peer_share: float = 1.0) -> ServerSession:
-        """Reserve cache for a new session of ``peer``, whose open sessions may hold at most ``peer_share`` of the
-        budget together (so that one caller cannot take all of it)."""
-        need = batch_size * max_length * (end - start)
-        free = self.capacity - self.used
+    def open(self, peer: str, state: BlockSession, peer_share: float = 1.0) -> ServerSession:
+        """Reserve ``state.reserved`` bytes for a new session of ``peer``, whose open sessions may hold at most
+        ``peer_share`` of the budget together."""
+        need, free = state.reserved, self.capacity - self.used
+        if need > self.capacity:
+            raise RequestError(f"not enough cache: the session needs {self.amount(need)}, more than this server's "
+                               f"whole budget of {self.amount(self.capacity)}; ask for less (a shorter max_length, a "
+                               f"smaller batch or image)")
         if need > free:
-            raise RequestError(
-                f"not enough cache: the session needs {batch_size}x{max_length} tokens on {end - start} blocks, "
-                f"but only {free // (end - start)} tokens are free here (of {self.capacity // (end - start)})"
-            )
+            raise Busy(f"not enough cache free now: the session needs {self.amount(need)}, only "
+                       f"{self.amount(free)} are free here (of {self.amount(self.capacity)})")
         held = sum(s.reserved for s in self.sessions.values() if s.peer == peer)
         if held + need > peer_share * self.capacity:
-            raise RequestError(
-                f"per-peer cache limit: the session needs {batch_size}x{max_length} tokens on {end - start} blocks, "
-                f"peer {peer[-8:]} already holds {held // (end - start)}, and one peer may hold at most "
-                f"{int(peer_share * self.capacity) // (end - start)} tokens ({peer_share:.0%} of this server's cache)"
-            )
-        session = ServerSession(uuid.uuid4().hex, peer, start, end, batch_size, max_length, span.new_cache(), span)
+            raise Busy(f"per-peer cache limit: the session needs {self.amount(need)}, peer {peer[-8:]} already holds "
+                       f"{self.amount(held, bare=True)}, and one peer may hold at most "
+                       f"{self.amount(int(peer_share * self.capacity))} ({peer_share:.0%} of this server's cache)")
+        session = ServerSession(uuid.uuid4().hex, peer, state)
         self.sessions[session.session_id] = session
         return session
+
+    def amount(self, nbytes: int, bare: bool = False) -> str:
+        """``nbytes`` in the table's unit (e.g. "200 tokens": batch x positions over the whole span)."""
+        if self.unit == "bytes":
+            return _size(nbytes)
+        return f"{nbytes // self.unit_bytes}" + ("" if bare else f" {self.unit}")
 
     def names_upstream(self, peer: str) -> bool:
         """Whether some open session accepts pushes from ``peer``."""
@@ -92,3 +106,7 @@ class SessionTable:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.finished_usage[session.peer] = self.finished_usage.get(session.peer, 0) + session.tokens_processed
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB"

@@ -12,23 +12,18 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from swarm.blocks.served import SpanSpeed
 from swarm.blocks.span import BlockSpan
 from swarm.utils.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SpanSpeed:
-    inference_rps: float  # decode steps/s over the whole span, batch 1, warm cache
-    forward_tps: float  # tokens/s of one prefill-size forward over the whole span
 
 
 def device_name(device: torch.device) -> str:

@@ -5,11 +5,14 @@ cannot be switched on by normal use:
 - ``error-after-steps:N``: answer every inference step after the first N with an error
 - ``perturb:EPS``: add Gaussian noise of relative size EPS (||noise|| = EPS * ||output||) to every output
 - ``random``: return random tensors of the right shape and scale
+- ``slow-pieces:SECONDS``: sleep this long before each piece of compute (a slow machine; work that is dropped)
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +25,7 @@ class Faults:
     error_after_steps: int | None = None
     perturb: float | None = None
     random: bool = False
+    slow_pieces: float | None = None
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -35,11 +39,31 @@ class Faults:
             return cls(perturb=float(value))
         if kind == "random":
             return cls(random=True)
+        if kind == "slow-pieces":
+            return cls(slow_pieces=float(value))
         raise ValueError(f"unknown {ENV} {spec!r}")
 
     @property
     def active(self) -> bool:
         return self != Faults()
+
+    def slowed(self, work: Callable[[], Generator]) -> Callable[[], Generator]:
+        """``work`` (pieces on the compute thread), each piece ``slow_pieces`` seconds slower."""
+        if not self.slow_pieces:
+            return work
+        seconds = self.slow_pieces
+
+        def run() -> Generator:
+            pieces = work()
+            while True:
+                time.sleep(seconds)
+                try:
+                    next(pieces)
+                except StopIteration as done:
+                    return done.value
+                yield
+
+        return run
 
     def corrupt(self, output: torch.Tensor) -> torch.Tensor:
         if self.random:
