@@ -11,9 +11,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# How long OpenMP's idle threads spin before sleeping, read once when torch loads libgomp. Processes of a swarm take
+# turns computing (a server, the next server, the client's head) on the same cores, and libgomp's default spin
+# (300,000 rounds, a few ms) kept the previous process's idle threads burning the cores the next one computes on:
+# 15 SmolLM2 layers took ~26 ms per decode step in two processes taking turns, ~20 ms with 20,000 rounds (which
+# still spans the gaps between the parallel regions of one step). Only set when the user has not, and only if
+# torch is not loaded yet (see swarm/utils/threads.py).
+if "torch" not in sys.modules:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 # bitsandbytes, imported by diffusers and our codecs, warns at import about an optional 4-bit CPU kernel package.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

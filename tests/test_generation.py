@@ -15,12 +15,18 @@ ATOL = 1e-4  # float32, no compression: differences are float rounding only (obs
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_swarm(request, tiny_model, tmp_path_factory):
-    """Servers [0:2] [2:4] [4:6] and [0:4]: the greedy route takes 2 hops, 3 when [0:4] is blocked."""
+    """Servers [0:2] [2:4] [4:6] and [0:4]: the greedy route takes 2 hops, 3 when [0:4] is blocked.
+
+    Every server announces the same fixed speed (0.1 s a step per span), so the route's shape depends on the hop
+    count only, not on speeds measured while other tests load the machine (a measured [0:4] server can come out
+    slower than [0:2] + [2:4] together)."""
     path = tiny_model(request.param)
     launcher = LocalSwarm(tmp_path_factory.mktemp(f"swarm-{request.param}"))
+    speed = ("--throughput", "10")
     try:
-        first = launcher.start_server(path, "0:2", [])
-        others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6", "0:4")]
+        first = launcher.start_server(path, "0:2", [], *speed)
+        others = [launcher.start_server(path, blocks, [first.maddr], *speed, wait=False)
+                  for blocks in ("2:4", "4:6", "0:4")]
         for process in others:
             process.wait_ready()
         two_hops = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr],

@@ -157,7 +157,10 @@ class BlockSpan(nn.Module, ServedBlocks):
         return 2 * heads * head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
     def layer_params(self) -> int:
-        return sum(p.numel() for p in self.layers[0].parameters()) if len(self.layers) else 0
+        """Parameters of one layer (they are all alike), counted once."""
+        if "_layer_params" not in self.__dict__:
+            self._layer_params = sum(p.numel() for p in self.layers[0].parameters()) if len(self.layers) else 0
+        return self._layer_params
 
     def flops(self, rows: int, tokens: int, context: int, layers: int) -> float:
         """Estimated cost of ``tokens`` new positions per row attending over ``context`` positions, in ``layers``."""

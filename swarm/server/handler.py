@@ -63,7 +63,8 @@ class Handler:
     LINGER_SECONDS = 1.0
     ERROR_WRITE_SECONDS = 10.0  # a caller that does not read its error reply must not hold the stream forever
 
-    def __init__(self, blocks: ServedBlocks, sessions: SessionTable, limits: Limits, info: Callable[[], dict]):
+    def __init__(self, blocks: ServedBlocks, sessions: SessionTable, limits: Limits, info: Callable[[], dict],
+                 compute_queue: ComputeQueue | None = None):
         self.blocks, self.sessions, self.limits, self.info = blocks, sessions, limits, info
         self.bounds = limits.bounds()
         self.admission = Admission(limits.peers, sessions)
@@ -75,8 +76,9 @@ class Handler:
         self.p2p: P2P | None = None
         batching = limits.batch_decode and blocks.kind == "span"
         # One compute thread, shared fairly between peers in pieces (compute.py); the event loop stays free for I/O.
-        self.compute_queue = ComputeQueue(batch_runner=DecodeBatches(self.served) if batching else None,
-                                          max_batch=limits.max_decode_batch)
+        self.compute_queue = compute_queue or ComputeQueue()
+        self.compute_queue.batch_runner = DecodeBatches(self.served) if batching else None
+        self.compute_queue.max_batch = max(1, limits.max_decode_batch)
         if self.faults.active:
             logger.warning(f"This server misbehaves on purpose for tests: {self.faults}")
 

@@ -32,11 +32,13 @@ from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
 from swarm.rpc.client import measure_rtt
 from swarm.server.block_selection import choose_span, should_move
+from swarm.server.compute import ComputeQueue, single
 from swarm.server.handler import Handler, Limits
 from swarm.server.sessions import SessionTable
 from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import get_span_speed
 from swarm.utils.errors import UserError
+from swarm.utils.threads import call_in_serial_thread, run_torch_serially_in_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,11 @@ class Server:
 
     async def run(self) -> None:
         cfg = self.config
-        source = await asyncio.to_thread(resolve_model, cfg.model)
+        # Heavy torch work runs on the compute thread only (this event loop checks requests, serially): one OpenMP
+        # pool per process, see swarm/utils/threads.py. Loading and the speed measurement run there too.
+        run_torch_serially_in_this_thread()
+        self.compute = ComputeQueue(name="compute")
+        source = await self.compute.run("server", single(lambda: resolve_model(cfg.model)))
         self.is_unet = await asyncio.to_thread(is_unet_source, source)
         if self.is_unet:  # blocks are U-Net levels: (down i, up n-1-i), and the mid block last
             unet_config, _ = load_unet_config(source)
@@ -154,9 +160,9 @@ class Server:
                 logger.info(f"Chose blocks {self.start}:{self.end} from the swarm's coverage")
             await self.announce()
             self.span = await self.load_span(source, self.start, self.end)
-            self.speed = await asyncio.to_thread(self.measure_speed)
+            self.speed = await self.compute.run("server", single(self.measure_speed))
             self.sessions = self.session_table()
-            self.handler = Handler(self.span, self.sessions, cfg.limits, self.rpc_info)
+            self.handler = Handler(self.span, self.sessions, cfg.limits, self.rpc_info, self.compute)
             if cfg.settlement:
                 self.handler.settlement = SessionSettlement(cfg.settlement, cfg.settlement_options, identity,
                                                             self.model_id, cfg.price, cfg.settlement_period)
@@ -228,20 +234,27 @@ class Server:
                                                      list(range(self.model_info.num_blocks))))
 
     async def load_span(self, source: ModelSource, start: int, end: int) -> BlockSpan | UNetLevels:
+        """Loads on the compute thread before serving starts; later (a move) in a thread of its own, serially, so
+        that requests keep being served meanwhile."""
+        if self.handler is None:
+            return await self.compute.run("server", single(lambda: self._load_span(source, start, end)))
+        return await asyncio.to_thread(call_in_serial_thread, lambda: self._load_span(source, start, end))
+
+    def _load_span(self, source: ModelSource, start: int, end: int) -> BlockSpan | UNetLevels:
         cfg = self.config
         logger.info(f"Loading blocks {start}:{end} of {source.name} ({cfg.dtype}, {cfg.quantization} weights, "
                     f"on {cfg.device})...")
         if self.is_unet:
             if cfg.quantization != "none":
                 raise NotImplementedError("weight quantization of U-Net levels is not supported yet")
-            span = await asyncio.to_thread(UNetLevels.from_pretrained, source, start, end, dtype=DTYPES[cfg.dtype],
+            span = UNetLevels.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
                                            device=cfg.device)
             logger.info(f"Levels hold {parameter_bytes(span) / (end - start) / 2**20:.1f} MiB each")
         else:
-            span = await asyncio.to_thread(BlockSpan.from_pretrained, source, start, end, dtype=DTYPES[cfg.dtype],
+            span = BlockSpan.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
                                            device=cfg.device, quantization=cfg.quantization)
             logger.info(f"Blocks hold {parameter_bytes(span.layers) / (end - start) / 2**20:.1f} MiB each")
-        await asyncio.to_thread(blockwise.warm_up)  # bitsandbytes' first call imports it (~2-3 s)
+        blockwise.warm_up()  # bitsandbytes' first call imports it (~2-3 s)
         return span
 
     def measure_speed(self) -> SpanSpeed | None:

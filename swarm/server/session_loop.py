@@ -21,8 +21,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from swarm.rpc import protocol
-from swarm.rpc.client import call
+from swarm.rpc import messages, protocol
+from swarm.rpc.client import RemoteError, Stream
 from swarm.rpc.framing import write_message
 from swarm.rpc.messages import read_kind
 from swarm.rpc.protocol import RequestError, get_field
@@ -106,11 +106,16 @@ async def serve_session(handler: Handler, peer: str, reader: asyncio.StreamReade
                 logger.info(f"Refused a step of session {session.session_id[:8]} from {peer[-8:]}: {e}")
                 answer = error_reply(e)
             answer["step_id"] = step_id
+            # The push goes out first (the next server starts as early as possible), on its own task, so that a
+            # slow next server never delays our answer; its outcome follows the answer.
+            pushing = asyncio.create_task(_push(handler, session, item, output)) if answer.get("pushing") else None
             await reply(answer)
-            if answer.get("pushing"):  # after the reply, so a slow next server never delays our answer
-                await reply({"step_id": step_id, "pushed": await _push(handler, session, item, output)})
+            if pushing is not None:
+                await reply({"step_id": step_id, "pushed": await pushing})
     finally:
         pump.cancel()
+        if session.push_stream is not None:
+            session.push_stream.close()
         handler.sessions.close(session.session_id)
         if handler.settlement is not None:
             handler.settlement.finish(session)
@@ -191,22 +196,23 @@ def _link(session: ServerSession, message: dict) -> dict:
 
 
 async def rpc_push(handler: Handler, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    # A server pushes the steps of every client whose chain goes on to us: each pushed step is paced by its
-    # session's client (in serve_session), not by the pusher's own bucket, which would throttle a busy server
-    # for all of its clients at once. A peer that no session named as its upstream pays like any caller.
-    named = handler.sessions.names_upstream(peer)
-    if not named:
-        await handler.admission.throttle(peer)
-    message = await handler.read_request(reader, handler.limits.open_timeout)
-    if message is None:
-        return
-    try:
-        reply = accept_push(handler, peer, message)
-    except RequestError:
-        if named:  # a refused push costs its sender
+    """Steps pushed by the server before us in sessions' chains, on a stream it keeps open: one reply per step.
+
+    Each pushed step is paced by its session's client (in serve_session), not by the pusher's own bucket, which
+    would throttle a busy server for all of its clients at once. A peer that no session named as its upstream pays
+    like any caller, for every message."""
+    while True:
+        if not handler.sessions.names_upstream(peer):
             await handler.admission.throttle(peer)
-        raise
-    await write_message(writer, reply)
+        message = await handler.read_request(reader, handler.limits.session_timeout)
+        if message is None:
+            return
+        try:
+            answer = accept_push(handler, peer, message)
+        except RequestError as e:  # this push is refused; the stream goes on
+            await handler.admission.throttle(peer)  # a refused push costs its sender
+            answer = error_reply(e)
+        await write_message(writer, answer)
 
 
 def accept_push(handler: Handler, peer: str, message: dict) -> dict:
@@ -229,17 +235,27 @@ def accept_push(handler: Handler, peer: str, message: dict) -> dict:
 
 
 async def _push(handler: Handler, session: ServerSession, step: dict, output: list | dict) -> bool:
+    """Hand this step's output to the next server of the chain, on a stream kept open for the session."""
     downstream = session.downstream
     pushed = {key: step[key] for key in ("type", "position", "position_ids", "attention_mask", "hypo_ids", "step_id",
                                          "trace") if key in step}
     pushed.update(push=True, session_id=downstream["session_id"], start=downstream["start"],
                   end=downstream["end"], hidden=output)
     try:
-        await call(handler.p2p, downstream["peer"], protocol.PUSH,
-                   {"session_id": downstream["session_id"], "step": pushed}, timeout=protocol.PUSH_TIMEOUT)
+        stream = session.push_stream
+        if stream is None or session.push_target != downstream:
+            if stream is not None:
+                stream.close()
+            session.push_stream, session.push_target = None, downstream
+            stream = await Stream.open(handler.p2p, downstream["peer"], protocol.PUSH, protocol.PUSH_TIMEOUT)
+            session.push_stream = stream
+        await stream.request(messages.push(downstream["session_id"], pushed), timeout=protocol.PUSH_TIMEOUT)
         handler.pushes["sent"] += 1
         return True
     except Exception as e:  # unreachable, refused, slow: the client relays this step itself
         logger.info(f"Push to {downstream['peer'][-8:]} failed ({e}); the client will relay")
         handler.pushes["failed"] += 1
+        if session.push_stream is not None and not isinstance(e, RemoteError):
+            session.push_stream.close()  # broken or out of step: the next push opens a new one
+            session.push_stream = None
         return False

@@ -30,6 +30,8 @@ class ServerSession:
     upstream: str | None = None  # the peer allowed to push steps into this session
     downstream: dict | None = None  # where to push outputs: peer, session_id, start, end
     inbox: object = None  # asyncio.Queue of steps from the client's stream and from pushes
+    push_stream: object = None  # rpc.client.Stream to the downstream server, kept open while it stays the same
+    push_target: dict | None = None  # the downstream that stream goes to
     opened_at: float = field(default_factory=time.monotonic)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -13,8 +14,15 @@ T = TypeVar("T")
 class LoopThread:
     def __init__(self, name: str = "swarm-client-loop"):
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+
+    def _run(self) -> None:
+        if "torch" in sys.modules:  # it encodes and decodes tensors: serially, so the caller's compute keeps the
+            from swarm.utils.threads import run_torch_serially_in_this_thread  # only OpenMP pool (see threads.py)
+
+            run_torch_serially_in_this_thread()
+        self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result (cancelling it if ``timeout`` passes)."""
