@@ -20,8 +20,8 @@ NEW_TOKENS = 6
 @pytest.fixture(scope="module")
 def swarm_(launcher, tiny_model):
     path = tiny_model("llama")
-    first = launcher.start_server(path, "0:3", [])
-    launcher.start_server(path, "3:6", [first.maddr])
+    first = launcher.start_server_in_process(path, "0:3", [])
+    launcher.start_server_in_process(path, "3:6", [first.maddr])
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.randint(3, local.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     expected = local.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -117,7 +117,7 @@ def test_a_new_client_learns_from_the_summaries_servers_announce(swarm_, launche
     probe.shutdown()
     dataset = tmp_path / "operator.jsonl"
     save_dataset(seeded.records(), dataset)
-    launcher.start_server(swarm_["path"], "0:6", swarm_["peers"], "--acceleration-history", str(dataset))
+    launcher.start_server_in_process(swarm_["path"], "0:6", swarm_["peers"], "--acceleration-history", str(dataset))
 
     model = client(swarm_, acceleration="auto", history_path=str(tmp_path / "new.sqlite"), exploration=0.0)
     out = model.generate(swarm_["ids"], max_new_tokens=NEW_TOKENS, do_sample=False)

@@ -29,8 +29,8 @@ MAX_TOKENS = 5000  # its --max-tokens: above the tiny model's context of 4096, t
 def swarm(launcher, tmp_path_factory, embedded_model):
     """Two servers of a tiny chat model, a reference client (bit-exact wire) and the gateway in front of them."""
     path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
-    first = launcher.start_server(path, "0:2", [])
-    second = launcher.start_server(path, "2:4", [first.maddr])
+    first = launcher.start_server_in_process(path, "0:2", [])
+    second = launcher.start_server_in_process(path, "2:4", [first.maddr])
     port = free_port()
     gateway = start_process(launcher, ["-m", "swarm.api", str(path), "--initial-peers", first.maddr, "--host",
                                        "127.0.0.1", "--port", str(port), "--compression", "none",

@@ -24,8 +24,8 @@ HIDDEN = 64  # tiny llama
 @pytest.fixture(scope="module")
 def server(launcher, tiny_model):
     path = tiny_model("llama")
-    process = launcher.start_server(path, "0:3", [], "--max-message-mb", "1", "--cache-tokens", "256",
-                                    "--max-session-length", "128", "--session-timeout", "3")
+    process = launcher.start_server_in_process(path, "0:3", [], "--max-message-mb", "1", "--cache-tokens", "256",
+                                               "--max-session-length", "128", "--session-timeout", "3")
     return {"process": process, "span": BlockSpan.from_pretrained(str(path), 0, 3)}
 
 

@@ -146,7 +146,7 @@ def test_sessions_of_very_different_lengths_are_not_padded_together(span):
 
 @pytest.fixture(scope="module")
 def server(launcher, model_path):
-    return launcher.start_server(model_path, "0:6", [], "--peer-rate", "10000", "--peer-burst", "10000")
+    return launcher.start_server_in_process(model_path, "0:6", [], "--peer-rate", "10000", "--peer-burst", "10000")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ STATS = re.compile(r"\[(\d+) new prompt tokens sent, (\d+) positions cached on t
 @pytest.fixture(scope="module")
 def swarm(launcher, tmp_path_factory, embedded_model):
     path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
-    first = launcher.start_server(path, "0:2", [])
-    launcher.start_server(path, "2:4", [first.maddr])
+    first = launcher.start_server_in_process(path, "0:2", [])
+    launcher.start_server_in_process(path, "2:4", [first.maddr])
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"path": path, "peers": [first.maddr], "model": model, "tokenizer": load_tokenizer(path)}
     model.shutdown()

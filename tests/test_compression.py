@@ -95,8 +95,8 @@ def test_corrupted_8bit_payloads_are_refused(mutate, error, form):
 def swarm(launcher, tiny_model):
     """Blocks 0:3 in float; blocks 3:6 in float, in int8 and in nf4."""
     path = tiny_model("llama")
-    first = launcher.start_server(path, "0:3", [])
-    others = {quant: launcher.start_server(path, "3:6", [first.maddr], "--quantize", quant, wait=False)
+    first = launcher.start_server_in_process(path, "0:3", [])
+    others = {quant: launcher.start_server_in_process(path, "3:6", [first.maddr], "--quantize", quant, wait=False)
               for quant in ("none", "int8", "nf4")}
     for process in others.values():
         process.wait_ready()

@@ -56,8 +56,8 @@ PIPELINES = {
 def served_pipeline(request, launcher, models_dir):
     save, call_kwargs = PIPELINES[request.param]
     path = save(models_dir / f"tiny-{request.param}-pipeline")
-    first = launcher.start_server(path, "0:1", [])
-    launcher.start_server(path, "1:3", [first.maddr])
+    first = launcher.start_server_in_process(path, "0:1", [])
+    launcher.start_server_in_process(path, "1:3", [first.maddr])
     local = DiffusionPipeline.from_pretrained(path)
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"name": request.param, "path": path, "peers": [first.maddr], "local": local, "remote": remote,
@@ -202,9 +202,9 @@ def test_generation_survives_a_killed_server(tmp_path, models_dir):
     if not path.exists():
         save_tiny_sd(path)
     with LocalSwarm(tmp_path) as launcher:
-        first = launcher.start_server(path, "0:1", [])
+        first = launcher.start_server_in_process(path, "0:1", [])
         fast = launcher.start_server(path, "1:3", [first.maddr], "--throughput", "1000")
-        launcher.start_server(path, "1:3", [first.maddr], "--throughput", "1")
+        launcher.start_server_in_process(path, "1:3", [first.maddr], "--throughput", "1")
         remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
         local = DiffusionPipeline.from_pretrained(path)
         try:
@@ -238,8 +238,8 @@ def test_video_unets_through_the_swarm_equal_local(kind, tmp_path):
     with torch.no_grad():
         expected = unet(*args, **kwargs, return_dict=False)[0]
     with LocalSwarm(tmp_path / "logs") as launcher:
-        first = launcher.start_server(path, "0:1", [])
-        launcher.start_server(path, "1:3", [first.maddr])
+        first = launcher.start_server_in_process(path, "0:1", [])
+        launcher.start_server_in_process(path, "1:3", [first.maddr])
         config = ClientConfig(initial_peers=[first.maddr], compression="none")
         remote = RemoteUNet(load_head_and_tail(resolve_model(path)), config, path.name)
         try:
@@ -259,8 +259,8 @@ def test_bfloat16_servers_serve_a_float32_pipeline(tmp_path, models_dir):
     if not path.exists():
         save_tiny_sd(path)
     with LocalSwarm(tmp_path) as launcher:
-        first = launcher.start_server(path, "0:1", [], "--dtype", "bfloat16")
-        launcher.start_server(path, "1:3", [first.maddr], "--dtype", "bfloat16")
+        first = launcher.start_server_in_process(path, "0:1", [], "--dtype", "bfloat16")
+        launcher.start_server_in_process(path, "1:3", [first.maddr], "--dtype", "bfloat16")
         remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr])
         try:
             out = _generate(remote, dict(height=64, width=64)).images

@@ -15,8 +15,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 @pytest.fixture(scope="module")
 def peers(launcher, embedded_model):
-    first = launcher.start_server(None, "0:15", [])
-    launcher.start_server(None, "15:30", [first.maddr])
+    first = launcher.start_server_in_process(None, "0:15", [])
+    launcher.start_server_in_process(None, "15:30", [first.maddr])
     return [first.maddr]
 
 

@@ -24,8 +24,8 @@ def family_swarm(request, tiny_model, tmp_path_factory):
     launcher = LocalSwarm(tmp_path_factory.mktemp(f"swarm-{request.param}"))
     speed = ("--throughput", "10")
     try:
-        first = launcher.start_server(path, "0:2", [], *speed)
-        others = [launcher.start_server(path, blocks, [first.maddr], *speed, wait=False)
+        first = launcher.start_server_in_process(path, "0:2", [], *speed)
+        others = [launcher.start_server_in_process(path, blocks, [first.maddr], *speed, wait=False)
                   for blocks in ("2:4", "4:6", "0:4")]
         for process in others:
             process.wait_ready()

@@ -88,7 +88,7 @@ def metrics(service: HealthService) -> dict[tuple[str, str], float]:
 
 def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, browser, tmp_path):
     path = tiny_model("llama")
-    first = launcher.start_server(path, "0:2", [], "--public-name", "first <server>")
+    first = launcher.start_server_in_process(path, "0:2", [], "--public-name", "first <server>")
     others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6")]
     for server in others:
         server.wait_ready()
@@ -149,7 +149,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
 
 
 def test_healthz_and_schema_endpoints(launcher, tiny_model, tmp_path):
-    first = launcher.start_server(tiny_model("llama"), "0:6", [])
+    first = launcher.start_server_in_process(tiny_model("llama"), "0:6", [])
     service = HealthService([first.maddr], tmp_path / "history.sqlite3")
     try:
         assert json.loads(service.get("/healthz"))["ok"] is True

@@ -73,15 +73,17 @@ def model_path(tiny_model):
 @pytest.fixture(scope="module")
 def server(launcher, model_path):
     """Small per-peer limits; a high request rate so that only the session limits are exercised here."""
-    return launcher.start_server(model_path, "0:3", [], "--max-sessions-per-peer", "2", "--max-sessions", "3",
-                                 "--max-session-batch", "4", "--cache-tokens", "512", "--max-peer-cache-share", "0.5",
-                                 "--max-session-length", "256", "--peer-rate", "1000", "--peer-burst", "1000")
+    return launcher.start_server_in_process(model_path, "0:3", [], "--max-sessions-per-peer", "2",
+                                            "--max-sessions", "3", "--max-session-batch", "4", "--cache-tokens", "512",
+                                            "--max-peer-cache-share", "0.5", "--max-session-length", "256",
+                                            "--peer-rate", "1000", "--peer-burst", "1000")
 
 
 @pytest.fixture(scope="module")
 def rate_server(launcher, model_path, server):
     # joins the first server's swarm, so that the two can push to each other
-    return launcher.start_server(model_path, "0:3", [server.maddr], "--peer-rate", "10", "--peer-burst", "10")
+    return launcher.start_server_in_process(model_path, "0:3", [server.maddr], "--peer-rate", "10",
+                                            "--peer-burst", "10")
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from swarm.rpc.client import call
 
 def test_batch_split_over_parallel_chains(launcher, tiny_model):
     path = tiny_model("llama")
-    first = launcher.start_server(path, "0:6", [], "--throughput", "50")  # slow: compute dominates the cost
-    second = launcher.start_server(path, "0:6", [first.maddr], "--throughput", "50")
+    first = launcher.start_server_in_process(path, "0:6", [], "--throughput", "50")  # slow: compute dominates the cost
+    second = launcher.start_server_in_process(path, "0:6", [first.maddr], "--throughput", "50")
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     local = AutoModelForCausalLM.from_pretrained(path).eval()
     try:

@@ -20,7 +20,8 @@ def swarm(launcher, tiny_model):
     """A bootstrap node (python -m swarm.dht) and two servers joining through it."""
     path = tiny_model("llama")
     bootstrap = launcher.start_dht()
-    servers = [launcher.start_server(path, blocks, [bootstrap.maddr], wait=False) for blocks in ("0:3", "3:6")]
+    servers = [launcher.start_server_in_process(path, blocks, [bootstrap.maddr], wait=False)
+               for blocks in ("0:3", "3:6")]
     for server in servers:
         server.wait_ready()
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[bootstrap.maddr],

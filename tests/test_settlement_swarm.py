@@ -47,7 +47,7 @@ def ledger_swarm(launcher, tiny_model, tmp_path_factory, anvil_chain):
     path, folder = tiny_model("llama"), tmp_path_factory.mktemp("ledgers")
 
     def server(blocks: str, peers: list[str], *extra: str):
-        return launcher.start_server(path, blocks, peers, "--throughput", "1", *extra, wait=False)
+        return launcher.start_server_in_process(path, blocks, peers, "--throughput", "1", *extra, wait=False)
 
     def ledger(name: str) -> list[str]:
         return ["--settlement", "ledger", "--settlement-option", f"path={folder / name}.sqlite", "--price", str(PRICE)]

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(launcher, embedded_model):
-    first = launcher.start_server(None, "0:10", [])  # no MODEL: the embedded default
-    others = [launcher.start_server(None, blocks, [first.maddr], wait=False) for blocks in ("10:30", "10:20", "20:30")]
+    first = launcher.start_server_in_process(None, "0:10", [])  # no MODEL: the embedded default
+    others = [launcher.start_server_in_process(None, blocks, [first.maddr], wait=False)
+              for blocks in ("10:30", "10:20", "20:30")]
     for process in others:
         process.wait_ready()
     two_hops = AutoDistributedModelForCausalLM.from_pretrained(EMBEDDED_MODEL, initial_peers=[first.maddr],

@@ -31,8 +31,8 @@ PERTURBATION = "perturb:0.3"  # relative size of the lying server's noise: far a
 def swarm(launcher, tiny_model):
     """Blocks 0:3 on two honest servers, 3:6 on two honest ones and a liar announcing itself fastest."""
     path = tiny_model("llama")
-    first = launcher.start_server(path, "0:3", [])
-    honest = [first] + [launcher.start_server(path, blocks, [first.maddr], wait=False)
+    first = launcher.start_server_in_process(path, "0:3", [])
+    honest = [first] + [launcher.start_server_in_process(path, blocks, [first.maddr], wait=False)
                         for blocks in ("0:3", "3:6", "3:6")]
     liar = launcher.start_server(path, "3:6", [first.maddr], "--throughput", "100000", wait=False,
                                  env={"SWARM_TEST_FAULT": PERTURBATION})
@@ -82,9 +82,9 @@ def test_forged_and_unsigned_records_are_refused(swarm):
 
 def test_identity_persists_the_peer_id(launcher, tiny_model, tmp_path):
     key = tmp_path / "server.key"
-    first = launcher.start_server(tiny_model("llama"), "0:6", [], "--identity", str(key))
+    first = launcher.start_server_in_process(tiny_model("llama"), "0:6", [], "--identity", str(key))
     first.stop()
-    again = launcher.start_server(tiny_model("llama"), "0:6", [], "--identity", str(key))
+    again = launcher.start_server_in_process(tiny_model("llama"), "0:6", [], "--identity", str(key))
     assert again.peer_id == first.peer_id == Identity.load_or_create(key).peer_id
 
 

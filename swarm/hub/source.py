@@ -6,6 +6,7 @@ needs blocks 10:20 fetches only the config, the index and the shards holding tho
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -66,6 +67,17 @@ class ModelSource:
             return str(self.local_dir)
         self.fetch("config.json")  # make sure it is in the local hub cache for offline reuse
         return self.repo_id
+
+    def is_diffusers_layout(self) -> bool:
+        """A diffusers pipeline directory (``model_index.json``) or a diffusers model (``_class_name`` in its
+        config), as opposed to a transformers checkpoint: decided from the files alone, without importing diffusers."""
+        if self.fetch("model_index.json", required=False) is not None:
+            return True
+        config = self.fetch("config.json", required=False)
+        try:
+            return config is not None and "_class_name" in json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None, revision: str | None = None) -> ModelSource:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from swarm.hub.source import check_model_name
 from swarm.server.admission import PeerLimits
 from swarm.utils.cli import Parser, entry_point, host, port, positive, setup_logging
 from swarm.utils.ports import check_can_listen
+
+if TYPE_CHECKING:
+    from swarm.server.server import ServerConfig
 
 # The names the server accepts, spelled out here so that parsing needs no torch (tests/test_cli.py checks them
 # against swarm.server.server.DTYPES, swarm.blocks.quantization.QUANTIZATIONS and the handler's Limits).
@@ -139,18 +143,10 @@ def build_parser() -> Parser:
     return parser
 
 
-@entry_point
-def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
-    setup_logging(args.log_level)
-    check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
-    check_can_listen(args.host, args.port)
-
-    import asyncio  # the heavy part starts here, once the arguments are known to be good
-
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's configuration from parsed arguments (imports torch)."""
     from swarm.server.handler import Limits
-    from swarm.server.server import Server, ServerConfig
+    from swarm.server.server import ServerConfig
     from swarm.settlement.plugin import parse_options
 
     if args.device is None:
@@ -166,7 +162,7 @@ def main() -> None:
                     open_timeout=args.open_timeout, max_request_seconds=args.max_request_seconds,
                     max_attention_tokens=args.max_attention_tokens, max_encoder_tokens=args.max_encoder_tokens,
                     max_diffusion_sessions=args.max_diffusion_sessions)
-    config = ServerConfig(
+    return ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,
         host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
@@ -176,7 +172,21 @@ def main() -> None:
         limits=limits,
         settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
     )
-    asyncio.run(Server(config).run())
+
+
+@entry_point
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    setup_logging(args.log_level)
+    check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
+    check_can_listen(args.host, args.port)
+
+    import asyncio  # the heavy part starts here, once the arguments are known to be good
+
+    from swarm.server.server import Server
+
+    asyncio.run(Server(build_config(args)).run())
 
 
 if __name__ == "__main__":

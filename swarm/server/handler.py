@@ -70,6 +70,7 @@ class Handler:
         self.admission = Admission(limits.peers, sessions)
         self.served: dict[str, int] = {kind: 0 for kind in (*blocks.one_shots, *blocks.session_steps)}
         self.steps_served = 0  # session steps, shown by info
+        self.failures = 0  # requests that failed with an unexpected exception (internal errors), shown by info
         self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
         self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
         self.settlement = None  # a SessionSettlement with --settlement (swarm/server/settlement.py)
@@ -145,6 +146,7 @@ class Handler:
             logger.debug(f"Connection from {peer[-8:]} broke", exc_info=True)
         except Exception as e:
             logger.exception(f"Failed to serve a request from {peer[-8:]}")
+            self.failures += 1  # a bug, not a bad request: shown by info
             await self.send_error(writer, RuntimeError(f"internal error: {type(e).__name__}: {e}"))
         finally:
             # Closing right after the reply sometimes lost it (about 1 info call in 500 under concurrent load):

@@ -12,9 +12,11 @@ import logging
 import random
 import signal
 import statistics
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,7 +24,6 @@ import swarm
 from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.served import SpanSpeed
 from swarm.blocks.span import BlockSpan, load_config
-from swarm.blocks.unet import UNetLevels, build_unet_skeleton, is_unet_source, load_unet_config, num_levels
 from swarm.compression import blockwise
 from swarm.dht.identity import Identity
 from swarm.dht.node import start_dht, stop_dht, visible_maddrs
@@ -39,6 +40,9 @@ from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import get_span_speed
 from swarm.utils.errors import UserError
 from swarm.utils.threads import call_in_serial_thread, run_torch_serially_in_this_thread
+
+if TYPE_CHECKING:
+    from swarm.blocks.unet import UNetLevels
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class Server:
         self.sessions: SessionTable | None = None
         self.speed: SpanSpeed | None = None
         self.handler: Handler | None = None
+        self.maddrs: list[str] = []  # where others dial us, once ready
         self.next_pings: dict[str, float] = {}  # peer -> EMA of RTT (s) to servers holding the block after ours
 
     # ---- what we announce
@@ -114,7 +119,8 @@ class Server:
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "pushes": dict(self.handler.pushes) if self.handler else {},
                 "served": {**self.handler.served, "steps": self.handler.steps_served,
-                           "dropped": self.handler.compute_queue.dropped} if self.handler else {},
+                           "dropped": self.handler.compute_queue.dropped,
+                           "failures": self.handler.failures} if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens,
                 "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None}
 
@@ -127,8 +133,10 @@ class Server:
         run_torch_serially_in_this_thread()
         self.compute = ComputeQueue(name="compute")
         source = await self.compute.run("server", single(lambda: resolve_model(cfg.model)))
-        self.is_unet = await asyncio.to_thread(is_unet_source, source)
+        self.is_unet = await asyncio.to_thread(_is_unet_source, source)
         if self.is_unet:  # blocks are U-Net levels: (down i, up n-1-i), and the mid block last
+            from swarm.blocks.unet import build_unet_skeleton, load_unet_config, num_levels
+
             unet_config, _ = load_unet_config(source)
             self.model_info = ModelInfo(num_levels(build_unet_skeleton(unet_config)),
                                         repository=source.repo_id or source.name,
@@ -147,9 +155,10 @@ class Server:
         p2p, node = await start_dht(cfg.initial_peers, host=cfg.host, port=cfg.port,
                                     announce_maddrs=cfg.announce_maddrs, identity=identity)
         self.node = node
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopped.set)
+        if threading.current_thread() is threading.main_thread():  # not for a server on a thread (in_process.py)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stopped.set)
         self.expiration = max(2.5 * cfg.update_period, 10.0)
         try:
             if cfg.num_blocks is not None:
@@ -170,7 +179,7 @@ class Server:
 
             self.state = ServerState.ONLINE
             await self.announce()
-            maddrs = await visible_maddrs(p2p)
+            self.maddrs = maddrs = await visible_maddrs(p2p)
             print(f"Server ready: blocks {self.start}:{self.end} of {self.model_id} as peer {p2p.peer_id}",
                   flush=True)
             print("Join this swarm with: --initial-peers " + " ".join(maddrs), flush=True)
@@ -247,6 +256,8 @@ class Server:
         if self.is_unet:
             if cfg.quantization != "none":
                 raise NotImplementedError("weight quantization of U-Net levels is not supported yet")
+            from swarm.blocks.unet import UNetLevels
+
             span = UNetLevels.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
                                            device=cfg.device)
             logger.info(f"Levels hold {parameter_bytes(span) / (end - start) / 2**20:.1f} MiB each")
@@ -327,3 +338,12 @@ class Server:
         await self.announce()
         logger.info(f"Now serving blocks {target[0]}:{target[1]}; sessions on {old[0]}:{old[1]} finish there")
 
+
+
+def _is_unet_source(source: ModelSource) -> bool:
+    """diffusers (~2.5 s to import) is loaded only by servers whose model is one."""
+    if not source.is_diffusers_layout():
+        return False
+    from swarm.blocks.unet import is_unet_source
+
+    return is_unet_source(source)

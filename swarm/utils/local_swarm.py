@@ -25,6 +25,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarm.server.in_process import InProcessServer
 
 SERVER_READY = "Join this swarm with: --initial-peers "
 DHT_READY = "--initial-peers "
@@ -178,6 +182,7 @@ class LocalSwarm:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="swarm-logs-"))
         self.directory.mkdir(parents=True, exist_ok=True)
         self.processes: list[SwarmProcess] = []
+        self.in_process: list[InProcessServer] = []
 
     def __enter__(self) -> LocalSwarm:
         _install_handlers()
@@ -215,6 +220,19 @@ class LocalSwarm:
         process = self._start(args + list(extra), SERVER_READY, name, env)
         return process.wait_ready() if wait else process
 
+    def start_server_in_process(self, model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str],
+                                *extra: str, wait: bool = True) -> InProcessServer:
+        """The same server as :meth:`start_server`, on a thread of this process (see swarm/server/in_process.py):
+        no Python start-up, but no signals or SIGKILL either. Stopped with the processes."""
+        from swarm.server.in_process import InProcessServer
+
+        argv = ([str(model)] if model else []) + ["--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
+        argv += ["--initial-peers", *initial_peers] if initial_peers else []
+        with _signals_held():
+            server = InProcessServer(argv + list(extra))
+            self.in_process.append(server)
+        return server.wait_ready() if wait else server
+
     def start_wan_proxy(self, target_port: int, listen_port: int, rtt_ms: float,
                         mbit: float | None) -> SwarmProcess:
         """A ``swarm.utils.wan_proxy`` in front of ``target_port`` (see there)."""
@@ -229,12 +247,13 @@ class LocalSwarm:
         return process
 
     def stop_all(self, timeout: float = 15) -> None:
-        """SIGTERM to every process at once, then wait for each (SIGKILL after ``timeout`` seconds in all)."""
+        """SIGTERM to every process at once (and the same to in-process servers), then wait for each (SIGKILL after
+        ``timeout`` seconds in all)."""
         with _signals_held():
-            for process in self.processes:
+            for process in [*self.in_process, *self.processes]:
                 process.terminate()
             deadline = time.monotonic() + timeout
-            for process in self.processes:
+            for process in [*self.in_process, *self.processes]:
                 process.stop(max(0.0, deadline - time.monotonic()))
 
 
