@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.acceleration import METHODS, Outcome, Record, applied, probe_chain, task_features  # noqa: E402
+from swarm.acceleration import METHODS, Outcome, Record, configure, probe_chain, task_features  # noqa: E402
 from swarm.rpc.framing import TRAFFIC  # noqa: E402
 from swarm.utils.cache import cache_root  # noqa: E402
 from swarm.utils.local_swarm import LocalSwarm, free_port  # noqa: E402
@@ -70,7 +70,8 @@ def small_model(directory: Path) -> Path:
 def run(model, method, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, Outcome]:
     clock = Clock()
     traffic = sum(TRAFFIC.values())
-    with applied(model, method):
+    config = configure(model.get_remote().client_config, method)  # this request's settings only
+    with model.inference_session(ids.shape[1] + new_tokens, config):
         started = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              streamer=clock, attention_mask=torch.ones_like(ids))

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from swarm.hub.source import check_model_name
-from swarm.utils.cli import Parser, entry_point, positive, setup_logging
+from swarm.utils.cli import Parser, clear_interrupt, entry_point, interrupt_requested, positive, setup_logging
 
 if TYPE_CHECKING:  # imported at run time only once the arguments are parsed: --help answers at once
     import torch
@@ -160,10 +160,14 @@ class Chat:
             print(ANSWER, end="", flush=True)
             # A new streamer each turn: one cut off by Ctrl-C would keep its half-printed state.
             streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            clear_interrupt()
             with self.log.holding():  # released after the answer's last line, whichever way it ends
                 try:
                     output = self.model.generate(input_ids, max_new_tokens=min(self.args.max_new_tokens, room),
-                                                 streamer=streamer, **self.sampling)
+                                                 streamer=streamer, stopping_criteria=[_stop_on_ctrl_c()],
+                                                 **self.sampling)
+                    if interrupt_requested():  # its KeyboardInterrupt was lost, the criterion stopped the answer
+                        raise KeyboardInterrupt
                 except KeyboardInterrupt:
                     conversation.pop()
                     print("\n(interrupted)", flush=True)
@@ -178,6 +182,20 @@ class Chat:
             if self.args.verbose:
                 print(f"[{input_ids.shape[1] - reused} new prompt tokens sent, {session.position} positions cached "
                       f"on the servers]", file=sys.stderr, flush=True)
+
+
+def _stop_on_ctrl_c():
+    """A stopping criterion for ``generate``: the answer ends at the next token after Ctrl-C, even when the
+    ``KeyboardInterrupt`` itself was swallowed on the way (say, raised inside a finalizer)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopOnCtrlC(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), interrupt_requested(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StopOnCtrlC()
 
 
 @entry_point

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
-from swarm.acceleration import History, Method, Outcome, Record, applied, save_dataset
+from swarm.acceleration import History, Method, Outcome, Record, configure, save_dataset
 from swarm.acceleration.learner import expert_rule
 
 NEW_TOKENS = 6
@@ -61,9 +62,9 @@ def test_auto_chooses_applies_and_records_within_the_quality_floor(swarm_, tmp_p
     local = [r for r in history.records() if r.source == "local"]
     assert [r.method for r in local] == ["exact"]
     assert local[0].outcome.total_s > 0 and local[0].outcome.bytes > 0 and local[0].features == features
-    assert model.get_remote().client_config.compression == "blockwise8"  # the method was undone afterwards
+    assert model.get_remote().client_config.compression == "blockwise8"  # the method was this request's alone
 
-    # the faster method, explicitly: applied (fewer bytes on the wire), recorded, settings restored
+    # the faster method, explicitly: applied (fewer bytes on the wire), recorded, the shared config untouched
     fast = client(swarm_, acceleration="blockwise8-ends", history_path=str(history_path))
     fast.generate(swarm_["ids"], max_new_tokens=NEW_TOKENS, do_sample=False)
     assert fast._selector.last[0].reason == "explicit"
@@ -102,11 +103,46 @@ def test_local_blocks_and_chunked_prefill_keep_the_output_exact(swarm_):
     for method in (Method("local", compression="none", edge_compression="none", local_blocks=2),
                    Method("chunked", compression="none", edge_compression="none", prefill_chunk=3),
                    Method("relayed", compression="none", edge_compression="none", push=False)):
-        with applied(model, method):
+        config = configure(model.get_remote().client_config, method)
+        with model.inference_session(max_length=64, config=config) as session:
             out = model.generate(swarm_["ids"], max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert session.first_block == method.local_blocks
         assert torch.equal(out, swarm_["expected"]), method.name
+    # the settings were this session's alone: the model's own are as they were
+    config = model.get_remote().client_config
     assert model.model.local_span is None and model.get_remote().manager.first_block == 0
+    assert (config.local_blocks, config.prefill_chunk, config.push) == (0, None, True)
     model.shutdown()
+
+
+def test_threads_generating_with_different_settings_keep_their_own(swarm_):
+    """Two requests at once through one model, each with its own method's settings: neither sees the other's."""
+    model = client(swarm_, compression="none")
+    base = model.get_remote().client_config
+    methods = [Method("local", compression="none", edge_compression="none", local_blocks=2),
+               Method("relayed-chunked", compression="none", edge_compression="none", push=False, prefill_chunk=3)]
+    outputs, seen, errors = {}, {}, []
+    barrier = threading.Barrier(len(methods))
+
+    def work(method: Method) -> None:
+        try:
+            with model.inference_session(max_length=64, config=configure(base, method)) as session:
+                barrier.wait(timeout=30)  # both sessions open at once
+                outputs[method.name] = model.generate(swarm_["ids"], max_new_tokens=NEW_TOKENS, do_sample=False)
+                seen[method.name] = (session.first_block, session.config.push, session.config.prefill_chunk)
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(method,)) for method in methods]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    model.shutdown()
+    assert not errors, errors
+    assert seen == {"local": (2, True, None), "relayed-chunked": (0, False, 3)}
+    assert all(torch.equal(out, swarm_["expected"]) for out in outputs.values()) and len(outputs) == 2
+    assert (base.local_blocks, base.push, base.prefill_chunk) == (0, True, None)
 
 
 def test_a_new_client_learns_from_the_summaries_servers_announce(swarm_, launcher, tmp_path):

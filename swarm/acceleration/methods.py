@@ -2,20 +2,18 @@
 
 Every method is a set of switches that already exist in the swarm: the wire codec between servers and at the
 chain's ends, the servers' weight quantization (through the routing policy, which then uses only servers quantized
-so), keeping the first blocks on the client, chunked prefill, and server-to-server pushes. Applying one changes the
-client's settings for the duration of one request and restores them afterwards.
+so), keeping the first blocks on the client, chunked prefill, and server-to-server pushes. A method is applied to
+one request by giving its settings (``configure``) to that request's inference session.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from swarm.client.model import DistributedPreTrainedModel
+    from swarm.client.config import ClientConfig
 
 
 @dataclass(frozen=True)
@@ -51,22 +49,11 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-@contextlib.contextmanager
-def applied(model: DistributedPreTrainedModel, method: Method) -> Iterator[None]:
-    """Run the body with ``method``'s switches set on ``model`` (its client settings and local blocks)."""
-    remote = model.get_remote()
-    config, manager = remote.client_config, remote.manager
-    inner = model.model if hasattr(model, "model") else model  # the part holding the local span
-    saved = (config.compression, config.edge_compression, config.routing_policy.quantization, config.prefill_chunk,
-             config.push, manager.first_block, inner.local_span)
-    try:
-        config.compression, config.edge_compression = method.compression, method.edge_compression
-        config.routing_policy.quantization = method.quantization
-        config.prefill_chunk, config.push = method.prefill_chunk, method.push
-        if method.local_blocks != manager.first_block:
-            inner.local_span = model.local_span_of(method.local_blocks)
-            manager.first_block = method.local_blocks
-        yield
-    finally:
-        (config.compression, config.edge_compression, config.routing_policy.quantization, config.prefill_chunk,
-         config.push, manager.first_block, inner.local_span) = saved
+def configure(config: ClientConfig, method: Method) -> ClientConfig:
+    """``config`` with ``method``'s switches: the settings of one request, given to its inference session
+    (``model.inference_session(max_length, config=...)``). The model's own config is never changed, so threads
+    generating through one model with different methods do not overwrite each other's settings."""
+    return dataclasses.replace(config, compression=method.compression, edge_compression=method.edge_compression,
+                               routing_policy=dataclasses.replace(config.routing_policy,
+                                                                  quantization=method.quantization),
+                               prefill_chunk=method.prefill_chunk, push=method.push, local_blocks=method.local_blocks)

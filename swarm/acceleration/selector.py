@@ -3,8 +3,9 @@
 ``from_pretrained(..., acceleration="auto")`` makes every ``generate`` go through ``Selector.generate``: the task's
 features are measured (the chain the request would take, its RTT and bandwidth, cached for a minute), the
 learner fitted on the recorded history picks a method (or the expert rule when the history is empty, unreadable
-or knows nothing like this task; or, with a small probability, a random method to keep exploring), the method is
-applied for this request only, and its measured outcome is appended to the history.
+or knows nothing like this task; or, with a small probability, a random method to keep exploring), the method's
+settings are given to this request's session only (the model's config is never changed), and its measured outcome
+is appended to the history.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from swarm.acceleration import summaries
 from swarm.acceleration.features import TaskFeatures, probe_chain, task_features
 from swarm.acceleration.history import History, Outcome, Record
 from swarm.acceleration.learner import Choice, Learner, expert_rule
-from swarm.acceleration.methods import METHODS, applied, get_method
+from swarm.acceleration.methods import METHODS, configure, get_method
 from swarm.dht.schema import ServerState
 from swarm.rpc.framing import TRAFFIC
+
+if TYPE_CHECKING:
+    from swarm.client.config import ClientConfig
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +126,10 @@ class Selector:
             return Choice(self.random.choice(available), "explore", 0.0, learner.novelty(features))
         return learner.choose(features, available)
 
-    def generate(self, run: Callable[[], object], batch_size: int, prompt_length: int, new_tokens: int) -> object:
-        """``run()`` (the plain generate) under the chosen method, measured and recorded."""
+    def generate(self, run: Callable[[ClientConfig], object], batch_size: int, prompt_length: int,
+                 new_tokens: int) -> object:
+        """``run(config)`` (the plain generate, in a session with these settings) under the chosen method, measured
+        and recorded."""
         available = self.available()
         features = self.features(batch_size, prompt_length, new_tokens)
         choice = self.choose(features, available)
@@ -130,10 +137,10 @@ class Selector:
         traffic = sum(TRAFFIC.values())
         timing = self.model.__dict__.setdefault("_step_times", [])
         timing.clear()
-        with applied(self.model, method):
-            started = time.perf_counter()
-            output = run()
-            finished = time.perf_counter()
+        settings = configure(self.config, method)  # this request's alone: the model's config stays as it is
+        started = time.perf_counter()
+        output = run(settings)
+        finished = time.perf_counter()
         first = timing[0] if timing else finished  # the prefill's logits: the first token is known
         outcome = Outcome.timed(started, first, finished, batch_size, new_tokens, sum(TRAFFIC.values()) - traffic)
         task = f"local-{hash((features.model_params, batch_size, prompt_length, new_tokens, features.chain_length))}"

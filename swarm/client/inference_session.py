@@ -18,6 +18,7 @@ import time
 import torch
 
 from swarm.blocks import compat
+from swarm.client.config import ClientConfig
 from swarm.client.hop_session import HopSession
 from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
@@ -33,8 +34,14 @@ logger = logging.getLogger(__name__)
 class InferenceSession:
     """``with remote.inference_session(max_length=...) as session: session.step(hidden, position_ids, mask)``."""
 
-    def __init__(self, manager: SequenceManager, max_length: int):
+    def __init__(self, manager: SequenceManager, max_length: int, config: ClientConfig | None = None):
         self.manager, self.max_length = manager, max_length
+        # This request's settings: the model's config, or a copy with other switches (an acceleration method's),
+        # which stays with this session and never changes what other sessions use.
+        self.config = config if config is not None else manager.config
+        # blocks before it run on the client
+        self.first_block = manager.first_block if config is None else config.local_blocks
+        self.local_span = None  # set by the model when this session keeps a different number of blocks locally
         self.position = 0  # positions every server has cached
         self.tokens_sent = 0  # positions sent so far, replays and rewinds included (what the servers computed)
         self.batch_size: int | None = None
@@ -130,10 +137,10 @@ class InferenceSession:
         if timing is not None:
             timing.handoff = time.perf_counter() - began
         if not self.hops:
-            self.hops = await self._open_chain(self.manager.first_block, self.manager.num_blocks, upstream=None)
+            self.hops = await self._open_chain(self.first_block, self.manager.num_blocks, upstream=None)
             await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
-        for _ in range(self.manager.config.max_retries + 1):
+        for _ in range(self.config.max_retries + 1):
             sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids, timing)
             hypo_ids = None  # applied: a re-run of this step must not reorder the caches again
             liar = await self._verify(sent, received, position_ids, attention_mask)
@@ -150,7 +157,7 @@ class InferenceSession:
     async def _run_hops(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         hypo_ids: torch.Tensor | None, timing: StepTiming | None = None) -> tuple[dict, dict, dict]:
         """One pass of the step along the chain; returns what each hop was sent and answered, and the output."""
-        config = self.manager.config
+        config = self.config
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
         step_id, push = next(self._step_ids), config.push and len(self.hops) > 1
         sent: dict[HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
@@ -219,7 +226,7 @@ class InferenceSession:
                       attention_mask: torch.Tensor | None) -> int | None:
         """Redundant checks of this step's hops, each with probability ``verify_probability``; the index of the
         first hop the check found wrong, if any."""
-        probability = self.manager.config.verify_probability
+        probability = self.config.verify_probability
         for index, hop in enumerate(self.hops):
             if probability <= 0 or random.random() >= probability or hop not in sent:
                 continue
@@ -262,9 +269,9 @@ class InferenceSession:
 
     async def _link(self) -> None:
         """Tell every server of the chain whom it pushes to and whom it accepts pushes from."""
-        if not self.manager.config.push or len(self.hops) < 2:
+        if not self.config.push or len(self.hops) < 2:
             return
-        timeout = self.manager.config.request_timeout
+        timeout = self.config.request_timeout
         hops = self.hops
         await asyncio.gather(*(hop.link(hops[i + 1] if i + 1 < len(hops) else None, hops[i - 1] if i else None,
                                         timeout) for i, hop in enumerate(hops)))
@@ -272,12 +279,12 @@ class InferenceSession:
     async def _open_chain(self, start: int, end: int, upstream: str | None) -> list[HopSession]:
         """Sessions on a chain covering blocks [start, end). A server that cannot be reached or refuses is banned
         and the chain chosen again, up to ``max_retries`` times."""
-        config, failures = self.manager.config, 0
+        config, failures = self.config, 0
         while True:
             # With push, links between servers cost the RTTs they announced (next_pings), not the client's.
             request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length,
                                    push=config.push)
-            chain, opened = await self.manager.route(start, end, request), []
+            chain, opened = await self.manager.route(start, end, request, self.config.routing_policy), []
             try:
                 for hop in chain:
                     codec = config.edge_codec if hop.span.end == self.manager.num_blocks else config.compression
@@ -318,7 +325,7 @@ class InferenceSession:
                 for hop in hops:
                     await hop.close()
                 failures += 1
-                if failures > self.manager.config.max_retries:
+                if failures > self.config.max_retries:
                     raise
                 logger.warning(f"Replay failed ({e}); choosing other servers")
                 self.manager.ban(e.peer or hops[0].span.peer_id)
@@ -333,7 +340,7 @@ class InferenceSession:
             return
         mask = self.attention_mask[:, : self.position] if self.attention_mask is not None else None
         payload = serialize_tensor(history, "none")
-        timeout = self.manager.config.request_timeout
+        timeout = self.config.request_timeout
         for hop in hops:
             step_id = next(self._step_ids)
             await hop.send_step(payload, self.position_ids, mask, 0, None, step_id, push=False)

@@ -122,9 +122,14 @@ class DistributedPreTrainedModel(PreTrainedModel):
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
-        """Keep the servers' KV caches across calls, e.g. several ``generate`` calls of a multi-turn chat."""
-        with self.get_remote().inference_session(max_length) as session:
+    def inference_session(self, max_length: int, config: ClientConfig | None = None) -> Iterator[InferenceSession]:
+        """Keep the servers' KV caches across calls, e.g. several ``generate`` calls of a multi-turn chat.
+        ``config``: settings for this session alone (see ``RemoteSequential.inference_session``), including how many
+        first blocks the client computes itself (``local_blocks``)."""
+        remote = self.get_remote()
+        with remote.inference_session(max_length, config) as session:
+            if session.first_block != remote.manager.first_block:
+                session.local_span = self.local_span_of(session.first_block)
             yield session
 
     def route(self) -> list[RemoteSpan]:
@@ -182,14 +187,17 @@ class DistributedModel(DistributedPreTrainedModel):
         hidden = inputs_embeds
         if self.position_embeddings is not None:
             hidden = hidden + self.position_embeddings(position_ids)
-        if self.local_span is not None:
+        local_span = self.local_span
+        if session is not None and session.first_block != self.layers.manager.first_block:
+            local_span = session.local_span  # this session keeps another number of blocks on the client
+        if local_span is not None:
             cache = None
             if session is not None:
                 if session.local_cache is None:
-                    session.local_cache = self.local_span.new_cache()
+                    session.local_cache = local_span.new_cache()
                 cache = session.local_cache
                 compat.truncate_cache(cache, past)  # drops what a step that failed remotely left behind
-            hidden = self.local_span(hidden, position_ids, attention_mask, cache)
+            hidden = local_span(hidden, position_ids, attention_mask, cache)
         hidden = self.layers(hidden, position_ids, attention_mask)
         if session is not None:
             if input_ids is not None and (past == 0 or session.token_ids is not None):
@@ -253,8 +261,8 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
                 return super().generate(inputs, *args, **kwargs)
         max_length = self._generation_length(inputs, kwargs)
 
-        def run():
-            with self.inference_session(max_length=max_length) as session, self._tracing(session, trace):
+        def run(config: ClientConfig | None = None):
+            with self.inference_session(max_length, config) as session, self._tracing(session, trace):
                 return super(DistributedModelForCausalLM, self).generate(inputs, *args, **kwargs)
 
         selector = self.__dict__.get("_selector")

@@ -37,7 +37,7 @@ class RemoteSequential(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         session = self.active_session
         if session is not None:
-            chunk, tokens = self.client_config.prefill_chunk, hidden.shape[1]
+            chunk, tokens = session.config.prefill_chunk, hidden.shape[1]
             if not chunk or tokens <= chunk:
                 return session.step(hidden, position_ids, attention_mask)
             past, outputs = session.position, []
@@ -54,12 +54,13 @@ class RemoteSequential(nn.Module):
         return getattr(self._local, "session", None)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+    def inference_session(self, max_length: int, config: ClientConfig | None = None) -> Iterator[InferenceSession]:
         """Keep server-side caches across calls (and across several ``generate`` calls) for up to
-        ``max_length`` positions."""
+        ``max_length`` positions. ``config``: this session's own settings (say, an acceleration method's, made by
+        ``dataclasses.replace`` of the client's), used by it alone."""
         if self.active_session is not None:
             raise RuntimeError("an inference session is already active for this model")
-        session = InferenceSession(self.manager, max_length)
+        session = InferenceSession(self.manager, max_length, config)
         self._local.session = session
         try:
             yield session

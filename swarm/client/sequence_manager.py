@@ -24,6 +24,7 @@ from swarm.client.routing import (
     PeerStats,
     RemoteSpan,
     RouteRequest,
+    RoutingPolicy,
     cheapest_chain,
     parallel_chains,
 )
@@ -174,10 +175,11 @@ class SequenceManager:
 
     # ---- routing
 
-    async def cost_model(self, request: RouteRequest) -> CostModel:
+    async def cost_model(self, request: RouteRequest, policy: RoutingPolicy | None = None) -> CostModel:
+        """``policy``: this request's (its session's settings), by default the client's."""
         await self.update()
         self._decay_failures()
-        policy = self.config.routing_policy
+        policy = policy or self.config.routing_policy
         policy = replace(policy, blocked_servers=list(policy.blocked_servers) + sorted(self.banned()))
         model = CostModel.build(self.servers, self.stats, policy, request, self.failure_cost)
         unmeasured = [peer for peer in model.peers if self.stats_for(peer).rtt is None]
@@ -188,17 +190,17 @@ class SequenceManager:
         return model
 
     async def route(self, start: int | None = None, end: int | None = None,
-                    request: RouteRequest | None = None) -> list[Hop]:
+                    request: RouteRequest | None = None, policy: RoutingPolicy | None = None) -> list[Hop]:
         """The cheapest chain of hops over blocks [start, end) (default: every remote block); ``MissingBlocksError``
         if there is none."""
         start = self.first_block if start is None else start
         end = self.num_blocks if end is None else end
         request = request or RouteRequest()
         try:
-            return cheapest_chain(await self.cost_model(request), start, end, self.model_id)
+            return cheapest_chain(await self.cost_model(request, policy), start, end, self.model_id)
         except MissingBlocksError:  # our view may be stale: look again before giving up
             await self.update(force=True)
-            return cheapest_chain(await self.cost_model(request), start, end, self.model_id)
+            return cheapest_chain(await self.cost_model(request, policy), start, end, self.model_id)
 
     async def parallel_routes(self, request: RouteRequest, max_chains: int) -> list[list[RemoteSpan]]:
         """Chains to split a large forward/backward batch over (just one when splitting would not be faster)."""

@@ -38,6 +38,7 @@ from swarm.server.handler import Handler, Limits
 from swarm.server.sessions import SessionTable
 from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import get_span_speed
+from swarm.utils.cli import interrupt_requested
 from swarm.utils.errors import UserError
 from swarm.utils.threads import call_in_serial_thread, run_torch_serially_in_this_thread
 
@@ -159,6 +160,8 @@ class Server:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stopped.set)
+            if interrupt_requested():  # a Ctrl-C during start-up whose KeyboardInterrupt a library swallowed
+                self.stopped.set()
         self.expiration = max(2.5 * cfg.update_period, 10.0)
         try:
             if cfg.num_blocks is not None:

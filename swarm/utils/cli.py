@@ -20,7 +20,9 @@ import functools
 import ipaddress
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -229,12 +231,33 @@ def setup_logging(level: str, handler: logging.Handler | None = None) -> None:
     logging.getLogger("hivemind").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def interrupt_requested() -> bool:
+    """Whether Ctrl-C (SIGINT) came since the command started or since :func:`clear_interrupt`. Python turns it
+    into ``KeyboardInterrupt``, but a library's bare ``except:`` (during an import, in a ``__del__``) can swallow
+    that: code that must stop on Ctrl-C checks this too."""
+    return _interrupted.is_set()
+
+
+def clear_interrupt() -> None:
+    _interrupted.clear()
+
+
 def entry_point(main: Callable[[], None]) -> Callable[[], None]:
     """``main`` with user mistakes as one line: ``UserError`` -> ``error: ...`` on stderr and exit 1 (the
-    traceback too at DEBUG level); Ctrl-C -> exit 130 without a traceback."""
+    traceback too at DEBUG level); Ctrl-C -> exit 130 without a traceback, and remembered (interrupt_requested)."""
 
     @functools.wraps(main)
     def run() -> None:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_sigint)
         try:
             main()
         except KeyboardInterrupt:
