@@ -33,9 +33,9 @@ from swarm import EMBEDDED_MODEL, resolve_model  # noqa: E402
 from swarm.blocks.span import load_config  # noqa: E402
 from swarm.compression import serialize_tensor  # noqa: E402
 from swarm.dht.node import start_dht, stop_dht  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
 from swarm.rpc import protocol  # noqa: E402
 from swarm.rpc.client import Stream, call  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
 from swarm.utils.loop_thread import LoopThread  # noqa: E402
 
 # all sessions come from one peer: lift the per-peer limits out of the measurement

@@ -33,9 +33,9 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from swarm import AutoDistributedModelForCausalLM  # noqa: E402
 from swarm.acceleration import METHODS, Outcome, Record, configure, probe_chain, task_features  # noqa: E402
+from swarm.local_swarm import LocalSwarm, free_port  # noqa: E402
 from swarm.rpc.framing import TRAFFIC  # noqa: E402
 from swarm.utils.cache import cache_root  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm, free_port  # noqa: E402
 
 NETWORKS = [("lan", 0.0, None), ("wan-fast", 20.0, 100.0), ("wan-slow", 80.0, 5.0)]  # (name, RTT ms, Mbit/s)
 TASKS = list(itertools.product([1, 3], [16, 128], [4, 24]))  # (batch, prompt length, new tokens)

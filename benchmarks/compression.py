@@ -31,8 +31,8 @@ from generation import measure  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, RoutingPolicy, load_tokenizer  # noqa: E402
 from swarm.compression import CODECS, blockwise, deserialize_tensor, serialize_tensor  # noqa: E402
+from swarm.local_swarm import LocalSwarm, free_port  # noqa: E402
 from swarm.rpc.framing import encode_message  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm, free_port  # noqa: E402
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The capital of France is Paris, and the capital of Germany is",

@@ -32,8 +32,8 @@ from swarm.client.config import ClientConfig  # noqa: E402
 from swarm.client.diffusion import RemoteUNet  # noqa: E402
 from swarm.hub.source import resolve_model  # noqa: E402
 from swarm.hub.tiny_diffusion import build_random, tiny_sd_unet_config  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
 from swarm.utils.cache import cache_root  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
 
 
 def timed(fn, runs: int) -> tuple[float, object]:

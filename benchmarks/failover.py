@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from transformers import StoppingCriteria  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
 
 
 class TokenClock(StoppingCriteria):

@@ -126,7 +126,7 @@ def main() -> None:
 
     from swarm.blocks.span import load_config
     from swarm.hub.source import resolve_model
-    from swarm.utils.local_swarm import LocalSwarm
+    from swarm.local_swarm import LocalSwarm
 
     num_blocks = load_config(resolve_model(args.model)).num_hidden_layers
     middle = num_blocks // 2

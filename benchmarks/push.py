@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from generation import measure  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm, free_port  # noqa: E402
+from swarm.local_swarm import LocalSwarm, free_port  # noqa: E402
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, RoutingPolicy
 from swarm.client.routing import RemoteSpan  # noqa: E402
 from swarm.client.verification import check_output, tolerance  # noqa: E402
 from swarm.compression import deserialize_tensor, serialize_tensor  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
 from swarm.rpc import protocol  # noqa: E402
 from swarm.rpc.client import call  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time, a fisherman",
            "Photosynthesis converts sunlight into", "The three laws of motion are"]

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import TextStreamer  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer  # noqa: E402
-from swarm.utils.local_swarm import peers_or_local_swarm  # noqa: E402
+from swarm.local_swarm import peers_or_local_swarm  # noqa: E402
 
 
 def user_turns(prompts: list[str] | None):

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer  # noqa: E402
 from swarm.hub.embedded import prepare_embedded_model  # noqa: E402
-from swarm.utils.local_swarm import LocalSwarm  # noqa: E402
+from swarm.local_swarm import LocalSwarm  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from swarm import EMBEDDED_MODEL, AutoDistributedModelForCausalLM, load_tokenizer  # noqa: E402
-from swarm.utils.local_swarm import peers_or_local_swarm  # noqa: E402
+from swarm.local_swarm import peers_or_local_swarm  # noqa: E402
 
 TEXTS = [
     "The swarm answers: every block runs on a volunteer's machine.",

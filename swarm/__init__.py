@@ -1,7 +1,12 @@
 """swarm: run large models' blocks on volunteers' machines, Petals-style.
 
 Subpackages: ``dht`` (announcements), ``blocks`` (what a block is per model family), ``server``, ``client``,
-``rpc`` (wire protocol), ``compression`` (tensor codecs), ``hub`` (where model files come from).
+``rpc`` (wire protocol), ``compression`` (tensor codecs), ``hub`` (where model files come from), ``api`` (an
+OpenAI-compatible HTTP gateway), ``health`` (the health page), ``acceleration`` (per-request method choice from
+history), ``trust`` (checks between peers), ``settlement`` (paying for served work), ``simulation`` (a simulated
+swarm without processes), ``utils`` (shared helpers). Top-level modules: chat.py (the terminal chat) and
+local_swarm.py (starts real swarm processes on 127.0.0.1 and stops them by PID; used by the demo, examples,
+benchmarks and tests).
 
 The public names below are imported on first use (PEP 562): ``import swarm`` stays cheap, so command lines answer
 ``--help`` and argument mistakes without loading torch, transformers and diffusers first.

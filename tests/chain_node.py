@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from swarm.utils.local_swarm import free_port
+from swarm.local_swarm import free_port
 
 NPM_PACKAGES = Path(__file__).parent.parent / ".venv/node/node_modules/@foundry-rs"
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model  # noqa: E402
 
-from swarm.utils.local_swarm import LocalSwarm, Terminated  # noqa: E402
+from swarm.local_swarm import LocalSwarm, Terminated  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -17,9 +17,9 @@ from tiny_models import save_tiny_chat_model
 
 from swarm import AutoDistributedModelForCausalLM, load_tokenizer
 from swarm.api.__main__ import READY
+from swarm.local_swarm import free_port, start_process
 from swarm.rpc import protocol
 from swarm.rpc.client import call
-from swarm.utils.local_swarm import free_port, start_process
 
 MAX_PROMPT_TOKENS = 64  # the gateway's --max-prompt-tokens in these tests
 MAX_TOKENS = 5000  # its --max-tokens: above the tiny model's context of 4096, to reach that check too

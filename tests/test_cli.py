@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import swarm
-from swarm.utils.local_swarm import SERVER_READY, SwarmProcess, start_process
+from swarm.local_swarm import SERVER_READY, SwarmProcess, start_process
 
 REPO = Path(__file__).parent.parent
 ENTRY_POINTS = {  # console script -> module run by python -m

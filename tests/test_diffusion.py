@@ -196,7 +196,7 @@ def test_latent_shift_through_the_swarm_equals_local(served_pipeline):
 def test_generation_survives_a_killed_server(tmp_path, models_dir):
     import signal
 
-    from swarm.utils.local_swarm import LocalSwarm
+    from swarm.local_swarm import LocalSwarm
 
     path = models_dir / "tiny-sd-pipeline"
     if not path.exists():
@@ -229,7 +229,7 @@ def test_video_unets_through_the_swarm_equal_local(kind, tmp_path):
     from swarm.client.config import ClientConfig
     from swarm.client.diffusion import RemoteUNet
     from swarm.hub.source import resolve_model
-    from swarm.utils.local_swarm import LocalSwarm
+    from swarm.local_swarm import LocalSwarm
 
     unet = tiny_unet(kind)
     path = tmp_path / f"tiny-{kind}-unet"
@@ -253,7 +253,7 @@ def test_video_unets_through_the_swarm_equal_local(kind, tmp_path):
 
 def test_bfloat16_servers_serve_a_float32_pipeline(tmp_path, models_dir):
     """Servers started with --dtype bfloat16 compute in bfloat16 and answer in the client's dtype."""
-    from swarm.utils.local_swarm import LocalSwarm
+    from swarm.local_swarm import LocalSwarm
 
     path = models_dir / "tiny-sd-pipeline"
     if not path.exists():

@@ -17,7 +17,7 @@ from PIL import Image
 
 from swarm import AutoDistributedPipeline
 from swarm.hub.tiny_diffusion import CLIENT_CODE_FOLLOWS
-from swarm.utils.local_swarm import SERVER_READY, start_process
+from swarm.local_swarm import SERVER_READY, start_process
 
 OUTPUT = {"sd": "tiny-sd.png", "video": "tiny-video.gif"}
 

@@ -12,7 +12,7 @@ from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM, StoppingCriteria
 
 from swarm import AutoDistributedModelForCausalLM, MissingBlocksError
-from swarm.utils.local_swarm import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 
 GREEDY = dict(do_sample=False, eos_token_id=None)
 FAST, SLOW = "1000", "1"  # --throughput: routing prefers the fast replica, so the test knows which one is in use

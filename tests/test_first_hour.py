@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from swarm.hub import embedded
-from swarm.utils.local_swarm import LocalSwarm, free_port, start_process
+from swarm.local_swarm import LocalSwarm, free_port, start_process
 
 REPO = Path(__file__).parent.parent
 

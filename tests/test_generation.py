@@ -8,7 +8,7 @@ from tiny_models import FAMILIES, VOCAB
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM, RoutingPolicy
-from swarm.utils.local_swarm import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 
 ATOL = 1e-4  # float32, no compression: differences are float rounding only (observed <= 5e-6)
 

@@ -13,7 +13,7 @@ from swarm import AutoDistributedModelForCausalLM, RoutingPolicy
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos
 from swarm.dht.schema import ServerState
-from swarm.utils.local_swarm import LocalSwarm
+from swarm.local_swarm import LocalSwarm
 from swarm.utils.loop_thread import LoopThread
 
 AUTO = ("--throughput", "100", "--update-period", "1", "--balance-period", "2")

@@ -1,5 +1,5 @@
 """A script with a local swarm that gets SIGTERM (``timeout``) or SIGHUP (a closed terminal) stops every process it
-started: its servers run in sessions of their own, so nothing else would reach them (swarm/utils/local_swarm.py)."""
+started: its servers run in sessions of their own, so nothing else would reach them (swarm/local_swarm.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TypeVar
 import psutil
 import pytest
 
-from swarm.utils.local_swarm import LocalSwarm, Terminated
+from swarm.local_swarm import LocalSwarm, Terminated
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 T = TypeVar("T")

@@ -48,6 +48,24 @@ def summarize(records: list[Record], max_tasks: int = MAX_TASKS) -> list[dict]:
     return summary
 
 
+class HistoryAnnouncer:
+    """What ``--acceleration-history FILE`` adds to a server's announcements (``ServerConfig.announcers``): the
+    file's summary, read once (it is the operator's collected file), published with every announcement."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self.summary: list[dict] | None = None
+
+    async def __call__(self, node: DHTNode, model_id: str, expiration: float) -> None:
+        import asyncio
+
+        if self.summary is None:
+            self.summary = summarize(await asyncio.to_thread(read_history, self.path))
+            logger.info(f"Announcing an acceleration summary of {len(self.summary)} tasks")
+        if self.summary:
+            await publish(node, model_id, self.summary, expiration)
+
+
 async def publish(node: DHTNode, model_id: str, summary: list[dict], expiration: float) -> bool:
     return await node.store(summary_key(model_id), summary, get_dht_time() + expiration,
                             subkey=node.peer_id.to_base58())

@@ -1,0 +1,13 @@
+"""What a block is, per kind of model: the parts servers load and run, and the parts clients keep.
+
+- served.py: ``ServedBlocks``, the protocol every kind of served blocks implements for the server (sessions,
+  checked requests, cost, measured speed), with ``Bounds``, ``BlockSession``, ``Prepared``, ``SpanSpeed``
+- span.py: ``BlockSpan``: decoder layers [start, end) of a causal LM, with per-session KV caches (``SpanSession``)
+  and merged decode steps
+- families.py: ``BlockFamily`` / ``FAMILIES``: where each decoder-only family keeps its layers, embeddings, norm, head
+- compat.py: every transformers call whose spelling drifts inside 5.x (caches, attention masks, layer calls)
+- checkpoint.py: ``Checkpoint``: selected tensors of a safetensors checkpoint, opening only the shards holding them
+- quantization.py: bitsandbytes weight quantization of a span's linear layers (``int8``, ``nf4``)
+- unet.py: diffusers U-Nets cut into head, levels (``UNetLevels``: down block i + up block n-1-i) and tail
+- latent_shift.py: ``LatentShiftUNet``: an image U-Net run on video by a parameter-free temporal shift
+"""

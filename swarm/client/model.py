@@ -24,6 +24,7 @@ from swarm.blocks.families import BlockFamily, family_for
 from swarm.blocks.span import BlockSpan, build_skeleton, load_config, span_config
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
+from swarm.client.planner import load_planner
 from swarm.client.remote_sequential import RemoteSequential
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.trace import Trace, enabled_by_env
@@ -99,10 +100,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
             model.generation_config = GenerationConfig.from_model_config(config)
         model.name_or_path = source.name
         model._source, model._local_dtype = source, dtype  # for loading other local spans (acceleration methods)
-        if client_config.acceleration is not None:
-            from swarm.acceleration.selector import Selector  # scikit-learn is imported only when asked for
-
-            model._selector = Selector(model)
+        if client_config.acceleration is not None:  # a plugin (swarm/client/planner.py); loaded only when asked for
+            model._selector = load_planner("acceleration", model)
         return model.eval()
 
     def local_span_of(self, blocks: int) -> BlockSpan | None:

@@ -3,6 +3,8 @@
 - schema.py: ``ServerInfo`` (one record per block and server), ``ModelInfo`` (the index of served models), keys
 - records.py: ``announce_span``, ``fetch_block_infos``, ``fetch_models``
 - node.py: ``start_dht``: a libp2p daemon plus a DHT node in the caller's event loop
+- identity.py: ``Identity``: a node's libp2p key, which also signs its DHT records; ``peer_id_of``, ``verify``
+- validation.py: ``SignedRecordValidator``: signed records whose subkeys name their signer's peer id
 - __main__.py: ``python -m swarm.dht``, a bootstrap-only node
 """
 

@@ -6,4 +6,5 @@
 - page.py: the HTML page (server-rendered, self-refreshing, SVG chart)
 - metrics.py: Prometheus metrics computed from the latest state
 - app.py: the FastAPI routes
+- __main__.py: the command line (parsed before uvicorn and hivemind load)
 """

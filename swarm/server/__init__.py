@@ -2,6 +2,7 @@
 
 - __main__.py: the command line (parsed before torch loads)
 - server.py: ``Server`` / ``ServerConfig``: load the blocks, join the DHT, announce, serve until SIGTERM, rebalance
+- in_process.py: ``InProcessServer``: a real server on an event-loop thread of the calling process (tests, tools)
 - handler.py: ``Handler``: the info, session, push and one-shot forward/backward RPCs of any served blocks
   (swarm/blocks/served.py); ``Limits``
 - session_loop.py: one session loop for transformer sessions and U-Net generations: open, pacing, steps, dedupe,

@@ -162,13 +162,18 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
                     open_timeout=args.open_timeout, max_request_seconds=args.max_request_seconds,
                     max_attention_tokens=args.max_attention_tokens, max_encoder_tokens=args.max_encoder_tokens,
                     max_diffusion_sessions=args.max_diffusion_sessions)
+    announcers = []
+    if args.acceleration_history:  # the operator's collected history, summarized for new clients to learn from
+        from swarm.acceleration.summaries import HistoryAnnouncer
+
+        announcers.append(HistoryAnnouncer(args.acceleration_history))
     return ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,
         host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
         dtype=args.dtype, quantization=args.quantize, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
-        identity_path=args.identity, acceleration_history=args.acceleration_history, throughput=args.throughput,
+        identity_path=args.identity, announcers=announcers, throughput=args.throughput,
         limits=limits,
         settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
     )

@@ -3,7 +3,7 @@ and compute thread as ``python -m swarm.server``, configured from the same comma
 Python start-up and imports (~6 s of CPU) of a process of its own.
 
 For tests and tools that need many servers. What needs a process of its own (signals, SIGKILL, a crash, memory
-measured per server) uses :class:`swarm.utils.local_swarm.LocalSwarm`'s processes instead.
+measured per server) uses :class:`swarm.local_swarm.LocalSwarm`'s processes instead.
 """
 
 from __future__ import annotations

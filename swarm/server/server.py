@@ -14,6 +14,7 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -43,6 +44,8 @@ from swarm.utils.errors import UserError
 from swarm.utils.threads import call_in_serial_thread, run_torch_serially_in_this_thread
 
 if TYPE_CHECKING:
+    from hivemind.dht.node import DHTNode
+
     from swarm.blocks.unet import UNetLevels
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,9 @@ class ServerConfig:
     settlement_options: dict[str, str] = field(default_factory=dict)  # backend options (--settlement-option k=v)
     price: int = 1  # per token (batch row x position), in the backend's smallest unit
     settlement_period: float = 1.0  # seconds between settlement batches
-    acceleration_history: str | None = None  # a history file whose summary is announced for new clients to learn from
+    # Extra records published with every announcement, each ``await announcer(node, model_id, expiration)``: e.g.
+    # the acceleration summary of --acceleration-history (swarm/acceleration/summaries.py), added by the CLI.
+    announcers: list[Callable[[DHTNode, str, float], Awaitable[None]]] = field(default_factory=list)
 
 
 class Server:
@@ -227,18 +232,9 @@ class Server:
     async def announce(self, with_model: bool = True) -> None:
         await announce_span(self.node, self.model_id, self.info(), self.model_info if with_model else None,
                             self.expiration)
-        if self.config.acceleration_history and with_model:
-            await self.announce_acceleration_summary()
-
-    async def announce_acceleration_summary(self) -> None:
-        from swarm.acceleration import summaries
-
-        if getattr(self, "acceleration_summary", None) is None:  # read once: it is the operator's collected file
-            records = await asyncio.to_thread(summaries.read_history, self.config.acceleration_history)
-            self.acceleration_summary = summaries.summarize(records)
-            logger.info(f"Announcing an acceleration summary of {len(self.acceleration_summary)} tasks")
-        if self.acceleration_summary:
-            await summaries.publish(self.node, self.model_id, self.acceleration_summary, self.expiration)
+        if with_model:
+            for announcer in self.config.announcers:
+                await announcer(self.node, self.model_id, self.expiration)
 
     async def fetch_servers(self) -> dict[str, ServerInfo]:
         """Every server of this model, one record each (its online one if it announces several spans)."""
