@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -97,7 +98,7 @@ def test_multi_turn_session_keeps_server_caches(swarm):
 def test_session_max_length_is_enforced_with_a_clear_error(swarm):
     model = swarm["model"]
     with model.inference_session(max_length=10):
-        with pytest.raises(ValueError, match="max_length 10 exceeded"):
+        with pytest.raises(ValueError, match=r"Maximum length exceeded .*session max_length 10, "):
             model.generate(prompt(8), max_new_tokens=8, do_sample=False, eos_token_id=None)
 
 
@@ -213,3 +214,81 @@ def test_refused_push_falls_back_to_the_client_relaying(swarm):
     assert pushed and not refused
     assert torch.equal(via_push, via_relay)
     assert torch.allclose(via_push, expected, atol=1e-5)
+
+
+# ---- Petals users' habits (issue: a Petals user's code runs unchanged)
+
+
+def test_generate_none_continues_the_session_from_its_last_token(swarm):
+    model, local = swarm["model"], swarm["local"]
+    ids = prompt(6, seed=3)
+    greedy = dict(do_sample=False, eos_token_id=None)
+    with model.inference_session(max_length=40) as session:
+        first = model.generate(ids, max_new_tokens=4, **greedy)
+        more = model.generate(None, max_new_tokens=5, **greedy)  # Petals: go on from where the session stopped
+        assert session.position == ids.shape[1] + 4 + 5 - 1  # the newest token is not fed yet
+    assert torch.equal(more[:, : first.shape[1]], first)
+    assert torch.equal(more, local.generate(ids, max_new_tokens=9, **greedy))
+
+
+def test_generate_with_session_argument_and_zero_length_steps(swarm):
+    """``generate(..., session=sess)`` with a session this thread did not open (here: held open by another thread)."""
+    model, local = swarm["model"], swarm["local"]
+    ids = prompt(5, seed=4)
+    greedy = dict(do_sample=False, eos_token_id=None)
+    opened, release = queue.Queue(), threading.Event()
+
+    def hold() -> None:
+        with model.inference_session(max_length=40) as held:
+            opened.put(held)
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        session = opened.get(timeout=60)
+        assert model.get_remote().active_session is None  # not this thread's
+        model.generate(ids, session=session, max_new_tokens=3, **greedy)
+        out = model.generate(None, session=session, max_new_tokens=3, **greedy)
+        empty = torch.zeros(1, 0, model.config.hidden_size)
+        assert session.step(empty, torch.zeros(1, 0, dtype=torch.long)).shape == empty.shape  # a no-op
+        assert model.get_remote().active_session is None  # given for those calls only
+    finally:
+        release.set()
+        holder.join(60)
+    assert torch.equal(out, local.generate(ids, max_new_tokens=6, **greedy))
+    with pytest.raises(RuntimeError, match="closed"):
+        model.generate(ids, session=session, max_new_tokens=2, **greedy)
+
+
+def test_setting_the_position_rewinds_and_checks_stay_honest(tiny_model, tmp_path):
+    """Petals users go back with ``session.position = k``: the histories kept for replays and redundant checks are cut
+    too, so two honest replicas checking each other agree (a stale history once struck both)."""
+    from swarm.local_swarm import LocalSwarm
+
+    path = tiny_model("llama")
+    with LocalSwarm(tmp_path) as launcher:
+        first = launcher.start_server_in_process(path, "0:3", [])
+        for blocks in ("0:3", "3:6", "3:6"):
+            launcher.start_server_in_process(path, blocks, [first.maddr])
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none",
+                                                                 verify_probability=1.0)
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        greedy = dict(do_sample=False, eos_token_id=None)
+        ids = prompt(8, seed=5)
+        try:
+            with model.inference_session(max_length=40) as session:
+                model.generate(ids, max_new_tokens=6, **greedy)
+                session.position = 8  # back to the end of the prompt
+                assert session.position == 8 and session.position_ids.shape[1] == 8
+                assert all(hop.inputs.shape[1] == 8 for hop in session.hops if hop.inputs is not None)
+                again = model.generate(torch.cat([ids, prompt(2, seed=6)], dim=1), max_new_tokens=4, **greedy)
+                with pytest.raises(ValueError, match="cannot rewind to 20"):
+                    session.position = 20
+            checked = [verdict for verdict in session.checks if not verdict.skipped]
+            assert checked and all(verdict.agreed and not verdict.struck for verdict in checked)
+            assert model.get_remote().manager.strikes_given == 0
+            assert torch.equal(again, local.generate(torch.cat([ids, prompt(2, seed=6)], dim=1), max_new_tokens=4,
+                                                     **greedy))
+        finally:
+            model.shutdown()

@@ -42,13 +42,14 @@ class InferenceSession:
         # blocks before it run on the client
         self.first_block = manager.first_block if config is None else config.local_blocks
         self.local_span = None  # set by the model when this session keeps a different number of blocks locally
-        self.position = 0  # positions every server has cached
+        self._position = 0  # positions every server has cached
         self.tokens_sent = 0  # positions sent so far, replays and rewinds included (what the servers computed)
         self.batch_size: int | None = None
         self.hops: list[HopSession] = []
         self.position_ids: torch.Tensor | None = None  # (batch, position) history, for replays
         self.attention_mask: torch.Tensor | None = None  # (batch, position) history, for replays
         self.token_ids: torch.Tensor | None = None  # kept by the causal LM to detect rewinds and beam reorders
+        self.output_ids: torch.Tensor | None = None  # the last generate()'s sequences, its newest token not fed yet
         self.local_cache = None  # KV cache of the blocks the client runs itself (``local_blocks``)
         self._pending_hypo_ids: torch.Tensor | None = None
         self._step_ids = itertools.count()
@@ -66,11 +67,22 @@ class InferenceSession:
     def chain(self) -> list[RemoteSpan]:
         return [hop.span for hop in self.hops]
 
+    @property
+    def position(self) -> int:
+        """Positions every server has cached. Setting it (Petals' way to go back) is ``rewind``: the histories kept
+        for replays and checks are cut too, not only the counter."""
+        return self._position
+
+    @position.setter
+    def position(self, position: int) -> None:
+        self.rewind(position)
+
     def rewind(self, position: int) -> None:
         """Forget positions from ``position`` on; the next step overwrites them on every server."""
-        if not 0 <= position <= self.position:
-            raise ValueError(f"cannot rewind to {position}: the session holds {self.position} positions")
-        self.position = position
+        if not 0 <= position <= self._position:
+            raise ValueError(f"cannot rewind to {position}: the session holds {self._position} positions")
+        self._position = position
+        self.output_ids = None  # generate(None) goes on from the history as rewound
         for name in ("position_ids", "attention_mask", "token_ids"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[:, :position])
@@ -103,11 +115,14 @@ class InferenceSession:
         if self.closed:
             raise RuntimeError("this inference session is closed")
         batch, tokens, _ = hidden.shape
+        if tokens == 0:  # nothing to compute: Petals accepts it too
+            return hidden
         if self.batch_size is not None and batch != self.batch_size:
             raise ValueError(f"the session was started with batch size {self.batch_size}, got {batch}")
         if self.position + tokens > self.max_length:
-            raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} positions cached, "
-                             f"{tokens} more requested; open a session with a larger max_length")
+            raise ValueError(f"Maximum length exceeded (Petals' words): session max_length {self.max_length}, "
+                             f"{self.position} positions cached, {tokens} more requested; open a session with a "
+                             f"larger max_length")
         if attention_mask is not None and attention_mask.shape != (batch, self.position + tokens):
             raise ValueError(f"attention_mask must have shape ({batch}, {self.position + tokens}), "
                              f"got {tuple(attention_mask.shape)}")
@@ -119,7 +134,7 @@ class InferenceSession:
                                                   began))
         if timing is not None:
             self.trace.end(timing, began)
-        self.position += tokens
+        self._position += tokens
         self.tokens_sent += tokens
         self.position_ids = self._extend(self.position_ids, position_ids.long())
         if attention_mask is not None:

@@ -254,10 +254,20 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         ``model.last_trace`` (``swarm.client.trace.Trace``: client compute, hand-over, encoding, and per hop the
         server's queue, compute and encoding and the transport around them)."""
         trace = enabled_by_env() if trace is None else trace
-        session = self.get_remote().active_session
+        remote = self.get_remote()
+        given = kwargs.pop("session", None)  # Petals' generate(..., session=sess)
+        if given is not None and given is not remote.active_session:
+            with remote.using_session(given):
+                return self.generate(inputs, *args, trace=trace, **kwargs)
+        session = remote.active_session
         if session is not None:
+            if inputs is None and "input_ids" not in kwargs and "inputs_embeds" not in kwargs and session.position:
+                inputs = self._session_history(session, kwargs)  # Petals' generate(None): go on from the last token
             with self._tracing(session, trace):
-                return super().generate(inputs, *args, **kwargs)
+                result = super().generate(inputs, *args, **kwargs)
+            sequences = result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None)
+            session.output_ids = sequences if isinstance(sequences, torch.Tensor) else None
+            return result
         max_length = self._generation_length(inputs, kwargs)
 
         def run(config: ClientConfig | None = None):
@@ -270,6 +280,24 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
             return run()
         batch, length = prompt.shape[:2]
         return selector.generate(run, batch, length, max_length - length)
+
+    @staticmethod
+    def _session_history(session: InferenceSession, kwargs: dict) -> torch.Tensor:
+        """The token ids the session holds and the newest one generated, to continue from it (with the mask)."""
+        known = session.token_ids
+        last = session.output_ids
+        if known is not None and last is not None and last.shape[0] == known.shape[0] \
+                and last.shape[1] == known.shape[1] + 1 and torch.equal(last[:, :-1], known):
+            if session.attention_mask is not None and "attention_mask" not in kwargs:
+                ones = torch.ones_like(session.attention_mask[:, :1])
+                kwargs["attention_mask"] = torch.cat([session.attention_mask, ones], dim=1)
+            return last
+        if known is None or known.shape[1] != session.position:
+            raise ValueError("generate(None) continues the inference session from its last token, but the session "
+                             "was fed embeddings, so its token ids are unknown: pass the ids to continue from")
+        if session.attention_mask is not None and "attention_mask" not in kwargs:
+            kwargs["attention_mask"] = session.attention_mask
+        return session.token_ids
 
     @contextlib.contextmanager
     def _tracing(self, session: InferenceSession, enabled: bool) -> Iterator[None]:

@@ -68,6 +68,19 @@ class RemoteSequential(nn.Module):
             self._local.session = None
             session.close()
 
+    @contextlib.contextmanager
+    def using_session(self, session: InferenceSession) -> Iterator[InferenceSession]:
+        """Make an open ``session`` this thread's active one for the block (``generate(..., session=sess)``)."""
+        if session.manager is not self.manager:
+            raise ValueError("this inference session belongs to another model")
+        if session.closed:
+            raise RuntimeError("this inference session is closed")
+        previous, self._local.session = self.active_session, session
+        try:
+            yield session
+        finally:
+            self._local.session = previous
+
     def route(self) -> list[RemoteSpan]:
         """The chain of servers a decoding session would take now."""
         return [hop.span for hop in self.explain_route()]
