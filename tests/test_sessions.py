@@ -292,3 +292,37 @@ def test_setting_the_position_rewinds_and_checks_stay_honest(tiny_model, tmp_pat
                                                      **greedy))
         finally:
             model.shutdown()
+
+
+def test_remote_layers_index_and_slice_like_a_list(swarm):
+    """``model.model.layers`` as Petals users use it: len, indexing, slices; forward (positions inferred), backward
+    and inference sessions through a slice, equal to the same blocks run locally."""
+    from swarm import BlockSpan
+
+    layers = swarm["model"].model.layers
+    assert len(layers) == 6 and len(layers[3:6]) == 3 and len(layers[-1]) == 1 and len(list(layers)) == 6
+    with pytest.raises(IndexError):
+        layers[6]
+    with pytest.raises(IndexError):
+        layers[4:2]
+    size = swarm["model"].config.hidden_size
+    hidden = torch.randn(2, 5, size, generator=torch.Generator().manual_seed(7))
+    positions = torch.arange(5).expand(2, 5)
+    for start, end in ((3, 6), (1, 5), (2, 3)):  # one server, two servers, one block
+        local = BlockSpan.from_pretrained(str(swarm["path"]), start, end)
+        local_in, remote_in = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+        expected = local(local_in, positions)
+        output = layers[start:end](remote_in)  # position ids inferred
+        assert torch.allclose(output, expected, atol=1e-5), (start, end)
+        expected.square().sum().backward()
+        output.square().sum().backward()
+        assert torch.allclose(remote_in.grad, local_in.grad, atol=1e-4), (start, end)
+
+    tail = layers[3:6]
+    with torch.no_grad():
+        expected = BlockSpan.from_pretrained(str(swarm["path"]), 3, 6)(hidden, positions)
+        with tail.inference_session(max_length=8) as session:
+            first = session.step(hidden[:, :4], positions[:, :4])
+            second = tail(hidden[:, 4:])  # inside the session: the next position, 4
+            assert session.position == 5
+    assert torch.allclose(torch.cat([first, second], dim=1), expected, atol=1e-4)

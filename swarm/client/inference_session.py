@@ -34,13 +34,18 @@ logger = logging.getLogger(__name__)
 class InferenceSession:
     """``with remote.inference_session(max_length=...) as session: session.step(hidden, position_ids, mask)``."""
 
-    def __init__(self, manager: SequenceManager, max_length: int, config: ClientConfig | None = None):
+    def __init__(self, manager: SequenceManager, max_length: int, config: ClientConfig | None = None,
+                 blocks: tuple[int, int] | None = None):
         self.manager, self.max_length = manager, max_length
         # This request's settings: the model's config, or a copy with other switches (an acceleration method's),
         # which stays with this session and never changes what other sessions use.
         self.config = config if config is not None else manager.config
-        # blocks before it run on the client
+        # The blocks it runs: from the first one not on the client (the model's, or its settings') to the last; or
+        # the ``blocks`` of a slice of the remote layers (``model.model.layers[3:6]``).
         self.first_block = manager.first_block if config is None else config.local_blocks
+        self.end_block = manager.num_blocks
+        if blocks is not None:
+            self.first_block, self.end_block = blocks
         self.local_span = None  # set by the model when this session keeps a different number of blocks locally
         self._position = 0  # positions every server has cached
         self.tokens_sent = 0  # positions sent so far, replays and rewinds included (what the servers computed)
@@ -152,7 +157,7 @@ class InferenceSession:
         if timing is not None:
             timing.handoff = time.perf_counter() - began
         if not self.hops:
-            self.hops = await self._open_chain(self.first_block, self.manager.num_blocks, upstream=None)
+            self.hops = await self._open_chain(self.first_block, self.end_block, upstream=None)
             await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         for _ in range(self.config.max_retries + 1):
@@ -268,7 +273,7 @@ class InferenceSession:
             await hop.close()
         del self.hops[index:]
         upstream = self.hops[index - 1].span.peer_id if index else None
-        new = await self._open_chain(failed.span.start, self.manager.num_blocks, upstream)
+        new = await self._open_chain(failed.span.start, self.end_block, upstream)
         await self._replay(new, failed.inputs)
         self.hops.extend(new)
         await self._link()
@@ -302,7 +307,7 @@ class InferenceSession:
             chain, opened = await self.manager.route(start, end, request, self.config.routing_policy), []
             try:
                 for hop in chain:
-                    codec = config.edge_codec if hop.span.end == self.manager.num_blocks else config.compression
+                    codec = config.edge_codec if hop.span.end == self.end_block else config.compression
                     previous = opened[-1].span.peer_id if opened else upstream
                     opened.append(await HopSession.open(self.manager, hop, self.batch_size, self.max_length, codec,
                                                         previous))

@@ -119,11 +119,13 @@ class RemoteChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                manager: SequenceManager) -> torch.Tensor:
+                manager: SequenceManager, blocks: tuple[int, int] | None = None) -> torch.Tensor:
         config = manager.config
         batch, tokens = hidden.shape[:2]
+        start, end = blocks if blocks is not None else (manager.first_block, manager.num_blocks)
+        whole = (start, end) == (manager.first_block, manager.num_blocks)
         chains = [None]
-        if batch > 1 and config.max_parallel_chains > 1:
+        if batch > 1 and config.max_parallel_chains > 1 and whole:  # parallel chains cover every remote block
             request = RouteRequest(mode="throughput", tokens=batch * tokens)
             chains = manager.loop.run(manager.parallel_routes(request, config.max_parallel_chains))
         rows = max(1, min(config.max_batch_tokens // max(1, tokens), -(-batch // len(chains))))
@@ -132,7 +134,8 @@ class RemoteChainFunction(torch.autograd.Function):
 
         async def run_chain(chain, assigned: list[slice]) -> list[tuple[dict, Record]]:
             return [await forward_chain(manager, serialize_tensor(hidden[rows_].detach(), config.edge_codec),
-                                        position_ids[rows_], mask_of(rows_), chain=chain) for rows_ in assigned]
+                                        position_ids[rows_], mask_of(rows_), start, end, chain=chain)
+                    for rows_ in assigned]
 
         async def run_all() -> list[list[tuple[dict, Record]]]:
             plan = [chunks[i :: len(chains)] for i in range(len(chains))]  # chunk i goes to chain i mod n
@@ -158,4 +161,4 @@ class RemoteChainFunction(torch.autograd.Function):
                 for rows_, record in ctx.chunks))
 
         grads = manager.loop.run(run_all())
-        return torch.cat([deserialize_tensor(g) for g in grads]).to(grad_output.dtype), None, None, None
+        return torch.cat([deserialize_tensor(g) for g in grads]).to(grad_output.dtype), None, None, None, None

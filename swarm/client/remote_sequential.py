@@ -25,17 +25,47 @@ class RemoteSequential(nn.Module):
     are per thread, so several threads can generate through one model at once.
     """
 
-    def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int, first_block: int = 0):
+    def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int, first_block: int = 0,
+                 manager: SequenceManager | None = None, blocks: tuple[int, int] | None = None):
         super().__init__()
         self.client_config, self.model_id, self.num_blocks = client_config, model_id, num_blocks
-        self.manager = SequenceManager(client_config, model_id, num_blocks, first_block)
+        self.manager = manager or SequenceManager(client_config, model_id, num_blocks, first_block)
+        # The blocks this module stands for: every remote block, or a slice of them (``layers[3:6]``)
+        self.start, self.end = blocks if blocks is not None else (self.manager.first_block, num_blocks)
         self._local = threading.local()  # each thread has its own active session: concurrent generate() calls
-        if "blockwise8" in (client_config.compression, client_config.edge_codec):
+        if manager is None and "blockwise8" in (client_config.compression, client_config.edge_codec):
             blockwise.warm_up()  # the first 8-bit call imports bitsandbytes (~3 s): not inside the first request
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+    # ---- a list of blocks, as Petals users index it
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, index: int | slice) -> RemoteSequential:
+        """``layers[i]``: block ``start + i`` alone; ``layers[a:b]``: those blocks (a view sharing this client's
+        connection and swarm view), each usable for forward, backward and inference sessions."""
+        if isinstance(index, slice):
+            first, last, step = index.indices(len(self))
+            if step != 1 or first >= last:
+                raise IndexError(f"remote blocks slice to a non-empty range with step 1, got {index}")
+        else:
+            first = index + len(self) if index < 0 else index
+            if not 0 <= first < len(self):
+                raise IndexError(f"block index {index} out of range for {len(self)} remote blocks")
+            last = first + 1
+        return RemoteSequential(self.client_config, self.model_id, self.num_blocks, manager=self.manager,
+                                blocks=(self.start + first, self.start + last))
+
+    def __iter__(self) -> Iterator[RemoteSequential]:
+        return (self[i] for i in range(len(self)))
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` default to the positions after what the active session holds (0, 1, ... without one)."""
         session = self.active_session
+        if position_ids is None:
+            past = session.position if session is not None else 0
+            position_ids = torch.arange(past, past + hidden.shape[1]).expand(hidden.shape[0], -1)
         if session is not None:
             chunk, tokens = session.config.prefill_chunk, hidden.shape[1]
             if not chunk or tokens <= chunk:
@@ -46,7 +76,9 @@ class RemoteSequential(nn.Module):
                 mask = attention_mask[:, :past + hi] if attention_mask is not None else None
                 outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask))
             return torch.cat(outputs, dim=1)
-        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager)
+        blocks = None if (self.start, self.end) == (self.manager.first_block, self.num_blocks) else (self.start,
+                                                                                                  self.end)
+        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, blocks)
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -60,7 +92,8 @@ class RemoteSequential(nn.Module):
         ``dataclasses.replace`` of the client's), used by it alone."""
         if self.active_session is not None:
             raise RuntimeError("an inference session is already active for this model")
-        session = InferenceSession(self.manager, max_length, config)
+        whole = (self.start, self.end) == (self.manager.first_block, self.num_blocks)
+        session = InferenceSession(self.manager, max_length, config, None if whole else (self.start, self.end))
         self._local.session = session
         try:
             yield session
