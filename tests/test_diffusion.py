@@ -65,6 +65,21 @@ def served_pipeline(request, launcher, models_dir):
     remote.unet.shutdown()
 
 
+@pytest.mark.parametrize("save", [save_tiny_sd, save_tiny_sdxl], ids=["sd", "sdxl"])
+def test_image_unet_servers_announce_a_speed_before_their_first_request(save, launcher, models_dir):
+    """Routing needs a speed from the start: an image U-Net server times its levels' down passes once at start
+    (then follows the evaluations it serves)."""
+    path = models_dir / f"speed-{save.__name__}"
+    if not path.exists():
+        save(path)
+    first = launcher.start_server_in_process(path, "0:1", [])
+    second = launcher.start_server_in_process(path, "1:3", [first.maddr])  # with the mid block
+    for server in (first, second):
+        info = server.server.rpc_info()
+        assert not any(info["served"][kind] for kind in ("down", "up")), info["served"]  # nothing served yet
+        assert info["inference_rps"] > 0 and info["forward_tps"] > 0, info
+
+
 def _generate(pipe, kwargs: dict, prompt: str = "a tiny test", seed: int = 0, **more):
     return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="np",
                 **kwargs, **more)

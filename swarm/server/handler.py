@@ -115,7 +115,8 @@ class Handler:
         return self.compute_queue.pending
 
     def measured_speed(self) -> SpanSpeed | None:
-        """For blocks not measured at start, a speed from the requests served (announced like a measured one)."""
+        """For blocks whose speed follows the requests served (U-Net levels: measured at start where possible, then
+        on each evaluation), that speed (announced like a measured one)."""
         speed = getattr(self.blocks, "announced_speed", None)
         return speed() if speed is not None else None
 

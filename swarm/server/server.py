@@ -272,7 +272,14 @@ class Server:
             value = float(self.config.throughput)
             return SpanSpeed(inference_rps=value, forward_tps=value)
         if self.is_unet:
-            return None  # measured on the evaluations served instead (UNetLevels.announced_speed)
+            # Measured once now, then on every evaluation served (an EMA the handler announces): no fixed figure.
+            try:
+                speed = self.span.measure_at_start()
+                if speed is not None:
+                    logger.info(f"Levels' speed: {speed.inference_rps:.2f} evaluations/s at the model's own size")
+            except Exception:  # an architecture the probe does not know: the first requests will tell
+                logger.warning("Could not measure the levels' speed at start", exc_info=True)
+            return None
         speed = get_span_speed(self.span, self.model_id, force=self.config.throughput == "eval")
         self.span.set_measured_speed(speed.forward_tps)  # what predicts a request's compute time (cost bounds)
         return speed
