@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from swarm.utils.multiaddrs import peer_id_of
+
 if TYPE_CHECKING:
     from swarm.server.in_process import InProcessServer
 
@@ -130,7 +132,7 @@ class SwarmProcess:
 
     @property
     def peer_id(self) -> str:
-        return self.maddr.rsplit("/p2p/", 1)[1]
+        return peer_id_of(self.maddr)
 
     def output(self) -> str:
         return self.log_path.read_text()
@@ -212,12 +214,9 @@ class LocalSwarm:
                      wait: bool = True, env: dict[str, str] | None = None) -> SwarmProcess:
         """``python -m swarm.server [model] --blocks ... --host 127.0.0.1``; ``model=None``: the embedded one;
         ``blocks=None``: pass ``--num-blocks N`` in ``extra``."""
-        args = ["-m", "swarm.server"] + ([str(model)] if model else []) + ["--host", "127.0.0.1"]
-        args += ["--blocks", blocks] if blocks else []
-        if initial_peers:
-            args += ["--initial-peers", *initial_peers]
         name = f"server-{blocks.replace(':', '-')}" if blocks else "server-auto"
-        process = self._start(args + list(extra), SERVER_READY, name, env)
+        process = self._start(["-m", "swarm.server", *_server_args(model, blocks, initial_peers, extra)],
+                              SERVER_READY, name, env)
         return process.wait_ready() if wait else process
 
     def start_server_in_process(self, model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str],
@@ -226,10 +225,8 @@ class LocalSwarm:
         no Python start-up, but no signals or SIGKILL either. Stopped with the processes."""
         from swarm.server.in_process import InProcessServer
 
-        argv = ([str(model)] if model else []) + ["--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
-        argv += ["--initial-peers", *initial_peers] if initial_peers else []
         with _signals_held():
-            server = InProcessServer(argv + list(extra))
+            server = InProcessServer(_server_args(model, blocks, initial_peers, extra))
             self.in_process.append(server)
         return server.wait_ready() if wait else server
 
@@ -255,6 +252,13 @@ class LocalSwarm:
             deadline = time.monotonic() + timeout
             for process in [*self.in_process, *self.processes]:
                 process.stop(max(0.0, deadline - time.monotonic()))
+
+
+def _server_args(model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str],
+                 extra: tuple[str, ...]) -> list[str]:
+    """``swarm.server``'s arguments for a loopback server of ``model`` (None: the embedded one) on ``blocks``."""
+    args = ([str(model)] if model else []) + ["--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
+    return args + (["--initial-peers", *initial_peers] if initial_peers else []) + list(extra)
 
 
 def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike | None,

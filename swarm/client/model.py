@@ -284,20 +284,18 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     @staticmethod
     def _session_history(session: InferenceSession, kwargs: dict) -> torch.Tensor:
         """The token ids the session holds and the newest one generated, to continue from it (with the mask)."""
-        known = session.token_ids
-        last = session.output_ids
-        if known is not None and last is not None and last.shape[0] == known.shape[0] \
-                and last.shape[1] == known.shape[1] + 1 and torch.equal(last[:, :-1], known):
-            if session.attention_mask is not None and "attention_mask" not in kwargs:
-                ones = torch.ones_like(session.attention_mask[:, :1])
-                kwargs["attention_mask"] = torch.cat([session.attention_mask, ones], dim=1)
-            return last
+        known, last, mask = session.token_ids, session.output_ids, session.attention_mask
         if known is None or known.shape[1] != session.position:
             raise ValueError("generate(None) continues the inference session from its last token, but the session "
                              "was fed embeddings, so its token ids are unknown: pass the ids to continue from")
-        if session.attention_mask is not None and "attention_mask" not in kwargs:
-            kwargs["attention_mask"] = session.attention_mask
-        return session.token_ids
+        ids = known
+        if last is not None and last.shape[0] == known.shape[0] and last.shape[1] == known.shape[1] + 1 \
+                and torch.equal(last[:, :-1], known):  # the newest generated token, not fed yet
+            ids = last
+            mask = None if mask is None else torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if mask is not None:
+            kwargs.setdefault("attention_mask", mask)
+        return ids
 
     @contextlib.contextmanager
     def _tracing(self, session: InferenceSession, enabled: bool) -> Iterator[None]:

@@ -59,6 +59,12 @@ class RemoteSequential(nn.Module):
     def __iter__(self) -> Iterator[RemoteSequential]:
         return (self[i] for i in range(len(self)))
 
+    @property
+    def sliced(self) -> tuple[int, int] | None:
+        """This module's blocks when it is a slice; None when it stands for every remote block."""
+        whole = (self.start, self.end) == (self.manager.first_block, self.num_blocks)
+        return None if whole else (self.start, self.end)
+
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``position_ids`` default to the positions after what the active session holds (0, 1, ... without one)."""
@@ -76,9 +82,7 @@ class RemoteSequential(nn.Module):
                 mask = attention_mask[:, :past + hi] if attention_mask is not None else None
                 outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask))
             return torch.cat(outputs, dim=1)
-        blocks = None if (self.start, self.end) == (self.manager.first_block, self.num_blocks) else (self.start,
-                                                                                                  self.end)
-        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, blocks)
+        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, self.sliced)
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -92,8 +96,7 @@ class RemoteSequential(nn.Module):
         ``dataclasses.replace`` of the client's), used by it alone."""
         if self.active_session is not None:
             raise RuntimeError("an inference session is already active for this model")
-        whole = (self.start, self.end) == (self.manager.first_block, self.num_blocks)
-        session = InferenceSession(self.manager, max_length, config, None if whole else (self.start, self.end))
+        session = InferenceSession(self.manager, max_length, config, self.sliced)
         self._local.session = session
         try:
             yield session

@@ -16,6 +16,7 @@ from swarm.dht.schema import ServerState
 from swarm.server.__main__ import build_config, build_parser
 from swarm.server.server import Server
 from swarm.utils.loop_thread import LoopThread
+from swarm.utils.multiaddrs import peer_id_of
 
 
 class InProcessServer:
@@ -44,7 +45,7 @@ class InProcessServer:
 
     @property
     def peer_id(self) -> str:
-        return self.maddr.rsplit("/p2p/", 1)[1]
+        return peer_id_of(self.maddr)
 
     def output(self) -> str:
         """A process's log, for messages that quote it: an in-process server logs with the calling process."""

@@ -24,6 +24,11 @@ class NoInitialPeers(UserError, ValueError):
     """A client was given no swarm to join."""
 
 
+def peer_id_of(maddr: str) -> str:
+    """The peer id at the end of a full multiaddr (``.../p2p/Qm...``)."""
+    return maddr.rsplit("/p2p/", 1)[1]
+
+
 def split_maddrs(text: str) -> list[str]:
     """Multiaddrs separated by whitespace and/or commas (the format of ``SWARM_INITIAL_PEERS``)."""
     return [part for part in re.split(r"[\s,]+", text.strip()) if part]
