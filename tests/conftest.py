@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,11 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# A run started in the background by a non-interactive shell (`make test &`) has SIGINT ignored, and every process
+# the tests start would inherit that: the Ctrl-C tests would then test nothing but the shell. A Python handler is
+# reset to the default in the processes we exec, so this gives them the SIGINT a terminal user's processes have.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # A developer's own swarm or log level must not leak into the tests' servers and clients.
 for name in ("SWARM_INITIAL_PEERS", "SWARM_LOG_LEVEL"):
     os.environ.pop(name, None)
