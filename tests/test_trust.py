@@ -4,6 +4,7 @@ the wire (split learning)."""
 from __future__ import annotations
 
 import random
+import tempfile
 
 import pytest
 import torch
@@ -86,6 +87,22 @@ def test_identity_persists_the_peer_id(launcher, tiny_model, tmp_path):
     first.stop()
     again = launcher.start_server_in_process(tiny_model("llama"), "0:6", [], "--identity", str(key))
     assert again.peer_id == first.peer_id == Identity.load_or_create(key).peer_id
+
+
+def test_a_temporary_identity_leaves_no_key_file_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp would leave it
+    identity = Identity.load_or_create(None)
+    assert identity.path is None and list(tmp_path.iterdir()) == []
+    loop = LoopThread()
+    try:
+        p2p, node = loop.run(start_dht([], host="127.0.0.1", identity=identity))
+        try:
+            assert str(p2p.peer_id) == identity.peer_id  # the daemon runs with the in-memory key
+            assert list(tmp_path.iterdir()) == []
+        finally:
+            loop.run(stop_dht(p2p, node))
+    finally:
+        loop.stop()
 
 
 # ---- redundant execution

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -63,18 +63,19 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     loopback = is_loopback(host)
     check_can_listen(host, port)
     _own_group_for_p2pd()
-    p2p = await P2P.create(
-        initial_peers=list(initial_peers) or None,
-        host_maddrs=host_maddrs(host, port),
-        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-        identity_path=str(identity.path) if identity else None,
-        # hivemind checks that a key is not in use by starting a second daemon: slow, and pointless for new keys
-        check_if_identity_free=identity is not None and not identity.created,
-        nat_port_map=not loopback,
-        auto_nat=not loopback,
-        use_relay=not loopback,
-        dht_mode="client" if client_mode else "server",
-    )
+    with identity.key_file() if identity else nullcontext(None) as key_path:
+        p2p = await P2P.create(
+            initial_peers=list(initial_peers) or None,
+            host_maddrs=host_maddrs(host, port),
+            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            identity_path=str(key_path) if key_path else None,
+            # hivemind checks that a key is not in use by starting a second daemon: slow, and pointless for new keys
+            check_if_identity_free=identity is not None and not identity.created,
+            nat_port_map=not loopback,
+            auto_nat=not loopback,
+            use_relay=not loopback,
+            dht_mode="client" if client_mode else "server",
+        )
     try:
         node = await DHTNode.create(p2p=p2p, initial_peers=list(initial_peers) or None, client_mode=client_mode,
                                     cache_locally=False, num_workers=8,
