@@ -1,5 +1,6 @@
 """Settlement in a real swarm: after a generation, each server's earnings are the tokens it served times its price,
-on the ledger backend and on the EVM backend (anvil); with settlement off, serving is unchanged."""
+on the ledger backend and on the EVM backend (anvil); U-Net levels are paid for the samples they evaluate; with
+settlement off, serving is unchanged."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from chain_node import anvil_node, find_anvil, funded_accounts
 from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
-from swarm import AutoDistributedModelForCausalLM
+from swarm import AutoDistributedModelForCausalLM, AutoDistributedPipeline
+from swarm.hub.tiny_diffusion import save_tiny_sd
 from swarm.rpc import protocol
 from swarm.rpc.client import call
 from swarm.settlement.ledger import LedgerSettlement
@@ -74,8 +76,9 @@ def prompt(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
 
 
-def settlement_info(model: AutoDistributedModelForCausalLM, peer_id: str) -> dict | None:
-    manager = model.get_remote().manager
+def settlement_info(model, peer_id: str) -> dict | None:
+    """The server's settlement info, asked through ``model``'s client (a causal LM or a remote U-Net)."""
+    manager = model.manager if hasattr(model, "manager") else model.get_remote().manager
     return manager.loop.run(call(manager.p2p, peer_id, protocol.INFO, {}, timeout=10))["settlement"]
 
 
@@ -142,6 +145,41 @@ def test_without_settlement_serving_is_unchanged(ledger_swarm):
         assert settlement_info(model, plain.peer_id) is None
     finally:
         model.shutdown()
+
+
+def test_unet_levels_earn_the_samples_they_evaluate_times_price(launcher, models_dir, tmp_path):
+    """A U-Net generation settles like a text one: each down or up pass a server runs counts its samples."""
+    path = models_dir / "tiny-sd-pipeline"
+    if not path.exists():
+        save_tiny_sd(path)
+
+    def ledger(name: str) -> list[str]:
+        return ["--settlement", "ledger", "--settlement-option", f"path={tmp_path / name}.sqlite", "--price",
+                str(PRICE)]
+
+    first = launcher.start_server_in_process(path, "0:1", [], *ledger("first"))
+    last = launcher.start_server_in_process(path, "1:3", [first.maddr], *ledger("last"))  # with the mid block
+    pipe = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], settlement="ledger",
+                                                   receipt_interval=2, compression="none")
+    unet, evaluations = pipe.unet, 3
+    try:
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randn(2, 4, 8, 8, generator=generator)  # batch 2, as with classifier-free guidance
+        ehs = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+        with torch.no_grad():
+            for step in range(evaluations):
+                unet(sample, torch.tensor(900 - 300 * step), ehs)
+        books = [hop.receipts for hop in unet.session.hops]
+        assert [(hop.span.start, hop.span.end) for hop in unet.session.hops] == [(0, 1), (1, 3)]
+        unet.close_session()  # the close carries each server's final receipt
+        # the first server runs a down and an up pass per evaluation; the last runs its down, mid and up in one
+        expected = [evaluations * 2 * 2, evaluations * 2]
+        assert [book.sent for book in books] == expected and not any(book.rejected for book in books)
+        for server, samples in zip((first, last), expected, strict=True):
+            info = wait_for_earnings(unet, server.peer_id, samples * PRICE)
+            assert info["earnings"] == samples * PRICE and info["receipts_rejected"] == 0, info
+    finally:
+        unet.shutdown()
 
 
 def test_evm_earnings_on_anvil_equal_tokens_served_times_price(ledger_swarm, anvil_chain):

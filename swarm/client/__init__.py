@@ -3,13 +3,17 @@
 - model.py: ``AutoDistributedModelForCausalLM`` / ``AutoDistributedModel`` and their classes (drop-in transformers)
 - remote_sequential.py: ``RemoteSequential``: every decoder block as one module computed by servers
 - inference_session.py: ``InferenceSession``: streaming steps over servers' KV caches, replay on failure
-- hop_session.py: ``HopSession``: one server's part of an inference session (its stream, links, inputs sent)
+- chain.py: the chain core of every request kind: ``open_chain``, ``ChainHop`` (a server's session, its stream and
+  receipts), ``Attempts`` (one failure budget and fault rule), ``output_codec`` (8-bit between servers, float16 at
+  the ends)
+- hop_session.py: ``HopSession``: one server's part of an inference session (its steps, links, inputs sent)
 - trace.py: ``Trace``: per-step timelines of a session (``generate(..., trace=True)`` or ``SWARM_TRACE=1``)
 - verification.py: redundant execution: a span's output recomputed by another server, strikes on disagreement
 - remote_forward.py: stateless forward/backward through a chain (training), as an autograd function
 - routing.py: ``RoutingPolicy`` and the cheapest-chain search over measured costs (pure functions)
 - sequence_manager.py: ``SequenceManager``: the DHT view, RTT pings, per-server statistics, bans with backoff
-- diffusion.py: ``RemoteUNet``: a diffusers U-Net whose blocks run in the swarm (U-shaped: skips stay on servers)
+- diffusion.py: ``RemoteUNet``: a diffusers U-Net whose blocks run in the swarm (U-shaped: skips stay on servers),
+  one ``LevelsHop`` per server
 - pipeline.py: ``AutoDistributedPipeline``: a diffusers pipeline with a ``RemoteUNet``
 - config.py: ``ClientConfig``
 - planner.py: ``RequestPlanner`` and ``load_planner``: plugins (entry point group ``swarm.planners``) that choose

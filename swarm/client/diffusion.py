@@ -19,12 +19,13 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from swarm.blocks.unet import HeadOutput, run_head, run_tail
+from swarm.client.chain import RETRYABLE, Attempts, ChainHop, open_chain, output_codec
 from swarm.client.config import ClientConfig
 from swarm.client.routing import Hop, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
 from swarm.rpc import messages, protocol
-from swarm.rpc.client import PeerUnavailable, RemoteError, Stream
+from swarm.rpc.client import PeerUnavailable
 from swarm.rpc.framing import encode_message
 
 logger = logging.getLogger(__name__)
@@ -40,39 +41,28 @@ class HopTraffic:
     received: int = 0
 
 
-class _HopSession:
-    def __init__(self, hop: Hop, stream: Stream):
-        self.hop, self.span, self.stream = hop, hop.span, stream
+class LevelsHop(ChainHop):
+    """One server's session of U-Net levels: its down and up passes, each billed as the samples it carried."""
 
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str,
-                   carry_skips: bool = False) -> _HopSession:
-        stream = await Stream.open(manager.p2p, hop.span.peer_id, protocol.DIFFUSION, manager.config.connect_timeout)
+                   carry_skips: bool = False) -> LevelsHop:
         message = messages.open_levels(hop.span.start, hop.span.end, codec, head.encoder_hidden_states, head.extra,
                                        head.forward_upsample_size, head.latent_shift_frames,
                                        list(head.sample.shape), carry_skips)
-        try:
-            await stream.request(message, timeout=manager.config.request_timeout)
-        except BaseException:
-            stream.close()
-            raise
-        return cls(hop, stream)
+        stream, reply = await cls.open_stream(manager, hop, protocol.DIFFUSION, message)
+        return cls(manager, hop, stream, reply.get("session_id"), codec)
 
-    async def request(self, message: dict, timeout: float, traffic: HopTraffic) -> dict:
+    async def request(self, message: dict, timeout: float, traffic: HopTraffic, samples: int) -> dict:
+        self.with_receipt(message, self.manager.config.receipt_interval)
         traffic.sent += len(encode_message(message))
         reply = await self.stream.request(message, timeout=timeout)
         traffic.received += len(encode_message(reply))
         if not is_serialized_tensor(reply.get("sample")):
             raise PeerUnavailable(f"server {self.span} sent a reply without a sample", self.span.peer_id)
+        # a down and an up pass share their step id: each is a request of its own for the server
+        self.take_receipt(reply, (message["step_id"], message["type"]), samples)
         return reply
-
-    async def close(self) -> None:
-        try:
-            await self.stream.send({"type": "close"})
-        except PeerUnavailable:
-            pass
-        finally:
-            self.stream.close()
 
 
 class DiffusionSession:
@@ -100,66 +90,55 @@ class DiffusionSession:
         return self.manager.loop.run(self._evaluate(head.sample, head.temb))
 
     async def _evaluate(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        config, failures = self.manager.config, 0
+        attempts = Attempts(self.manager)
         while True:
             if not self.hops:
                 self.hops = await self._open_chain(0, self.manager.num_blocks)
             try:
                 return await self._pass(sample, temb)
-            except (PeerUnavailable, RemoteError) as e:
-                failures += 1
-                if failures > config.max_retries:
-                    raise
-                # The failed server's skips are gone: route its levels elsewhere and run the evaluation again.
+            except RETRYABLE as e:
                 failed = next((hop for hop in self.hops if hop.span.peer_id == e.peer), None)
-                logger.warning(f"Server {failed.span if failed else e.peer} failed ({e}); re-routing its levels")
                 if failed is None:
                     raise
+                attempts.failed(e)  # raised if the request is at fault or out of retries
+                # The failed server's skips are gone: route its levels elsewhere and run the evaluation again.
+                logger.warning(f"Server {failed.span} failed ({e}); re-routing its levels")
                 index = self.hops.index(failed)
                 self.hops.pop(index).stream.close()
-                self.manager.ban(failed.span.peer_id)
-                self.hops[index:index] = await self._open_chain(failed.span.start, failed.span.end)
+                with self.manager.rerouting_after(e, failed.span.peer_id):
+                    self.manager.failed(failed.span.peer_id, e)
+                    self.hops[index:index] = await self._open_chain(failed.span.start, failed.span.end)
 
     async def _pass(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         config = self.manager.config
         timeout, step_id = config.request_timeout, next(self._step_ids)
         traffic = [HopTraffic(h.span.peer_id, (h.span.start, h.span.end)) for h in self.hops]
         payload, sizes, temb_payload = serialize_tensor(sample, config.edge_codec), [], serialize_tensor(temb)
-        last = len(self.hops) - 1
+        last, samples = len(self.hops) - 1, sample.shape[0]
         carried = {}
         for index, hop in enumerate(self.hops):  # down; the last server holds the mid level and goes back up
             reply = await hop.request({"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
                                        "input_sizes": sizes,
-                                       "output_codec": config.edge_codec if last == 0 else config.compression},
-                                      timeout, traffic[index])
+                                       "output_codec": output_codec(config, last == 0)},
+                                      timeout, traffic[index], samples)
             payload, sizes = reply["sample"], reply["input_sizes"]
             if "skips" in reply:
                 carried[index] = {"skips": reply["skips"], "temb": reply["temb"]}
         for index in reversed(range(last)):  # up, relaying each output untouched
-            codec = config.edge_codec if index == 0 else config.compression
+            codec = output_codec(config, index == 0)
             payload = (await self.hops[index].request({"type": "up", "step_id": step_id, "sample": payload,
                                                        "input_sizes": sizes, "output_codec": codec,
                                                        **carried.get(index, {})},
-                                                      timeout, traffic[index]))["sample"]
+                                                      timeout, traffic[index], samples))["sample"]
         self.traffic.append(traffic)
         return deserialize_tensor(payload)
 
-    async def _open_chain(self, start: int, end: int) -> list[_HopSession]:
-        config, failures = self.manager.config, 0
-        while True:
-            chain, opened = await self.manager.route(start, end, RouteRequest(mode="latency")), []
-            try:
-                for hop in chain:
-                    opened.append(await _HopSession.open(self.manager, hop, self.head, config.edge_codec,
-                                                         self.carry_skips))
-                return opened
-            except (PeerUnavailable, RemoteError) as e:
-                for hop in opened:
-                    await hop.close()
-                failures += 1
-                if failures > config.max_retries:
-                    raise
-                self.manager.failed(e.peer or chain[len(opened)].span.peer_id, e)
+    async def _open_chain(self, start: int, end: int) -> list[LevelsHop]:
+        async def open_hop(hop: Hop, previous: LevelsHop | None) -> LevelsHop:
+            return await LevelsHop.open(self.manager, hop, self.head, self.manager.config.edge_codec,
+                                        self.carry_skips)
+
+        return await open_chain(self.manager, start, end, RouteRequest(mode="latency"), open_hop)
 
     def close(self) -> None:
         async def close_all() -> None:

@@ -1,52 +1,32 @@
-"""One server's part of a client's inference session: its stream, its place in the chain, what it was sent."""
+"""One server's part of a client's inference session: its steps, its links, everything it was sent (for replays)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from swarm.client.chain import ChainHop
 from swarm.client.remote_forward import span_request
 from swarm.client.routing import Hop
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import is_serialized_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, Stream
-from swarm.settlement import ReceiptBook
-
-logger = logging.getLogger(__name__)
 
 
-class HopSession:
-    def __init__(self, hop: Hop, stream: Stream, session_id: str, output_codec: str):
-        self.hop, self.span, self.stream, self.session_id = hop, hop.span, stream, session_id
-        self.output_codec = output_codec
+class HopSession(ChainHop):
+    def __init__(self, manager: SequenceManager, hop: Hop, stream: Stream, session_id: str, output_codec: str):
+        super().__init__(manager, hop, stream, session_id, output_codec)
         self.inputs: torch.Tensor | None = None  # (batch, position, hidden): everything sent so far, for replays
-        self.manager: SequenceManager | None = None
-        self.receipts: ReceiptBook | None = None  # with settlement: what this server may bill, and its receipts
 
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int, output_codec: str,
                    upstream: str | None) -> HopSession:
         """Reserve the server's cache; ``upstream``: the server allowed to push steps into this session."""
         span = hop.span
-        stream = await Stream.open(manager.p2p, span.peer_id, protocol.INFERENCE, manager.config.connect_timeout)
-        try:
-            reply = await stream.request({"type": "open", "start": span.start, "end": span.end,
-                                          "max_length": max_length, "batch_size": batch_size,
-                                          "output_codec": output_codec, "upstream": upstream},
-                                         timeout=manager.config.request_timeout)
-        except BaseException:
-            stream.close()
-            raise
-        session = cls(hop, stream, reply["session_id"], output_codec)
-        session.manager = manager
-        if manager.settlement is not None:
-            max_price = manager.config.settlement_options.get("max_price")
-            session.receipts = ReceiptBook(span.peer_id, manager.identity.peer_id, manager.model_id, span.start,
-                                           span.end, session.session_id,
-                                           None if max_price is None else int(max_price))
-        return session
+        stream, reply = await cls.open_stream(manager, hop, protocol.INFERENCE, {
+            "type": "open", "start": span.start, "end": span.end, "max_length": max_length,
+            "batch_size": batch_size, "output_codec": output_codec, "upstream": upstream})
+        return cls(manager, hop, stream, reply["session_id"], output_codec)
 
     async def send_step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         position: int, hypo_ids: torch.Tensor | None, step_id: int, push: bool,
@@ -59,12 +39,9 @@ class HopSession:
             extra["trace"] = True
         if hypo_ids is not None:
             extra["hypo_ids"] = serialize_tensor(hypo_ids)
-        if self.manager is not None and not self.manager.config.server_batching:
+        if not self.manager.config.server_batching:
             extra["batch"] = False  # keep this session's steps out of the server's cross-session batches
-        if self.receipts is not None and self.receipts.due(self.manager.config.receipt_interval):
-            receipt = self._countersign()
-            if receipt is not None:
-                extra["receipt"] = receipt
+        self.with_receipt(extra, self.manager.config.receipt_interval)
         await self.stream.send(span_request(self.span, hidden, position_ids, attention_mask, self.output_codec,
                                             **extra))
 
@@ -74,10 +51,7 @@ class HopSession:
         reply = await self._receive(step_id, "hidden", timeout)
         if not is_serialized_tensor(reply.get("hidden")):
             raise PeerUnavailable(f"server {self.span} sent a step reply without hidden states", self.span.peer_id)
-        if self.receipts is not None:
-            self.receipts.count(step_id, tokens)
-            if "receipt" in reply and self.receipts.offer(reply["receipt"]) is None:
-                logger.warning(f"Refused a receipt from {self.span}: {self.receipts.rejected[-1]}")
+        self.take_receipt(reply, step_id, tokens)
         return reply
 
     async def receive_push_status(self, step_id: int, timeout: float) -> bool:
@@ -97,26 +71,3 @@ class HopSession:
                                                   "start": downstream.span.start, "end": downstream.span.end}
         await self.stream.request({"type": "link", "downstream": target,
                                    "upstream": None if upstream is None else upstream.span.peer_id}, timeout=timeout)
-
-    async def close(self) -> None:
-        message = {"type": "close"}
-        if self.receipts is not None and self.receipts.due(1):
-            receipt = self._countersign()
-            if receipt is not None:
-                message["receipt"] = receipt  # the final usage of this session, for the server to settle
-        try:
-            await self.stream.send(message)
-        except PeerUnavailable:
-            pass
-        finally:
-            self.stream.close()
-
-    def _countersign(self) -> dict | None:
-        try:
-            receipt = self.receipts.countersign(self.manager.identity, self.manager.settlement)
-        except ValueError as e:  # e.g. a backend missing an option: settlement fails, serving goes on
-            logger.warning(f"Could not countersign a receipt from {self.span}: {e}")
-            return None
-        if receipt is None:
-            logger.warning(f"Refused a receipt from {self.span}: {self.receipts.rejected[-1]}")
-        return receipt

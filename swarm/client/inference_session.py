@@ -18,9 +18,10 @@ import time
 import torch
 
 from swarm.blocks import compat
+from swarm.client.chain import Attempts, open_chain, output_codec
 from swarm.client.config import ClientConfig
 from swarm.client.hop_session import HopSession
-from swarm.client.routing import MissingBlocksError, RemoteSpan, RouteRequest
+from swarm.client.routing import Hop, MissingBlocksError, RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.trace import HopTiming, StepTiming, Trace
 from swarm.client.verification import Verdict, check_output
@@ -190,7 +191,7 @@ class InferenceSession:
         await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
         mark, pushed_in = time.perf_counter(), False
         sent_at: float | None = mark  # when the client sent the current hop its input (None: pushed to it)
-        failures, index, last_error, relinked, rebuilt = 0, 0, None, False, set()
+        attempts, index, relinked, rebuilt = Attempts(self.manager, config.max_retries), 0, False, set()
         while index < len(self.hops):
             hop = self.hops[index]
             started = time.perf_counter()
@@ -213,10 +214,8 @@ class InferenceSession:
                     continue
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
                 # its replacement repeats on the same step is ours to report.
-                failures += 1
-                if self.manager.request_at_fault(e, last_error) or failures > config.max_retries:
-                    raise
-                last_error, relinked = e, True
+                attempts.failed(e)  # raised if the request is at fault or out of retries; the hop is banned below
+                relinked = True
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
                 with self.manager.rerouting_after(e, hop.span.peer_id):
                     await self._replace_hop(index)
@@ -297,30 +296,19 @@ class InferenceSession:
                                         timeout) for i, hop in enumerate(hops)))
 
     async def _open_chain(self, start: int, end: int, upstream: str | None) -> list[HopSession]:
-        """Sessions on a chain covering blocks [start, end). A server that cannot be reached or refuses is banned
-        and the chain chosen again, up to ``max_retries`` times."""
-        config, failures = self.config, 0
-        while True:
-            # With push, links between servers cost the RTTs they announced (next_pings), not the client's.
-            request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length,
-                                   push=config.push)
-            chain, opened = await self.manager.route(start, end, request, self.config.routing_policy), []
-            try:
-                for hop in chain:
-                    codec = config.edge_codec if hop.span.end == self.end_block else config.compression
-                    previous = opened[-1].span.peer_id if opened else upstream
-                    opened.append(await HopSession.open(self.manager, hop, self.batch_size, self.max_length, codec,
-                                                        previous))
-                return opened
-            except BaseException as e:
-                for hop in opened:
-                    await hop.close()
-                failures += 1
-                # unreachable, or refused (e.g. its cache filled up since it announced): try another server
-                if not isinstance(e, (PeerUnavailable, RemoteError)) or failures > config.max_retries:
-                    raise
-                logger.warning(f"Cannot open a session on {chain[len(opened)].span} ({e}); choosing another server")
-                self.manager.failed(getattr(e, "peer", None) or chain[len(opened)].span.peer_id, e)
+        """Sessions on a chain covering blocks [start, end), the first accepting pushes from ``upstream``."""
+        config = self.config
+        # With push, links between servers cost the RTTs they announced (next_pings), not the client's.
+        request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length,
+                               push=config.push)
+
+        async def open_hop(hop: Hop, previous: HopSession | None) -> HopSession:
+            return await HopSession.open(self.manager, hop, self.batch_size, self.max_length,
+                                         output_codec(config, hop.span.end == self.end_block),
+                                         previous.span.peer_id if previous else upstream)
+
+        return await open_chain(self.manager, start, end, request, open_hop, config.routing_policy,
+                                config.max_retries)
 
     async def _replace_hop(self, index: int, ban: bool = True) -> None:
         """Route the failed hop's blocks to other servers and replay its history there (one prefill each).
@@ -331,7 +319,7 @@ class InferenceSession:
         if ban:
             self.manager.ban(failed.span.peer_id)
         upstream = self.hops[index - 1].span.peer_id if index else None
-        failures = 0
+        attempts = Attempts(self.manager, self.config.max_retries)
         while True:
             try:
                 hops = await self._open_chain(failed.span.start, failed.span.end, upstream)
@@ -344,11 +332,8 @@ class InferenceSession:
             except (PeerUnavailable, RemoteError) as e:
                 for hop in hops:
                     await hop.close()
-                failures += 1
-                if failures > self.config.max_retries:
-                    raise
+                attempts.failed(e, e.peer or hops[0].span.peer_id)
                 logger.warning(f"Replay failed ({e}); choosing other servers")
-                self.manager.ban(e.peer or hops[0].span.peer_id)
                 continue
             self.hops[index:index] = hops
             self.manager.record_failover_time(time.perf_counter() - started)

@@ -17,12 +17,13 @@ import random
 
 import torch
 
+from swarm.client.chain import RETRYABLE, Attempts, output_codec
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.verification import check_output
 from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
 from swarm.rpc import protocol
-from swarm.rpc.client import PeerUnavailable, RemoteError, call
+from swarm.rpc.client import PeerUnavailable, call
 
 Record = list[tuple[RemoteSpan, dict]]  # each hop and the encoded hidden states it received
 
@@ -54,30 +55,25 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
     request = RouteRequest(mode="throughput", tokens=position_ids.numel())
     chain = chain or await manager.make_sequence(start, end, request)
     record: Record = []
-    failures, index, last_error = 0, 0, None
+    attempts, index = Attempts(manager), 0
     while index < len(chain):
         span = chain[index]
-        codec = manager.config.edge_codec if span.end == end else manager.config.compression
+        codec = output_codec(manager.config, span.end == end)
         try:
             output = await _call_span(manager, span, protocol.FORWARD,
                                       span_request(span, hidden, position_ids, attention_mask, codec), "hidden")
-        except (PeerUnavailable, RemoteError) as e:
-            failures += 1
-            if manager.request_at_fault(e, last_error) or failures > manager.config.max_retries:
-                raise
-            last_error = e
-            manager.ban(span.peer_id)
+        except RETRYABLE as e:
+            attempts.failed(e)  # raised if the request is at fault or out of retries
             with manager.rerouting_after(e, span.peer_id):
+                manager.failed(span.peer_id, e)
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
             continue
         if random.random() < manager.config.verify_probability:
             verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,
                                          deserialize_tensor(output), codec)
             if span.peer_id in verdict.struck:  # caught returning a wrong output: recompute this hop elsewhere
-                failures += 1
-                if failures > manager.config.max_retries:
-                    raise RuntimeError(f"redundant checks keep failing on blocks {span.start}:{span.end}")
-                manager.ban(span.peer_id)
+                attempts.failed(RuntimeError(f"redundant checks keep failing on blocks {span.start}:{span.end}"),
+                                span.peer_id)
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
                 continue
         record.append((span, hidden))
@@ -87,26 +83,24 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
 
 async def backward_chain(manager: SequenceManager, record: Record, grad_output: dict,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         retries_left: int | None = None) -> dict:
+                         attempts: Attempts | None = None) -> dict:
     """Encoded gradient w.r.t. the chain's input, hop by hop in reverse; a failed hop is recomputed elsewhere."""
-    retries_left = manager.config.max_retries if retries_left is None else retries_left
+    attempts = attempts or Attempts(manager)
     grad = grad_output
     for index in reversed(range(len(record))):
         span, inputs = record[index]
-        codec = manager.config.edge_codec if index == 0 else manager.config.compression
+        codec = output_codec(manager.config, index == 0)
         try:
             grad = await _call_span(manager, span, protocol.BACKWARD,
                                     span_request(span, inputs, position_ids, attention_mask, codec,
                                                  grad_output=grad), "grad_input")
-        except PeerUnavailable:
-            if retries_left <= 0:
-                raise
-            manager.ban(span.peer_id)
+        except PeerUnavailable as e:
+            attempts.failed(e, span.peer_id)  # raised when out of retries
             # The replacement must see exactly what the failed server saw: the decoded input, sent losslessly.
             exact_inputs = serialize_tensor(deserialize_tensor(inputs), "none")
             _, sub_record = await forward_chain(manager, exact_inputs, position_ids, attention_mask,
                                                 span.start, span.end)
-            grad = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, retries_left - 1)
+            grad = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, attempts)
     return grad
 
 

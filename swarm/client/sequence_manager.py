@@ -133,8 +133,9 @@ class SequenceManager:
 
     def request_at_fault(self, error: Exception, last_error: Exception | None) -> bool:
         """Whether a server's refusal repeats the refusal of the server it replaced on the same request: then the
-        request is at fault, and the first server is not held responsible."""
-        if isinstance(error, RemoteError) and isinstance(last_error, RemoteError):
+        request is at fault, and the first server is not held responsible. Being busy is nobody's fault."""
+        if isinstance(error, RemoteError) and isinstance(last_error, RemoteError) and not (error.busy or
+                                                                                          last_error.busy):
             self.forgive(last_error.peer or "")
             return True
         return False
