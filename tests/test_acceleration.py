@@ -102,16 +102,23 @@ def test_local_blocks_and_chunked_prefill_keep_the_output_exact(swarm_):
     model = client(swarm_, compression="none")
     for method in (Method("local", compression="none", edge_compression="none", local_blocks=2),
                    Method("chunked", compression="none", edge_compression="none", prefill_chunk=3),
-                   Method("relayed", compression="none", edge_compression="none", push=False)):
+                   Method("relayed", compression="none", edge_compression="none", push=False),
+                   Method("lookup", compression="none", edge_compression="none", prompt_lookup=4)):
         config = configure(model.get_remote().client_config, method)
+        model.last_speculation = None
         with model.inference_session(max_length=64, config=config) as session:
             out = model.generate(swarm_["ids"], max_new_tokens=NEW_TOKENS, do_sample=False)
             assert session.first_block == method.local_blocks
         assert torch.equal(out, swarm_["expected"]), method.name
+        # speculation ran where the method asked for it, and only there
+        assert (model.last_speculation is not None) == bool(method.prompt_lookup), method.name
+    # a sampled request cannot be speculated without changing what it asked for: the method is not offered
+    assert not model._speculable(swarm_["ids"], {"do_sample": True})
+    assert model._speculable(swarm_["ids"], {"do_sample": False, "max_new_tokens": 4})
     # the settings were this session's alone: the model's own are as they were
     config = model.get_remote().client_config
     assert model.model.local_span is None and model.get_remote().manager.first_block == 0
-    assert (config.local_blocks, config.prefill_chunk, config.push) == (0, None, True)
+    assert (config.local_blocks, config.prefill_chunk, config.push, config.prompt_lookup_tokens) == (0, None, True, 0)
     model.shutdown()
 
 

@@ -326,3 +326,69 @@ def test_remote_layers_index_and_slice_like_a_list(swarm):
             second = tail(hidden[:, 4:])  # inside the session: the next position, 4
             assert session.position == 5
     assert torch.allclose(torch.cat([first, second], dim=1), expected, atol=1e-4)
+
+
+# ---- speculative generation
+
+
+def _lookup_oracle(reference: torch.Tensor, prompt_length: int, draft_tokens: int) -> tuple[int, int]:
+    """Steps and accepted drafts that prompt-lookup speculation must take to produce ``reference`` (greedy)."""
+    from swarm.client.speculative import PromptLookup
+
+    lookup, generated, steps, accepted = PromptLookup(), 1, 0, 0
+    new_tokens = reference.shape[0] - prompt_length
+    while generated < new_tokens:
+        count = min(draft_tokens, new_tokens - generated - 1)
+        drafts = lookup(reference[: prompt_length + generated], count)[:count]
+        truth = reference[prompt_length + generated:][: len(drafts)]
+        right = int((drafts == truth).long().cumprod(0).sum())
+        steps, accepted, generated = steps + 1, accepted + right, generated + min(right + 1, new_tokens - generated)
+    return steps, accepted
+
+
+def test_prompt_lookup_speculation_equals_greedy_and_checks_several_tokens_per_step(swarm):
+    model, local = swarm["model"], swarm["local"]
+    greedy = dict(max_new_tokens=24, do_sample=False, eos_token_id=None)
+    # a repetitive text (random weights rarely copy): the one, of a few, where the lookup is right most often
+    candidates = [prompt(length=8, seed=seed).repeat(1, 3) for seed in range(12)]
+    references = [local.generate(ids, **greedy)[0] for ids in candidates]
+    oracles = [_lookup_oracle(ref, ids.shape[1], 5) for ids, ref in zip(candidates, references, strict=True)]
+    best = max(range(len(candidates)), key=lambda i: oracles[i][1])
+    assert oracles[best][1] > 0
+    out = model.generate(candidates[best], prompt_lookup_num_tokens=5, **greedy)
+    assert torch.equal(out[0], references[best])
+    stats = model.last_speculation
+    assert stats.new_tokens == 24 and sum(stats.per_step) == 23  # the first token comes from the prefill
+    assert (stats.steps, stats.accepted) == oracles[best] and stats.drafted >= stats.accepted
+
+
+def test_a_draft_model_speculates_and_rejected_drafts_rewind_the_servers(swarm, tiny_model, tmp_path):
+    from tiny_models import save_tiny_model
+
+    from swarm import AutoDistributedSpeculativeModel
+
+    local, greedy = swarm["local"], dict(max_new_tokens=20, do_sample=False, eos_token_id=None)
+    same = AutoModelForCausalLM.from_pretrained(swarm["path"]).eval()  # always right: every draft is accepted
+    other = AutoModelForCausalLM.from_pretrained(save_tiny_model("llama", tmp_path / "draft", seed=5)).eval()
+    model = AutoDistributedSpeculativeModel.from_pretrained(swarm["path"], small_model=same,
+                                                            initial_peers=swarm["peers"], compression="none")
+    try:
+        out = model.generate(prompt(seed=8), num_assistant_tokens=4, **greedy)
+        assert torch.equal(out, local.generate(prompt(seed=8), **greedy))
+        # 19 tokens after the prefill's, each step 4 drafts + 1: 4 steps instead of 19
+        assert model.last_speculation.steps == 4 and model.last_speculation.acceptance_rate == 1.0
+        # A draft that is mostly wrong: every rejected draft was computed by the servers and must be forgotten,
+        # or the next positions would attend to it and the output would drift from greedy.
+        with model.inference_session(max_length=64) as session:
+            out = model.generate(prompt(seed=9), assistant_model=other, **greedy)
+            assert torch.equal(out, local.generate(prompt(seed=9), **greedy))
+            assert model.last_speculation.accepted < model.last_speculation.drafted
+            assert session.position == out.shape[1] - 1  # the newest token is not fed yet
+            more = model.generate(None, assistant_model=other, max_new_tokens=6, do_sample=False, eos_token_id=None)
+            assert torch.equal(more, local.generate(out, max_new_tokens=6, do_sample=False, eos_token_id=None))
+        with pytest.raises(ValueError, match="greedy decoding only.*do_sample"):
+            model.generate(prompt(seed=9), do_sample=True, max_new_tokens=4)
+        with pytest.raises(ValueError, match="batch size 1"):
+            model.generate(prompt(seed=9, batch=2), max_new_tokens=4, do_sample=False)
+    finally:
+        model.shutdown()

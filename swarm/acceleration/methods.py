@@ -2,8 +2,9 @@
 
 Every method is a set of switches that already exist in the swarm: the wire codec between servers and at the
 chain's ends, the servers' weight quantization (through the routing policy, which then uses only servers quantized
-so), keeping the first blocks on the client, chunked prefill, and server-to-server pushes. A method is applied to
-one request by giving its settings (``configure``) to that request's inference session.
+so), keeping the first blocks on the client, chunked prefill, server-to-server pushes, and speculative decoding with
+prompt-lookup drafts (offered for greedy single-sequence requests, where it cannot change the output). A method is
+applied to one request by giving its settings (``configure``) to that request's inference session.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Method:
     local_blocks: int = 0  # first blocks computed by the client
     prefill_chunk: int | None = None  # prompt sent in chunks of this many positions
     push: bool = True  # servers hand outputs to the next server; False: the client relays every hop
+    prompt_lookup: int = 0  # tokens drafted by prompt lookup and checked per step (greedy batch-1 requests only)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,6 +42,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("local-2", local_blocks=2),
     Method("chunked-prefill", prefill_chunk=32),
     Method("relay", push=False),
+    Method("prompt-lookup", prompt_lookup=10),
 )}
 
 
@@ -56,4 +59,5 @@ def configure(config: ClientConfig, method: Method) -> ClientConfig:
     return dataclasses.replace(config, compression=method.compression, edge_compression=method.edge_compression,
                                routing_policy=dataclasses.replace(config.routing_policy,
                                                                   quantization=method.quantization),
-                               prefill_chunk=method.prefill_chunk, push=method.push, local_blocks=method.local_blocks)
+                               prefill_chunk=method.prefill_chunk, push=method.push, local_blocks=method.local_blocks,
+                               prompt_lookup_tokens=method.prompt_lookup)

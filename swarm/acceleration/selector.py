@@ -127,10 +127,10 @@ class Selector:
         return learner.choose(features, available)
 
     def generate(self, run: Callable[[ClientConfig], object], batch_size: int, prompt_length: int,
-                 new_tokens: int) -> object:
+                 new_tokens: int, speculable: bool = False) -> object:
         """``run(config)`` (the plain generate, in a session with these settings) under the chosen method, measured
-        and recorded."""
-        available = self.available()
+        and recorded. ``speculable``: a greedy single-sequence request, which speculative methods may serve."""
+        available = [name for name in self.available() if speculable or not METHODS[name].prompt_lookup]
         features = self.features(batch_size, prompt_length, new_tokens)
         choice = self.choose(features, available)
         method = get_method(choice.method)

@@ -1,7 +1,11 @@
 """The client role: models whose blocks run in the swarm.
 
-- model.py: ``AutoDistributedModelForCausalLM`` / ``AutoDistributedModel`` and their classes (drop-in transformers)
+- model.py: ``AutoDistributedModelForCausalLM`` / ``AutoDistributedModel`` / ``AutoDistributedSpeculativeModel`` and
+  their classes (drop-in transformers)
 - remote_sequential.py: ``RemoteSequential``: every decoder block as one module computed by servers
+- speculative.py: greedy speculative decoding in a session: ``PromptLookup`` and ``DraftModel`` proposers, drafts
+  checked several per step, caches rewound past the first wrong one (``generate(..., prompt_lookup_num_tokens=k)``,
+  ``assistant_model=``, ``AutoDistributedSpeculativeModel``)
 - inference_session.py: ``InferenceSession``: streaming steps over servers' KV caches, replay on failure
 - chain.py: the chain core of every request kind: ``open_chain``, ``ChainHop`` (a server's session, its stream and
   receipts), ``Attempts`` (one failure budget and fault rule), ``output_codec`` (8-bit between servers, float16 at
@@ -26,6 +30,7 @@ from swarm.client.inference_session import InferenceSession
 from swarm.client.model import (
     AutoDistributedModel,
     AutoDistributedModelForCausalLM,
+    AutoDistributedSpeculativeModel,
     DistributedModel,
     DistributedModelForCausalLM,
 )
@@ -38,6 +43,7 @@ __all__ = [
     "RemoteUNet",
     "AutoDistributedModel",
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedSpeculativeModel",
     "ClientConfig",
     "DistributedModel",
     "DistributedModelForCausalLM",

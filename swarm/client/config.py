@@ -44,6 +44,10 @@ class ClientConfig:
     # Servers may run this session's decode steps in one call with other sessions' (swarm/server/batching.py);
     # False opts out, e.g. to time steps alone.
     server_batching: bool = True
+    # Greedy batch-1 generate() calls check this many tokens per step, drafted by prompt lookup (the tokens that
+    # followed the text's last n-gram where it occurred before; swarm/client/speculative.py). 0: off. The output
+    # is the same either way; on input-grounded tasks (quoting, rewriting) decoding takes fewer swarm steps.
+    prompt_lookup_tokens: int = 0
     # "auto": the acceleration method of each generate() is chosen by the learner from recorded history
     # (swarm/acceleration); a method name applies that method; None: the settings above as they are.
     acceleration: str | None = None

@@ -22,6 +22,7 @@ from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
 from swarm.blocks.span import BlockSpan, build_skeleton, load_config, span_config
+from swarm.client import speculative
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.planner import load_planner
@@ -29,6 +30,8 @@ from swarm.client.remote_sequential import RemoteSequential
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.trace import Trace, enabled_by_env
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
+
+DEFAULT_DRAFT_TOKENS = 4  # drafted tokens checked per step when the caller does not say
 
 
 def _load_local_modules(config: PretrainedConfig, family: BlockFamily, source: ModelSource,
@@ -255,6 +258,10 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         server's queue, compute and encoding and the transport around them)."""
         trace = enabled_by_env() if trace is None else trace
         remote = self.get_remote()
+        lookup, assistant = kwargs.pop("prompt_lookup_num_tokens", None), kwargs.pop("assistant_model", None)
+        assistant = assistant if assistant is not None else self.__dict__.get("small_model")
+        if lookup or assistant is not None:  # transformers' and Petals' speculative spellings
+            return self._generate_speculatively(inputs, kwargs, lookup, assistant, trace)
         given = kwargs.pop("session", None)  # Petals' generate(..., session=sess)
         if given is not None and given is not remote.active_session:
             with remote.using_session(given):
@@ -263,23 +270,66 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         if session is not None:
             if inputs is None and "input_ids" not in kwargs and "inputs_embeds" not in kwargs and session.position:
                 inputs = self._session_history(session, kwargs)  # Petals' generate(None): go on from the last token
+            lookup = session.config.prompt_lookup_tokens
+            if lookup and not args and self._speculable(inputs, kwargs):
+                return self._generate_speculatively(inputs, kwargs, lookup, None, trace)
             with self._tracing(session, trace):
                 result = super().generate(inputs, *args, **kwargs)
             sequences = result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None)
             session.output_ids = sequences if isinstance(sequences, torch.Tensor) else None
             return result
         max_length = self._generation_length(inputs, kwargs)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        speculable = not args and self._speculable(prompt, kwargs)
 
         def run(config: ClientConfig | None = None):
-            with self.inference_session(max_length, config) as session, self._tracing(session, trace):
-                return super(DistributedModelForCausalLM, self).generate(inputs, *args, **kwargs)
+            lookup = (config or remote.manager.config).prompt_lookup_tokens
+            with self.inference_session(max_length, config) as session:
+                if lookup and speculable:  # prompt-lookup drafts (the setting, or an acceleration method's)
+                    return self._generate_speculatively(prompt, kwargs, lookup, None, trace)
+                with self._tracing(session, trace):
+                    return super(DistributedModelForCausalLM, self).generate(inputs, *args, **kwargs)
 
         selector = self.__dict__.get("_selector")
-        prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if selector is None or prompt is None:
             return run()
         batch, length = prompt.shape[:2]
-        return selector.generate(run, batch, length, max_length - length)
+        return selector.generate(run, batch, length, max_length - length, speculable)
+
+    def _speculable(self, prompt: torch.Tensor | None, kwargs: dict) -> bool:
+        """Whether speculation could serve this request with the very output it asked for."""
+        try:
+            speculative.check_greedy(self, prompt, kwargs)
+        except ValueError:
+            return False
+        return True
+
+    def _generate_speculatively(self, inputs: torch.Tensor | None, kwargs: dict, lookup: int | None,
+                                assistant: nn.Module | None, trace: bool) -> torch.Tensor:
+        """Greedy generation with drafts checked by the swarm several at a time (speculative.py): from the text
+        itself with ``prompt_lookup_num_tokens=k``, or from a small local model (``assistant_model=``, or the
+        ``small_model`` of ``AutoDistributedSpeculativeModel``); the output equals plain greedy generation."""
+        remote = self.get_remote()
+        given = kwargs.pop("session", None)
+        draft_tokens = kwargs.pop("num_assistant_tokens", None) or lookup or DEFAULT_DRAFT_TOKENS
+        session = given or remote.active_session
+        if session is not None and inputs is None and kwargs.get("input_ids") is None and session.position:
+            inputs = self._session_history(session, kwargs)  # generate(None): go on from the newest token
+        inputs = inputs if inputs is not None else kwargs.get("input_ids")
+        speculative.check_greedy(self, inputs, kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        max_length = self._generation_length(inputs, kwargs)
+        propose = speculative.PromptLookup() if assistant is None else speculative.DraftModel(assistant)
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.inference_session(max_length))
+            elif session is not remote.active_session:
+                stack.enter_context(remote.using_session(session))
+            stack.enter_context(self._tracing(session, trace))
+            out, self.last_speculation = speculative.generate_speculatively(
+                self, inputs, propose, draft_tokens, max_length - inputs.shape[1], eos)
+        return out
 
     @staticmethod
     def _session_history(session: InferenceSession, kwargs: dict) -> torch.Tensor:
@@ -367,6 +417,19 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         common = int(same.long().cumprod(0).sum())
         session.rewind(common)
         return common
+
+
+class AutoDistributedSpeculativeModel:
+    """``AutoDistributedSpeculativeModel.from_pretrained(MODEL, small_model=draft, initial_peers=[...])`` (Petals'
+    name): a causal LM whose greedy ``generate`` checks the drafts of ``draft``, a small local causal LM with the
+    same tokenizer, several tokens per swarm step; the output is that of plain greedy generation."""
+
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | os.PathLike | None = None, *, small_model: nn.Module,
+                        **kwargs) -> DistributedModelForCausalLM:
+        model = DistributedModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+        model.__dict__["small_model"] = small_model  # not a submodule: its weights are not the model's
+        return model
 
 
 class AutoDistributedModel:
