@@ -1,7 +1,7 @@
 """The client role: models whose blocks run in the swarm.
 
-- model.py: ``AutoDistributedModelForCausalLM`` / ``AutoDistributedModel`` / ``AutoDistributedSpeculativeModel`` and
-  their classes (drop-in transformers)
+- model.py: ``AutoDistributedModelForCausalLM`` / ``AutoDistributedModel`` / ``AutoDistributedSpeculativeModel`` /
+  ``AutoDistributedModelForSequenceClassification`` and their classes (drop-in transformers)
 - remote_sequential.py: ``RemoteSequential``: every decoder block as one module computed by servers
 - speculative.py: greedy speculative decoding in a session: ``PromptLookup`` and ``DraftModel`` proposers, drafts
   checked several per step, caches rewound past the first wrong one (``generate(..., prompt_lookup_num_tokens=k)``,
@@ -30,9 +30,11 @@ from swarm.client.inference_session import InferenceSession
 from swarm.client.model import (
     AutoDistributedModel,
     AutoDistributedModelForCausalLM,
+    AutoDistributedModelForSequenceClassification,
     AutoDistributedSpeculativeModel,
     DistributedModel,
     DistributedModelForCausalLM,
+    DistributedModelForSequenceClassification,
 )
 from swarm.client.pipeline import AutoDistributedPipeline
 from swarm.client.remote_sequential import RemoteSequential
@@ -43,10 +45,12 @@ __all__ = [
     "RemoteUNet",
     "AutoDistributedModel",
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
     "AutoDistributedSpeculativeModel",
     "ClientConfig",
     "DistributedModel",
     "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
     "InferenceSession",
     "MissingBlocksError",
     "RemoteSequential",

@@ -8,6 +8,7 @@ opens an inference session over the servers' KV caches, ``forward`` with ``label
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -15,8 +16,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 
 from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
@@ -31,16 +36,19 @@ from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.trace import Trace, enabled_by_env
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_DRAFT_TOKENS = 4  # drafted tokens checked per step when the caller does not say
 
 
 def _load_local_modules(config: PretrainedConfig, family: BlockFamily, source: ModelSource,
-                        dtype: torch.dtype) -> dict[str, nn.Module | None]:
-    """The parts the client keeps, loaded from just the checkpoint shards that hold them."""
+                        dtype: torch.dtype, lm_head: bool = True) -> dict[str, nn.Module | None]:
+    """The parts the client keeps, loaded from just the checkpoint shards that hold them (``lm_head``: the
+    causal LM's head too)."""
     skeleton = build_skeleton(span_config(config, 0, 0))  # the model's classes without any decoder layer
     checkpoint = Checkpoint(source)
     paths = {"embed_tokens": family.embed_tokens, "position_embeddings": family.position_embeddings,
-             "norm": family.norm, "lm_head": family.lm_head}
+             "norm": family.norm, "lm_head": family.lm_head if lm_head else None}
     modules: dict[str, nn.Module | None] = {}
     for role, path in paths.items():
         if path is None:
@@ -64,8 +72,16 @@ class DistributedPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _supports_sdpa = True
 
+    _uses_lm_head = True  # the causal LM's output head is among the local parts
+    _config_options: tuple[str, ...] = ()  # from_pretrained keywords that set the model's config (num_labels)
+
     def _init_weights(self, module: nn.Module) -> None:
         pass  # every local weight comes from the checkpoint
+
+    @classmethod
+    def _load_heads(cls, config: PretrainedConfig, source: ModelSource, dtype: torch.dtype) -> dict[str, nn.Module]:
+        """Task heads of this class beyond the causal LM's (e.g. a classifier), by name."""
+        return {}
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str | os.PathLike | None = None, *,
@@ -86,11 +102,15 @@ class DistributedPreTrainedModel(PreTrainedModel):
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise ValueError(f"dtype {dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
             dtype = getattr(torch, dtype)
+        overrides = {name: client_options.pop(name) for name in cls._config_options if name in client_options}
         client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         config = load_config(source)
+        for name, value in overrides.items():
+            setattr(config, name, value)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
-        modules = _load_local_modules(config, family_for(config), source, dtype)
+        modules = _load_local_modules(config, family_for(config), source, dtype, cls._uses_lm_head)
+        modules.update(cls._load_heads(config, source, dtype))
         k = client_config.local_blocks
         if not 0 <= k < config.num_hidden_layers:
             raise ValueError(f"local_blocks must be in [0, {config.num_hidden_layers}), got {k}")
@@ -417,6 +437,77 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         common = int(same.long().cumprod(0).sum())
         session.rewind(common)
         return common
+
+
+class DistributedModelForSequenceClassification(DistributedPreTrainedModel):
+    """A sequence classifier whose decoder blocks run in the swarm: embeddings, final norm and the ``score`` head
+    stay on the client, which trains the head (and any other local parameter) through the servers' backward."""
+
+    _uses_lm_head = False
+    _config_options = ("num_labels", "problem_type", "id2label", "label2id", "pad_token_id")
+
+    def __init__(self, config: PretrainedConfig, *, model: DistributedModel, score: nn.Linear):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model, self.score = model, score
+
+    @classmethod
+    def _load_heads(cls, config: PretrainedConfig, source: ModelSource, dtype: torch.dtype) -> dict[str, nn.Module]:
+        score = nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=dtype)
+        checkpoint = Checkpoint(source)
+        if checkpoint.has_module("score"):  # a classifier's checkpoint (``...ForSequenceClassification``)
+            score.load_state_dict(checkpoint.load_module("score", dtype))
+        else:  # a base or causal LM checkpoint: a new head, to be trained, as transformers does
+            logger.warning(f"{source.name} has no classification head: 'score' is newly initialized; train it")
+            nn.init.normal_(score.weight, std=getattr(config, "initializer_range", 0.02))
+        return {"score": score}
+
+    @classmethod
+    def _assemble(cls, config: PretrainedConfig, modules: dict,
+                  remote: RemoteSequential) -> DistributedModelForSequenceClassification:
+        return cls(config, model=DistributedModel._assemble(config, modules, remote), score=modules["score"])
+
+    def get_remote(self) -> RemoteSequential:
+        return self.model.layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, **kwargs: object) -> SequenceClassifierOutputWithPast:
+        """As transformers' ``...ForSequenceClassification``: each row is classified by its last real token (the
+        last one the attention mask keeps, else the last that is not padding)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds).last_hidden_state
+        logits = self.score(hidden)
+        batch, length = logits.shape[:2]
+        positions = torch.arange(length, device=logits.device)
+        if attention_mask is not None:
+            last = (positions * attention_mask[:, -length:].to(torch.long)).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            last = (positions * (input_ids != self.config.pad_token_id).long()).argmax(-1)
+        else:
+            if batch > 1 and input_ids is None:
+                logger.warning("classifying rows of embeddings by their last position: pass an attention_mask if "
+                               "some are padded")
+            last = torch.full((batch,), length - 1, device=logits.device)
+        pooled = logits[torch.arange(batch, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = ForSequenceClassificationLoss(labels, pooled, self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
+
+
+class AutoDistributedModelForSequenceClassification:
+    """``AutoDistributedModelForSequenceClassification.from_pretrained(MODEL, initial_peers=[...], num_labels=N)``:
+    a drop-in sequence classifier (local head, remote blocks)."""
+
+    @staticmethod
+    def from_pretrained(model_name_or_path: str | os.PathLike | None = None,
+                        **kwargs) -> DistributedModelForSequenceClassification:
+        """``num_labels=``: the classes of a new head (a classifier's checkpoint already says how many)."""
+        return DistributedModelForSequenceClassification.from_pretrained(model_name_or_path, **kwargs)
 
 
 class AutoDistributedSpeculativeModel:
