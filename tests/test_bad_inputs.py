@@ -87,6 +87,12 @@ BAD_FORWARDS = {
                                "has 4 entries"),
     "tensor neither array nor map": (forward_request(torch.randn(1, 4, HIDDEN), hidden="1, 4, 576"),
                                      "must be an array"),
+    "deep prompts for other blocks": (forward_request(torch.randn(1, 4, HIDDEN), prompts=serialize_tensor(
+        torch.randn(2, 1, 2, HIDDEN))), r"prompts must have shape \[3, 1 or 1, <= 4, 64\]"),
+    "deep prompts longer than the input": (forward_request(torch.randn(1, 4, HIDDEN), prompts=serialize_tensor(
+        torch.randn(3, 1, 5, HIDDEN))), "prompts.*over the limit"),
+    "deep prompts with NaN": (forward_request(torch.randn(1, 4, HIDDEN), prompts=serialize_tensor(
+        torch.full((3, 1, 2, HIDDEN), float("nan")))), "prompts contains NaN"),
 }
 
 

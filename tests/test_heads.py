@@ -78,3 +78,102 @@ def test_a_causal_checkpoint_gets_a_new_head_of_the_classes_asked_for(served, ca
             assert model(input_ids=ids[:1]).logits.shape == (1, 4)
     finally:
         model.shutdown()
+
+
+# ---- prompt tuning (Petals' tuning_mode="ptune" / "deep_ptune")
+
+
+def _local_with_prompts(local, ids: torch.Tensor, prompt: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+    """transformers' model with the prompt prepended and ``deep[i]`` added to its positions before layer i (hooks):
+    the reference, computed without any of swarm's code."""
+    pre = prompt.shape[0]
+
+    def adder(index: int):
+        def hook(module, args, kwargs):
+            key = "hidden_states" if "hidden_states" in kwargs else None
+            hidden = kwargs[key] if key else args[0]
+            hidden = torch.cat([hidden[:, :pre] + deep[index], hidden[:, pre:]], dim=1)
+            if key:
+                return args, {**kwargs, key: hidden}
+            return (hidden, *args[1:]), kwargs
+        return hook
+
+    handles = [layer.register_forward_pre_hook(adder(i), with_kwargs=True)
+               for i, layer in enumerate(local.model.layers)]
+    try:
+        embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), local.model.embed_tokens(ids)], dim=1)
+        return local(inputs_embeds=embeds).logits[:, pre:]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_deep_prompts_equal_a_local_reference_and_their_gradients_come_back(served):
+    from transformers import AutoModelForCausalLM
+
+    from swarm import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(served["path"], initial_peers=served["peers"],
+                                                            tuning_mode="deep_ptune", pre_seq_len=3,
+                                                            compression="none")
+    local = AutoModelForCausalLM.from_pretrained(served["path"]).eval()
+    try:
+        inner = model.model
+        assert not torch.count_nonzero(inner.intermediate_prompt_embeddings.weight)  # starts as plain ptune
+        with torch.no_grad():
+            inner.intermediate_prompt_embeddings.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+        logits = model(input_ids=ids).logits
+        prompt = inner.prompt_embeddings.weight.detach().clone().requires_grad_(True)
+        deep = inner._deep_prompts().squeeze(1).detach().clone().requires_grad_(True)  # (blocks, pre, hidden)
+        reference = _local_with_prompts(local, ids, prompt, deep)
+        assert logits.shape == (2, 5, VOCAB)
+        assert torch.allclose(logits, reference, atol=1e-5), (logits - reference).abs().max()
+        # the same loss backpropagated on both sides: equal gradients for the shallow and the deep prompts
+        target = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+        (logits * target).sum().backward()
+        (reference * target).sum().backward()
+        assert torch.allclose(inner.prompt_embeddings.weight.grad, prompt.grad, atol=1e-4)
+        deep_grad = inner.intermediate_prompt_embeddings.weight.grad.view(3, 6, -1).permute(1, 0, 2)
+        assert torch.allclose(deep_grad, deep.grad, atol=1e-4), (deep_grad - deep.grad).abs().max()
+        # and training only the prompts lowers a language-modelling loss through the servers
+        for param in model.parameters():
+            param.requires_grad_(False)
+        trained = [inner.prompt_embeddings.weight, inner.intermediate_prompt_embeddings.weight]
+        for param in trained:
+            param.requires_grad_(True)
+        optimizer = torch.optim.Adam(trained, lr=0.05)
+        losses = []
+        for _ in range(6):
+            optimizer.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.1, losses
+        with pytest.raises(ValueError, match="generation with tuned prompts is not supported yet"):
+            model.generate(ids[:1], max_new_tokens=2)
+    finally:
+        model.shutdown()
+
+
+def test_a_classifier_trains_with_deep_prompts(served):
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        served["classifier"], initial_peers=served["peers"], model_id="tiny-llama", compression="none",
+        tuning_mode="deep_ptune", pre_seq_len=2)
+    try:
+        ids, mask = batch()
+        labels = torch.tensor([1, 2])
+        trained = [model.model.prompt_embeddings.weight, model.model.intermediate_prompt_embeddings.weight]
+        optimizer = torch.optim.Adam(trained, lr=0.05)
+        losses = []
+        for _ in range(6):
+            optimizer.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], losses
+        assert model.model.intermediate_prompt_embeddings.weight.grad.abs().sum() > 0
+    finally:
+        model.shutdown()

@@ -18,7 +18,14 @@ from swarm.blocks.quantization import quantize_linear_layers
 from swarm.blocks.served import BlockSession, Bounds, Prepared, ServedBlocks
 from swarm.compression import CODECS
 from swarm.hub.source import ModelSource, resolve_model
-from swarm.rpc.messages import read_attention_mask, read_block_range, read_hidden, read_position_ids, read_tensor
+from swarm.rpc.messages import (
+    read_attention_mask,
+    read_block_range,
+    read_hidden,
+    read_position_ids,
+    read_prompts,
+    read_tensor,
+)
 from swarm.rpc.protocol import RequestError, get_field
 
 logger = logging.getLogger(__name__)
@@ -105,13 +112,15 @@ class BlockSpan(nn.Module, ServedBlocks):
         return compat.new_cache(self.config)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: DynamicCache | None = None, first: int = 0, last: int | None = None) -> torch.Tensor:
+                cache: DynamicCache | None = None, first: int = 0, last: int | None = None,
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run local layers [first, last) (default: all) on ``hidden`` of shape (batch, new_tokens, hidden_size).
 
         ``position_ids``: (batch, new_tokens) absolute positions; ``attention_mask``: (batch, past + new) with 0 at
-        padding, or None; ``cache``: this session's cache (None: no cache, e.g. training forward).
+        padding, or None; ``cache``: this session's cache (None: no cache, e.g. training forward); ``prompts``: deep
+        prompts (layers, 1 or batch, prompt length, hidden), added to the first new positions before each layer.
         """
-        pieces = self.forward_pieces(hidden, position_ids, attention_mask, cache, first, last)
+        pieces = self.forward_pieces(hidden, position_ids, attention_mask, cache, first, last, prompts)
         while True:
             try:
                 next(pieces)
@@ -120,7 +129,8 @@ class BlockSpan(nn.Module, ServedBlocks):
 
     def forward_pieces(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, cache: DynamicCache | None = None, first: int = 0,
-                       last: int | None = None) -> Generator[None, None, torch.Tensor]:
+                       last: int | None = None,
+                       prompts: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
         """``forward`` as a generator that yields between layers, where a server's compute thread may run other
         requests' work (swarm/server/compute.py); its return value is the output."""
         last = len(self.layers) if last is None else last
@@ -133,6 +143,10 @@ class BlockSpan(nn.Module, ServedBlocks):
         for index in range(first, last):
             if index > first:
                 yield
+            if prompts is not None:  # out of place: a backward differentiates through it
+                prompt = prompts[index - first].to(device, hidden.dtype)
+                length = prompt.shape[1]
+                hidden = torch.cat([hidden[:, :length] + prompt, hidden[:, length:]], dim=1)
             hidden = compat.call_layer(self.layers[index], hidden, mask=masks[self.layer_types[index]],
                                        position_ids=position_ids, position_embeddings=position_embeddings,
                                        cache=cache)
@@ -203,11 +217,13 @@ class BlockSpan(nn.Module, ServedBlocks):
     def _prepare_forward(self, message: dict, bounds: Bounds) -> Prepared:
         first, last, hidden, positions, mask = self.read_inputs(message, bounds)
         batch, tokens, _ = hidden.shape
+        prompts = read_prompts(message, last - first, batch, tokens, self.hidden_size)
         flops = self.flops(batch, tokens, tokens, last - first)
         self.check_cost(flops, bounds)
 
         def run():
-            return (yield from self.forward_pieces(hidden.to(self.dtype), positions, mask, None, first, last))
+            return (yield from self.forward_pieces(hidden.to(self.dtype), positions, mask, None, first, last,
+                                                   prompts))
 
         return Prepared(run, flops, batch * tokens, lambda output: ({}, {"hidden": output}), hidden.dtype)
 
@@ -218,6 +234,7 @@ class BlockSpan(nn.Module, ServedBlocks):
         if grad_output.shape != hidden.shape:
             raise RequestError(f"grad_output has shape {list(grad_output.shape)}, hidden {list(hidden.shape)}")
         batch, tokens, _ = hidden.shape
+        prompts = read_prompts(message, last - first, batch, tokens, self.hidden_size)
         flops = 3 * self.flops(batch, tokens, tokens, last - first)
         self.check_cost(flops, bounds)
 
@@ -225,11 +242,19 @@ class BlockSpan(nn.Module, ServedBlocks):
             yield from ()
             with torch.enable_grad():
                 inputs = hidden.to(self.dtype).requires_grad_(True)
-                outputs = self(inputs, positions, mask, None, first, last)
-                (grad,) = torch.autograd.grad(outputs, inputs, grad_output.to(outputs.device, outputs.dtype))
-            return grad
+                deep = None if prompts is None else prompts.to(self.dtype).requires_grad_(True)
+                outputs = self(inputs, positions, mask, None, first, last, deep)
+                wrt = [inputs] if deep is None else [inputs, deep]
+                grads = torch.autograd.grad(outputs, wrt, grad_output.to(outputs.device, outputs.dtype))
+            return grads
 
-        return Prepared(run, flops, batch * tokens, lambda grad: ({}, {"grad_input": grad}), hidden.dtype)
+        def finish(grads: tuple[torch.Tensor, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
+            tensors = {"grad_input": grads[0]}
+            if len(grads) > 1:
+                tensors["grad_prompts"] = grads[1]
+            return {}, tensors
+
+        return Prepared(run, flops, batch * tokens, finish, hidden.dtype)
 
     def _prepare_step(self, message: dict, session: SpanSession, bounds: Bounds) -> Prepared:
         position = get_field(message, "position", int, default=session.length)

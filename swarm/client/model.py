@@ -73,7 +73,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     _uses_lm_head = True  # the causal LM's output head is among the local parts
-    _config_options: tuple[str, ...] = ()  # from_pretrained keywords that set the model's config (num_labels)
+    # from_pretrained keywords that set the model's config: prompt tuning (Petals' names), a classifier's labels
+    _config_options: tuple[str, ...] = ("tuning_mode", "pre_seq_len")
 
     def _init_weights(self, module: nn.Module) -> None:
         pass  # every local weight comes from the checkpoint
@@ -176,6 +177,37 @@ class DistributedModel(DistributedPreTrainedModel):
         self.embed_tokens, self.position_embeddings, self.norm, self.layers = (
             embed_tokens, position_embeddings, norm, layers)
         self.local_span = local_span  # the first blocks, when the client keeps them (``local_blocks``)
+        self.tuning_mode = getattr(config, "tuning_mode", None)
+        self.pre_seq_len = getattr(config, "pre_seq_len", None) or 0
+        if self.tuning_mode is not None:
+            self._add_prompts()
+
+    def _add_prompts(self) -> None:
+        """Trainable prompts (Petals' prompt tuning): ``ptune`` prepends ``pre_seq_len`` learned embeddings to the
+        input; ``deep_ptune`` also adds learned vectors to those positions before every remote block (the servers
+        add them; gradients come back with the backward)."""
+        if self.tuning_mode not in ("ptune", "deep_ptune"):
+            raise ValueError(f"tuning_mode must be 'ptune' or 'deep_ptune', got {self.tuning_mode!r}")
+        if self.pre_seq_len <= 0:
+            raise ValueError(f"prompt tuning needs pre_seq_len > 0, got {self.pre_seq_len}")
+        if self.tuning_mode == "deep_ptune" and self.local_span is not None:
+            raise ValueError("deep_ptune with local_blocks is not supported: deep prompts go to remote blocks only")
+        hidden, dtype = self.config.hidden_size, self.embed_tokens.weight.dtype
+        std = getattr(self.config, "initializer_range", 0.02)
+        self.prompt_embeddings = nn.Embedding(self.pre_seq_len, hidden, dtype=dtype)
+        nn.init.normal_(self.prompt_embeddings.weight, std=std)
+        if self.tuning_mode == "deep_ptune":
+            blocks = self.layers.end - self.layers.start
+            # zeros: before training, deep prompts change nothing beyond the shallow prompt
+            self.intermediate_prompt_embeddings = nn.Embedding(self.pre_seq_len, blocks * hidden, dtype=dtype)
+            nn.init.zeros_(self.intermediate_prompt_embeddings.weight)
+
+    def _deep_prompts(self) -> torch.Tensor | None:
+        """(blocks, 1, pre_seq_len, hidden): what the servers add before each block."""
+        if self.tuning_mode != "deep_ptune":
+            return None
+        weight = self.intermediate_prompt_embeddings.weight
+        return weight.view(self.pre_seq_len, -1, self.config.hidden_size).permute(1, 0, 2).unsqueeze(1)
 
     @classmethod
     def _assemble(cls, config: PretrainedConfig, modules: dict, remote: RemoteSequential) -> DistributedModel:
@@ -198,8 +230,15 @@ class DistributedModel(DistributedPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        batch, tokens = inputs_embeds.shape[:2]
         session = self.layers.active_session
+        prompted = self.tuning_mode is not None
+        if prompted:
+            if session is not None:
+                raise ValueError("generation with tuned prompts is not supported yet: prompts are trained and used "
+                                 "in forward passes (training, scoring, classification)")
+            inputs_embeds, attention_mask, position_ids = self._prepend_prompts(inputs_embeds, attention_mask,
+                                                                                position_ids)
+        batch, tokens = inputs_embeds.shape[:2]
         past = session.position if session is not None else 0
         if attention_mask is not None and attention_mask.shape != (batch, past + tokens):
             raise ValueError(f"attention_mask must cover the {past} cached and {tokens} new positions: expected shape "
@@ -220,13 +259,31 @@ class DistributedModel(DistributedPreTrainedModel):
                 cache = session.local_cache
                 compat.truncate_cache(cache, past)  # drops what a step that failed remotely left behind
             hidden = local_span(hidden, position_ids, attention_mask, cache)
-        hidden = self.layers(hidden, position_ids, attention_mask)
+        if prompted:
+            hidden = self.layers(hidden, position_ids, attention_mask, prompts=self._deep_prompts())
+            hidden = hidden[:, self.pre_seq_len:]  # the caller's positions only
+        else:
+            hidden = self.layers(hidden, position_ids, attention_mask)
         if session is not None:
             if input_ids is not None and (past == 0 or session.token_ids is not None):
                 session.token_ids = input_ids if past == 0 else torch.cat([session.token_ids, input_ids], dim=1)
             else:
                 session.token_ids = None  # positions fed as embeddings: token history unknown from here on
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+
+    def _prepend_prompts(self, embeds: torch.Tensor, mask: torch.Tensor | None,
+                         positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        """The learned prompt before every row, the mask and positions extended over it."""
+        batch, pre = embeds.shape[0], self.pre_seq_len
+        embeds = torch.cat([self.prompt_embeddings.weight.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+        if mask is not None:
+            mask = torch.cat([torch.ones(batch, pre, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        if positions is not None:
+            positions = torch.cat([torch.arange(pre, device=positions.device).expand(batch, -1), positions + pre],
+                                  dim=1)
+        return embeds, mask, positions
 
 
 class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
@@ -444,7 +501,8 @@ class DistributedModelForSequenceClassification(DistributedPreTrainedModel):
     stay on the client, which trains the head (and any other local parameter) through the servers' backward."""
 
     _uses_lm_head = False
-    _config_options = ("num_labels", "problem_type", "id2label", "label2id", "pad_token_id")
+    _config_options = (*DistributedPreTrainedModel._config_options, "num_labels", "problem_type", "id2label",
+                       "label2id", "pad_token_id")
 
     def __init__(self, config: PretrainedConfig, *, model: DistributedModel, score: nn.Linear):
         super().__init__(config)

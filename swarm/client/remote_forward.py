@@ -45,11 +45,20 @@ async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, m
     return reply[field]
 
 
+def _prompts_for(span: RemoteSpan, prompts: torch.Tensor | None, first: int) -> dict:
+    """The request field with ``span``'s deep prompts (``prompts`` covers blocks from ``first`` on), if any."""
+    if prompts is None:
+        return {}
+    return {"prompts": serialize_tensor(prompts[span.start - first:span.end - first].detach().contiguous())}
+
+
 async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None, start: int | None = None, end: int | None = None,
-                        chain: list[RemoteSpan] | None = None) -> tuple[dict, Record]:
+                        chain: list[RemoteSpan] | None = None,
+                        prompts: torch.Tensor | None = None) -> tuple[dict, Record]:
     """Run blocks [start, end) on encoded ``hidden`` (through ``chain`` if given, else the cheapest one);
-    returns the encoded output and each hop with its input."""
+    returns the encoded output and each hop with its input. ``prompts``: deep prompts for blocks [start, end),
+    (blocks, 1 or batch, prompt length, hidden), sent exactly (they are small)."""
     start = manager.first_block if start is None else start
     end = manager.num_blocks if end is None else end
     request = RouteRequest(mode="throughput", tokens=position_ids.numel())
@@ -61,14 +70,16 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
         codec = output_codec(manager.config, span.end == end)
         try:
             output = await _call_span(manager, span, protocol.FORWARD,
-                                      span_request(span, hidden, position_ids, attention_mask, codec), "hidden")
+                                      span_request(span, hidden, position_ids, attention_mask, codec,
+                                                   **_prompts_for(span, prompts, start)), "hidden")
         except RETRYABLE as e:
             attempts.failed(e)  # raised if the request is at fault or out of retries
             with manager.rerouting_after(e, span.peer_id):
                 manager.failed(span.peer_id, e)
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
             continue
-        if random.random() < manager.config.verify_probability:
+        # (a check recomputes without the prompts, so prompted requests are not checked)
+        if prompts is None and random.random() < manager.config.verify_probability:
             verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,
                                          deserialize_tensor(output), codec)
             if span.peer_id in verdict.struck:  # caught returning a wrong output: recompute this hop elsewhere
@@ -83,25 +94,39 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
 
 async def backward_chain(manager: SequenceManager, record: Record, grad_output: dict,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         attempts: Attempts | None = None) -> dict:
-    """Encoded gradient w.r.t. the chain's input, hop by hop in reverse; a failed hop is recomputed elsewhere."""
+                         attempts: Attempts | None = None, prompts: torch.Tensor | None = None,
+                         first: int = 0) -> tuple[dict, list[tuple[int, torch.Tensor]]]:
+    """Encoded gradient w.r.t. the chain's input, hop by hop in reverse; a failed hop is recomputed elsewhere.
+    With deep ``prompts`` (for blocks from ``first`` on), also each hop's gradient w.r.t. its prompts, as
+    (first block, gradient) pieces."""
     attempts = attempts or Attempts(manager)
-    grad = grad_output
+    grad, prompt_grads = grad_output, []
     for index in reversed(range(len(record))):
         span, inputs = record[index]
         codec = output_codec(manager.config, index == 0)
         try:
-            grad = await _call_span(manager, span, protocol.BACKWARD,
-                                    span_request(span, inputs, position_ids, attention_mask, codec,
-                                                 grad_output=grad), "grad_input")
+            reply = await call(manager.p2p, span.peer_id, protocol.BACKWARD,
+                               span_request(span, inputs, position_ids, attention_mask, codec, grad_output=grad,
+                                            **_prompts_for(span, prompts, first)),
+                               timeout=manager.config.request_timeout)
+            fields = ("grad_input",) if prompts is None else ("grad_input", "grad_prompts")
+            if not all(is_serialized_tensor(reply.get(field)) for field in fields):
+                raise PeerUnavailable(f"server {span} sent a reply without {' and '.join(fields)}", span.peer_id)
+            grad = reply["grad_input"]
+            if prompts is not None:
+                prompt_grads.append((span.start, deserialize_tensor(reply["grad_prompts"])))
         except PeerUnavailable as e:
             attempts.failed(e, span.peer_id)  # raised when out of retries
             # The replacement must see exactly what the failed server saw: the decoded input, sent losslessly.
             exact_inputs = serialize_tensor(deserialize_tensor(inputs), "none")
             _, sub_record = await forward_chain(manager, exact_inputs, position_ids, attention_mask,
-                                                span.start, span.end)
-            grad = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, attempts)
-    return grad
+                                                span.start, span.end, prompts=None if prompts is None else
+                                                prompts[span.start - first:span.end - first])
+            grad, sub_grads = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, attempts,
+                                                   None if prompts is None else
+                                                   prompts[span.start - first:span.end - first], span.start)
+            prompt_grads.extend(sub_grads)
+    return grad, prompt_grads
 
 
 class RemoteChainFunction(torch.autograd.Function):
@@ -113,7 +138,9 @@ class RemoteChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                manager: SequenceManager, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+                manager: SequenceManager, blocks: tuple[int, int] | None = None,
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """``prompts``: deep prompts of every block run, (blocks, 1 or batch, prompt length, hidden)."""
         config = manager.config
         batch, tokens = hidden.shape[:2]
         start, end = blocks if blocks is not None else (manager.first_block, manager.num_blocks)
@@ -125,10 +152,14 @@ class RemoteChainFunction(torch.autograd.Function):
         rows = max(1, min(config.max_batch_tokens // max(1, tokens), -(-batch // len(chains))))
         chunks = [slice(i, i + rows) for i in range(0, batch, rows)]
         mask_of = (lambda rows_: None) if attention_mask is None else (lambda rows_: attention_mask[rows_])
+        per_row = prompts is not None and prompts.shape[1] > 1
+        prompts_of = (lambda rows_: None) if prompts is None else (
+            lambda rows_: prompts[:, rows_] if per_row else prompts)
 
         async def run_chain(chain, assigned: list[slice]) -> list[tuple[dict, Record]]:
             return [await forward_chain(manager, serialize_tensor(hidden[rows_].detach(), config.edge_codec),
-                                        position_ids[rows_], mask_of(rows_), start, end, chain=chain)
+                                        position_ids[rows_], mask_of(rows_), start, end, chain=chain,
+                                        prompts=prompts_of(rows_))
                     for rows_ in assigned]
 
         async def run_all() -> list[list[tuple[dict, Record]]]:
@@ -140,6 +171,7 @@ class RemoteChainFunction(torch.autograd.Function):
         done = {rows_.start: result for i, per_chain in enumerate(results)
                 for rows_, result in zip(chunks[i :: len(chains)], per_chain, strict=True)}
         ctx.manager, ctx.position_ids, ctx.attention_mask, ctx.mask_of = manager, position_ids, attention_mask, mask_of
+        ctx.prompts, ctx.prompts_of, ctx.per_row, ctx.start = prompts, prompts_of, per_row, start
         ctx.chunks = [(rows_, done[rows_.start][1]) for rows_ in chunks]
         return torch.cat([deserialize_tensor(done[rows_.start][0]) for rows_ in chunks]).to(hidden.dtype)
 
@@ -147,12 +179,24 @@ class RemoteChainFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         manager = ctx.manager
 
-        async def run_all() -> list[dict]:
+        async def run_all() -> list[tuple[dict, list]]:
             return await asyncio.gather(*(
                 backward_chain(manager, record, serialize_tensor(grad_output[rows_].contiguous(),
                                                                  manager.config.edge_codec),
-                               ctx.position_ids[rows_], ctx.mask_of(rows_))
+                               ctx.position_ids[rows_], ctx.mask_of(rows_), prompts=ctx.prompts_of(rows_),
+                               first=ctx.start)
                 for rows_, record in ctx.chunks))
 
-        grads = manager.loop.run(run_all())
-        return torch.cat([deserialize_tensor(g) for g in grads]).to(grad_output.dtype), None, None, None, None
+        results = manager.loop.run(run_all())
+        grad_input = torch.cat([deserialize_tensor(g) for g, _ in results]).to(grad_output.dtype)
+        grad_prompts = None
+        if ctx.prompts is not None and ctx.needs_input_grad[5]:
+            grad_prompts = torch.zeros_like(ctx.prompts)
+            for (rows_, _), (_, pieces) in zip(ctx.chunks, results, strict=True):
+                for block, grad in pieces:  # each hop's blocks, for this chunk's rows (or all rows, summed)
+                    where = slice(block - ctx.start, block - ctx.start + grad.shape[0])
+                    if ctx.per_row:
+                        grad_prompts[where, rows_] += grad.to(grad_prompts.dtype)
+                    else:
+                        grad_prompts[where] += grad.to(grad_prompts.dtype)
+        return grad_input, None, None, None, None, grad_prompts

@@ -66,9 +66,16 @@ class RemoteSequential(nn.Module):
         return None if whole else (self.start, self.end)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``position_ids`` default to the positions after what the active session holds (0, 1, ... without one)."""
+                attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` default to the positions after what the active session holds (0, 1, ... without one).
+        ``prompts``: deep prompts (one per block of this module, (blocks, 1 or batch, prompt length, hidden)), added
+        by the servers to the first positions' hidden states before each block; gradients flow back to them.
+        Forward passes only (training, scoring): not within an inference session."""
         session = self.active_session
+        if prompts is not None and (session is not None or prompts.shape[0] != self.end - self.start):
+            raise ValueError("deep prompts are taken by forward passes outside inference sessions, one per block: "
+                             f"expected {self.end - self.start}, got shape {tuple(prompts.shape)}"
+                             if session is None else "deep prompts are not supported in inference sessions yet")
         if position_ids is None:
             past = session.position if session is not None else 0
             position_ids = torch.arange(past, past + hidden.shape[1]).expand(hidden.shape[0], -1)
@@ -82,7 +89,7 @@ class RemoteSequential(nn.Module):
                 mask = attention_mask[:, :past + hi] if attention_mask is not None else None
                 outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask))
             return torch.cat(outputs, dim=1)
-        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, self.sliced)
+        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, self.sliced, prompts)
 
     @property
     def active_session(self) -> InferenceSession | None:

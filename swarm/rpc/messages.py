@@ -118,6 +118,20 @@ def read_hidden(message: dict, hidden_size: int, max_tokens: int, name: str = "h
     return hidden
 
 
+def read_prompts(message: dict, layers: int, batch: int, tokens: int, hidden_size: int) -> torch.Tensor | None:
+    """Deep prompts of a request (optional): (layers, 1 or batch, prompt length <= tokens, hidden), one per block,
+    added to the first positions' hidden states before that block."""
+    prompts = read_float_tensor(message, "prompts", layers * batch * tokens * hidden_size, 4, required=False,
+                                layout="blocks, batch, prompt length, hidden")
+    if prompts is None:
+        return None
+    if prompts.shape[0] != layers or prompts.shape[1] not in (1, batch) or prompts.shape[2] > tokens \
+            or prompts.shape[3] != hidden_size:
+        raise RequestError(f"prompts must have shape [{layers}, 1 or {batch}, <= {tokens}, {hidden_size}] (one per "
+                           f"block requested), got {list(prompts.shape)}")
+    return prompts
+
+
 def read_position_ids(message: dict, batch: int, tokens: int, max_position: int) -> torch.Tensor:
     positions = read_tensor(message, "position_ids", max_numel=batch * tokens)
     if positions.dtype not in (torch.int64, torch.int32) or list(positions.shape) != [batch, tokens]:
