@@ -3,7 +3,8 @@ greedy decoding through the same swarm: prompt-lookup drafts, and drafts from a 
 
 Two prompts: an input-grounded one (quote a ~200-token passage back, where prompt lookup should shine) and an
 open-ended one (a story, where drafts from the prompt rarely hold). For each, every method generates the same number
-of tokens, runs interleaved; the outputs must be identical to plain greedy (checked, the script fails otherwise).
+of tokens, runs interleaved; each output is compared with plain greedy's (a speculative step computes several
+positions at once, whose float rounding can differ from one position at a time: at a near-tie, greedy may part).
 
 The last lines are ``<method>_speedup_<prompt>=`` (tokens/s over plain greedy through the swarm, medians of
 ``--runs``), with the acceptance rate of the drafts. Takes about 4 minutes with ``--runs 3`` on the 2-core machine.
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--draft-blocks", type=int, default=8, help="blocks of the truncated local draft model")
     parser.add_argument("--draft-tokens", type=int, default=4, help="drafts per step for the draft model")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compression", default="blockwise8", help="the client's codec between servers")
     args = parser.parse_args()
 
     import torch
@@ -66,10 +68,12 @@ def main() -> None:
                "draft": {"assistant_model": draft, "num_assistant_tokens": args.draft_tokens}}
     times: dict[tuple[str, str], list[float]] = {}
     acceptance: dict[tuple[str, str], list[float]] = {}
+    divergence: dict[tuple[str, str], int] = {}  # new tokens equal to plain greedy before the first difference
     with LocalSwarm() as swarm:
         first = swarm.start_server(args.model, f"0:{middle}", [])
         swarm.start_server(args.model, f"{middle}:{num_blocks}", [first.maddr])
-        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[first.maddr])
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=[first.maddr],
+                                                                compression=args.compression)
         # eos ignored: every method generates the same number of tokens
         greedy = dict(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None)
         model.generate(inputs["story"][:, :8], max_new_tokens=4, do_sample=False)  # warm-up
@@ -84,18 +88,23 @@ def main() -> None:
                     times.setdefault((prompt, method), []).append(time.perf_counter() - started)
                     if method == "plain":
                         expected.setdefault(prompt, out)
-                    elif not torch.equal(out, expected[prompt]):
-                        sys.exit(f"{method} output differs from plain greedy on {prompt!r}")
                     else:
                         acceptance.setdefault((prompt, method), []).append(model.last_speculation.acceptance_rate)
+                        same = out.shape == expected[prompt].shape and bool((out == expected[prompt]).all())
+                        if not same:  # the first new token where the two greedy paths part
+                            length = min(out.shape[1], expected[prompt].shape[1])
+                            differs = (out[0, :length] != expected[prompt][0, :length]).nonzero()
+                            first = int(differs[0]) - ids.shape[1] if len(differs) else length - ids.shape[1]
+                            divergence.setdefault((prompt, method), first)
                     print(f"run {run + 1} {prompt} {method}: {times[prompt, method][-1]:.2f} s", file=sys.stderr,
                           flush=True)
         print(f"quote sample: {tokenizer.decode(expected['quote'][0, inputs['quote'].shape[1]:])[:200]!r}",
               file=sys.stderr)
         model.shutdown()
 
-    print(f"model={args.model} float32, 2 servers (0:{middle}, {middle}:{num_blocks}) on 127.0.0.1, default "
-          f"compression, batch 1 greedy, {args.new_tokens} new tokens, median of {args.runs}; lookup "
+    print(f"model={args.model} float32, 2 servers (0:{middle}, {middle}:{num_blocks}) on 127.0.0.1, "
+          f"compression={args.compression}, batch 1 greedy, {args.new_tokens} new tokens, median of {args.runs}; "
+          f"lookup "
           f"{args.lookup_tokens} drafts/step; draft model = first {args.draft_blocks} blocks + head, "
           f"{args.draft_tokens} drafts/step")
     print(f"{'prompt':>8} {'method':>8} {'tokens/s':>9} {'acceptance':>11}")
@@ -108,7 +117,9 @@ def main() -> None:
         for method in ("lookup", "draft"):
             speedup = statistics.median(times[prompt, "plain"]) / statistics.median(times[prompt, method])
             rate = statistics.median(acceptance[prompt, method])
-            print(f"{method}_speedup_{prompt}={speedup:.2f} acceptance={rate:.2f}")
+            same = "identical" if (prompt, method) not in divergence else \
+                f"differs from token {divergence[prompt, method]}"
+            print(f"{method}_speedup_{prompt}={speedup:.2f} acceptance={rate:.2f} output={same}")
 
 
 if __name__ == "__main__":

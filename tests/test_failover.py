@@ -136,3 +136,48 @@ def test_an_error_the_request_causes_is_reported_and_bans_nobody(tiny_model, tmp
                                local.generate(ids, max_new_tokens=4, **GREEDY))
         finally:
             model.shutdown()
+
+
+def test_restarted_servers_are_chosen_again(tiny_model, tmp_path):
+    """Two replicas of blocks 0:3; in each generation the one in use is killed mid-way and restarted at once with
+    its identity. Its ban must heal when it announces its new run: at the second kill, the other replica is the
+    one that restarted (and was banned), and nothing else holds those blocks."""
+    path = tiny_model("llama")
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    with LocalSwarm(tmp_path) as launcher:
+        peers = [launcher.start_dht().maddr]  # a bootstrap node that stays up while servers come and go
+        keys = {name: tmp_path / f"{name}.key" for name in ("a1", "a2")}
+
+        def start(name: str):
+            return launcher.start_server(path, "0:3", peers, "--identity", str(keys[name]), wait=False)
+
+        servers = {name: start(name) for name in keys}
+        rest = launcher.start_server_in_process(path, "3:6", peers)
+        for process in servers.values():
+            process.wait_ready()
+        by_peer = {process.peer_id: name for name, process in servers.items()}
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers, compression="none",
+                                                                request_timeout=10.0)
+        try:
+            used = []
+            for run in range(2):
+                killed = []
+
+                def kill_and_restart(killed: list = killed) -> None:
+                    name = by_peer[model.get_remote().active_session.chain[0].peer_id]
+                    servers[name].signal(signal.SIGKILL)
+                    servers[name] = start(name)  # immediately, under the same identity
+                    killed.append(name)
+
+                ids = prompt(seed=run)
+                trigger = AtLength(ids.shape[1] + 3, kill_and_restart)
+                with model.inference_session(max_length=32):
+                    out = model.generate(ids, max_new_tokens=8, stopping_criteria=[trigger], **GREEDY)
+                assert killed, f"run {run}: nothing was killed"
+                assert torch.equal(out, local.generate(ids, max_new_tokens=8, **GREEDY)), f"run {run}"
+                used.append(killed[0])
+                servers[killed[0]].wait_ready()  # both up again before the next run
+            assert used[0] != used[1]  # the second run used, and lost, the other replica
+            assert rest.peer_id not in model.get_remote().manager.banned()
+        finally:
+            model.shutdown()

@@ -62,6 +62,7 @@ class LevelsHop(ChainHop):
             raise PeerUnavailable(f"server {self.span} sent a reply without a sample", self.span.peer_id)
         # a down and an up pass share their step id: each is a request of its own for the server
         self.take_receipt(reply, (message["step_id"], message["type"]), samples)
+        self.manager.succeeded(self.span.peer_id)
         return reply
 
 

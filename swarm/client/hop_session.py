@@ -52,6 +52,7 @@ class HopSession(ChainHop):
         if not is_serialized_tensor(reply.get("hidden")):
             raise PeerUnavailable(f"server {self.span} sent a step reply without hidden states", self.span.peer_id)
         self.take_receipt(reply, step_id, tokens)
+        self.manager.succeeded(self.span.peer_id)  # on every path, pushed steps included
         return reply
 
     async def receive_push_status(self, step_id: int, timeout: float) -> bool:

@@ -42,6 +42,7 @@ async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, m
     reply = await call(manager.p2p, span.peer_id, handler, message, timeout=manager.config.request_timeout)
     if not is_serialized_tensor(reply.get(field)):
         raise PeerUnavailable(f"server {span} sent a reply without {field!r}", span.peer_id)
+    manager.succeeded(span.peer_id)
     return reply[field]
 
 
@@ -113,6 +114,7 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
             if not all(is_serialized_tensor(reply.get(field)) for field in fields):
                 raise PeerUnavailable(f"server {span} sent a reply without {' and '.join(fields)}", span.peer_id)
             grad = reply["grad_input"]
+            manager.succeeded(span.peer_id)
             if prompts is not None:
                 prompt_grads.append((span.start, deserialize_tensor(reply["grad_prompts"])))
         except PeerUnavailable as e:

@@ -62,6 +62,9 @@ class SequenceManager:
         self.banned_until: dict[str, float] = {}
         self.busy_until: dict[str, float] = {}
         self.consecutive_failures: dict[str, int] = {}
+        # peer -> (started, announced) of its record when it was banned: a new ``started`` is a restart (the ban is
+        # lifted); a later ``announced`` shows it alive, so it may be tried when nobody else holds its blocks
+        self.ban_marks: dict[str, tuple[float, float]] = {}
         self.failure_cost = DEFAULT_FAILURE_COST  # replaced by measured failover times
         self.strikes_given = 0
         self._failures_decayed_at = time.monotonic()
@@ -73,6 +76,18 @@ class SequenceManager:
             per_block = await fetch_block_infos(self.dht, self.model_id, list(range(self.num_blocks)))
             self.servers = merge_records(per_block)
             self.last_update = time.monotonic()
+            self._heal_restarted()
+
+    def _heal_restarted(self) -> None:
+        """Lift the bans of servers that restarted since (a new run announces a new ``started``): what failed
+        was the run before, and its failures say nothing of this one."""
+        for peer, (started, _) in list(self.ban_marks.items()):
+            info = self.servers.get(peer)
+            if info is not None and info.started and info.started != started:
+                logger.info(f"Server {peer[-8:]} restarted since it failed; it may be chosen again")
+                self.consecutive_failures.pop(peer, None)
+                self.banned_until.pop(peer, None)
+                del self.ban_marks[peer]
 
     # ---- measurements
 
@@ -89,6 +104,11 @@ class SequenceManager:
         extra = max(0.0, seconds - hop.network - hop.compute)
         stats.overhead = extra if stats.overhead is None else (1 - EMA) * stats.overhead + EMA * extra
         self.consecutive_failures.pop(hop.span.peer_id, None)
+
+    def succeeded(self, peer: str) -> None:
+        """``peer`` answered a request: its next failure starts the backoff from the shortest ban again."""
+        if peer in self.consecutive_failures:
+            del self.consecutive_failures[peer]
 
     def record_failover_time(self, seconds: float) -> None:
         self.failure_cost = (1 - EMA) * self.failure_cost + EMA * seconds
@@ -110,6 +130,8 @@ class SequenceManager:
         failures = self.consecutive_failures.get(peer, 0) + 1
         self.consecutive_failures[peer] = failures
         self.banned_until[peer] = time.monotonic() + min(MAX_BAN, self.config.ban_time * 2 ** (failures - 1))
+        info = self.servers.get(peer)
+        self.ban_marks[peer] = (info.started, info.announced) if info is not None else (0.0, 0.0)
         self._decay_failures()
         self.stats_for(peer).failures += 1.0
         self.last_update = -math.inf  # refresh the view before the next chain
@@ -128,6 +150,7 @@ class SequenceManager:
         too, or no other server could be tried): it should keep serving this client's other requests."""
         self.consecutive_failures.pop(peer, None)
         self.banned_until.pop(peer, None)
+        self.ban_marks.pop(peer, None)
         stats = self.stats_for(peer)
         stats.failures = max(0.0, stats.failures - 1.0)
 
@@ -168,25 +191,37 @@ class SequenceManager:
             stats.strikes *= strike_factor  # slowly: an honest server that was unlucky recovers in hours
         self._failures_decayed_at = now
 
-    def banned(self) -> set[str]:
-        """Servers left out of new chains now: banned after failures, or full when last asked."""
+    def banned(self, spare: frozenset[str] = frozenset()) -> set[str]:
+        """Servers left out of new chains now: banned after failures, or full when last asked (but ``spare``)."""
         now = time.monotonic()
         return {peer for until_by_peer in (self.banned_until, self.busy_until)
-                for peer, until in until_by_peer.items() if until > now}
+                for peer, until in until_by_peer.items() if until > now and peer not in spare}
+
+    def alive_since_ban(self) -> frozenset[str]:
+        """Banned servers that announced themselves again after their ban: alive, so worth a try when nobody else
+        holds their blocks."""
+        alive = set()
+        for peer, (_, announced) in self.ban_marks.items():
+            info = self.servers.get(peer)
+            if info is not None and info.announced > announced and self.banned_until.get(peer, 0) > time.monotonic():
+                alive.add(peer)
+        return frozenset(alive)
 
     # ---- routing
 
-    async def cost_model(self, request: RouteRequest, policy: RoutingPolicy | None = None) -> CostModel:
-        """``policy``: this request's (its session's settings), by default the client's."""
+    async def cost_model(self, request: RouteRequest, policy: RoutingPolicy | None = None,
+                         spare: frozenset[str] = frozenset()) -> CostModel:
+        """``policy``: this request's (its session's settings), by default the client's. ``spare``: banned
+        servers to consider anyway."""
         await self.update()
         self._decay_failures()
-        policy = policy or self.config.routing_policy
-        policy = replace(policy, blocked_servers=list(policy.blocked_servers) + sorted(self.banned()))
+        base = policy or self.config.routing_policy
+        policy = replace(base, blocked_servers=list(base.blocked_servers) + sorted(self.banned(spare)))
         model = CostModel.build(self.servers, self.stats, policy, request, self.failure_cost)
         unmeasured = [peer for peer in model.peers if self.stats_for(peer).rtt is None]
         if unmeasured:
             await self.ping(unmeasured[: self.config.max_pings_per_route])
-            policy = replace(policy, blocked_servers=list(policy.blocked_servers) + sorted(self.banned()))
+            policy = replace(base, blocked_servers=list(base.blocked_servers) + sorted(self.banned(spare)))
             model = CostModel.build(self.servers, self.stats, policy, request, self.failure_cost)
         return model
 
@@ -201,7 +236,17 @@ class SequenceManager:
             return cheapest_chain(await self.cost_model(request, policy), start, end, self.model_id)
         except MissingBlocksError:  # our view may be stale: look again before giving up
             await self.update(force=True)
-            return cheapest_chain(await self.cost_model(request, policy), start, end, self.model_id)
+            try:
+                return cheapest_chain(await self.cost_model(request, policy), start, end, self.model_id)
+            except MissingBlocksError:
+                alive = self.alive_since_ban()
+                if not alive:
+                    raise
+                # Nobody else holds these blocks: a banned server that has announced itself since is worth a try
+                # (a request to it costs little next to failing; it is banned again if it fails again).
+                logger.info(f"Trying {len(alive)} banned server(s) that announced themselves since: nobody else "
+                            f"holds blocks {start}:{end}")
+                return cheapest_chain(await self.cost_model(request, policy, alive), start, end, self.model_id)
 
     async def parallel_routes(self, request: RouteRequest, max_chains: int) -> list[list[RemoteSpan]]:
         """Chains to split a large forward/backward batch over (just one when splitting would not be faster)."""

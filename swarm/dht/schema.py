@@ -41,6 +41,10 @@ class ServerInfo:
     forward_tps: float | None = None  # tokens/s of a prefill-size forward over the whole span
     load: float = 0.0  # requests queued or running on the server's compute thread when announced
     next_pings: dict[str, float] = field(default_factory=dict)  # peer id -> RTT (s) to servers after this span
+    # The server's own clock (time.time()) when this run of it started, and when it wrote this record: a client
+    # compares them only with the same server's earlier values, to tell a restart or a live server from a dead one.
+    started: float = 0.0
+    announced: float = 0.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -63,7 +67,7 @@ class ServerInfo:
                 value = data.get(name)
                 if isinstance(value, kind) and not isinstance(value, bool):
                     kwargs[name] = value
-            for name in ("throughput", "inference_rps", "forward_tps", "load"):
+            for name in ("throughput", "inference_rps", "forward_tps", "load", "started", "announced"):
                 value = data.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
                         and value >= 0:

@@ -102,6 +102,7 @@ class Server:
         self.handler: Handler | None = None
         self.maddrs: list[str] = []  # where others dial us, once ready
         self.next_pings: dict[str, float] = {}  # peer -> EMA of RTT (s) to servers holding the block after ours
+        self.started_at = time.time()  # announced: clients tell a restarted server from the one they banned
 
     # ---- what we announce
 
@@ -116,7 +117,7 @@ class Server:
             max_session_length=cfg.limits.max_session_length,
             throughput=speed.forward_tps if speed else None, inference_rps=speed.inference_rps if speed else None,
             forward_tps=speed.forward_tps if speed else None, load=float(self.handler.pending if self.handler else 0),
-            next_pings=dict(self.next_pings),
+            next_pings=dict(self.next_pings), started=self.started_at, announced=time.time(),
         )
 
     def rpc_info(self) -> dict:
