@@ -56,23 +56,27 @@ def test_generation_survives_a_failing_server(swarm, fault):
     others = [swarm["start"]("10:20", "--throughput", SLOW), swarm["start"]("20:30")]
     for process in [fast, *others]:
         process.wait_ready()
+    # a generous request timeout, as by default: a frozen server must be given up long before it
     model = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"],
-                                                            compression="none", request_timeout=3.0)
+                                                            compression="none", request_timeout=30.0)
     try:
         def break_server() -> None:
             assert model.get_remote().active_session.chain[1].peer_id == fast.peer_id
             if fault == "sigkill":
                 fast.signal(signal.SIGKILL)
             elif fault == "stall":
-                fast.proc.send_signal(signal.SIGSTOP)  # alive but silent: only the request timeout tells
+                fast.proc.send_signal(signal.SIGSTOP)  # alive but silent: only its silence tells
 
         ids = prompt()
         trigger = AtLength(ids.shape[1] + 5, break_server)
+        next_token = AtLength(ids.shape[1] + 6, lambda: None)
         with model.inference_session(max_length=64) as session:
-            out = model.generate(ids, max_new_tokens=16, stopping_criteria=[trigger], **GREEDY)
+            out = model.generate(ids, max_new_tokens=16, stopping_criteria=[trigger, next_token], **GREEDY)
             assert session.chain[1].peer_id != fast.peer_id  # the slow replica took over blocks 10:20
         assert trigger.fired_at is not None
         assert torch.equal(out, swarm["local"].generate(ids, max_new_tokens=16, **GREEDY))
+        # the stalled step waited for the hop's stall bound (2 s here), not for the 30 s request timeout
+        assert next_token.fired_at - trigger.fired_at < 10.0, next_token.fired_at - trigger.fired_at
     finally:
         if fault == "stall":
             fast.proc.send_signal(signal.SIGCONT)

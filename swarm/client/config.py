@@ -17,6 +17,10 @@ class ClientConfig:
     connect_timeout: float = 10.0  # opening a stream to a server
     request_timeout: float = 120.0  # one forward/backward/step reply (long prefills on CPU servers take a while)
     max_retries: int = 3  # other servers tried after a server fails, per request
+    # A decode step's server is given up after stall_factor x its slowest recent step, but not before stall_floor
+    # seconds (None: always request_timeout). Its session then fails over, so a frozen server costs seconds.
+    stall_floor: float | None = 2.0
+    stall_factor: float = 10.0
     update_period: float = 15.0  # re-read the DHT when the cached view is older than this
     ban_time: float = 30.0  # a server that failed is avoided for this long
     local_blocks: int = 0  # the first k blocks run on the client too: servers never see the embeddings' output

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from swarm.client.chain import ChainHop
+from swarm.client.config import ClientConfig
 from swarm.client.remote_forward import span_request
 from swarm.client.routing import Hop
 from swarm.client.sequence_manager import SequenceManager
@@ -12,11 +15,21 @@ from swarm.compression import is_serialized_tensor, serialize_tensor
 from swarm.rpc import protocol
 from swarm.rpc.client import PeerUnavailable, Stream
 
+STALL_SAMPLES = 3  # decode steps a hop answers before its stall bound replaces request_timeout
+
 
 class HopSession(ChainHop):
     def __init__(self, manager: SequenceManager, hop: Hop, stream: Stream, session_id: str, output_codec: str):
         super().__init__(manager, hop, stream, session_id, output_codec)
         self.inputs: torch.Tensor | None = None  # (batch, position, hidden): everything sent so far, for replays
+        self.waits: deque[float] = deque(maxlen=32)  # seconds its recent decode steps took, input ready -> reply
+
+    def stall_bound(self, config: ClientConfig) -> float:
+        """How long to wait for this hop's decode step before giving it up: ``stall_factor`` times its slowest
+        recent step, at least ``stall_floor``; ``request_timeout`` until it has answered a few steps."""
+        if config.stall_floor is None or len(self.waits) < STALL_SAMPLES:
+            return config.request_timeout
+        return min(config.request_timeout, max(config.stall_floor, config.stall_factor * max(self.waits)))
 
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int, output_codec: str,

@@ -191,16 +191,28 @@ class InferenceSession:
         await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
         mark, pushed_in = time.perf_counter(), False
         sent_at: float | None = mark  # when the client sent the current hop its input (None: pushed to it)
+        ready_at = mark  # when the current hop's input was ready (sent, or the previous hop's output came back)
+        decode = hidden.shape[1] == 1
         attempts, index, relinked, rebuilt = Attempts(self.manager, config.max_retries), 0, False, set()
         while index < len(self.hops):
             hop = self.hops[index]
             started = time.perf_counter()
+            # A decode step has a stall bound from the hop's own recent steps: a frozen server is given up in
+            # seconds, not after request_timeout (prefills and first steps keep the generous timeout).
+            bound = hop.stall_bound(config) if decode else config.request_timeout
             try:
-                reply = await hop.receive_step(step_id, config.request_timeout, tokens=hidden.shape[:2].numel())
+                wait = max(0.05, bound - (started - ready_at))
+                try:
+                    reply = await hop.receive_step(step_id, wait, tokens=hidden.shape[:2].numel())
+                except PeerUnavailable as e:
+                    if bound < config.request_timeout and "did not answer" in str(e):
+                        raise PeerUnavailable(f"server {hop.span} stalled: no answer in {bound:.1f} s, where its "
+                                              f"recent steps took {max(hop.waits):.2f} s at most",
+                                              hop.span.peer_id) from e
+                    raise
                 replied_at = time.perf_counter()
                 # The push status follows the reply once the next server took the step (or failed to).
-                pushed = reply.get("pushing") and await hop.receive_push_status(
-                    step_id, config.request_timeout + PUSH_TIMEOUT)
+                pushed = reply.get("pushing") and await hop.receive_push_status(step_id, bound + PUSH_TIMEOUT)
             except (PeerUnavailable, RemoteError) as e:
                 if self.closed:  # its owner closed the streams under a step still running (Ctrl-C): not a fault
                     raise
@@ -211,6 +223,7 @@ class InferenceSession:
                     relinked = True
                     await self._replace_hop(index, ban=False)
                     await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
+                    ready_at = time.perf_counter()
                     continue
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
                 # its replacement repeats on the same step is ours to report.
@@ -220,9 +233,13 @@ class InferenceSession:
                 with self.manager.rerouting_after(e, hop.span.peer_id):
                     await self._replace_hop(index)
                 await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
+                ready_at = time.perf_counter()
                 continue
-            if hidden.shape[1] == 1 and not push:  # decode steps calibrate the per-hop overhead routing expects
-                self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
+            if decode:
+                hop.waits.append(replied_at - ready_at)
+                if not push:  # decode steps calibrate the per-hop overhead routing expects
+                    self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
+            ready_at = replied_at
             if timing is not None:
                 hop_timings.append(_hop_timing(hop, reply, mark, replied_at, sent_at if not pushed_in else None))
                 mark = time.perf_counter()

@@ -134,7 +134,9 @@ class SequenceManager:
         self.ban_marks[peer] = (info.started, info.announced) if info is not None else (0.0, 0.0)
         self._decay_failures()
         self.stats_for(peer).failures += 1.0
-        self.last_update = -math.inf  # refresh the view before the next chain
+        # The view is not refreshed here: failing over to a replica the client already knows must not wait on a
+        # DHT lookup, which a frozen peer can hold for the DHT's timeout (3 s measured). Routing refreshes it when
+        # nobody it knows can take the blocks.
 
     def failed(self, peer: str, error: BaseException) -> None:
         """``peer`` could not take a request: a server that said it is full is left out for a few seconds; any

@@ -15,7 +15,9 @@ INFERENCE = f"swarm.v{PROTOCOL_VERSION}.inference"
 PUSH = f"swarm.v{PROTOCOL_VERSION}.push"  # a server hands its step output to the next server of a session
 DIFFUSION = f"swarm.v{PROTOCOL_VERSION}.diffusion"  # U-Net levels: a session per generation, down/up passes
 SESSION_RPCS = {"span": INFERENCE, "levels": DIFFUSION}  # the session RPC of each kind of blocks
-PUSH_TIMEOUT = 5.0  # s a server waits for the next one to take a pushed step; after that its client relays it
+# s a server waits for the next one to take a pushed step (only queue it: ms when it is alive); after that its
+# client relays it. Short, because it delays the client's failover when the next server froze.
+PUSH_TIMEOUT = 2.0
 
 _MISSING = object()
 
