@@ -150,6 +150,53 @@ def test_detection_rate_of_a_perturbing_server(swarm, codec):
         model.shutdown()
 
 
+def test_a_liar_cannot_frame_an_honest_replica(swarm):
+    """One liar and one honest server for blocks 3:6 (the other honest one blocked): a check between them is one
+    word against another. The client settles it by computing the span itself; without that, nobody is struck."""
+    honest, liar = swarm["honest"][2], swarm["liar"]
+    spare = swarm["honest"][3]
+    policy = RoutingPolicy(blocked_servers=[spare.peer_id])
+    model = client(swarm, compression="blockwise8", routing_policy=policy)
+    manager = model.get_remote().manager
+    try:
+        manager.loop.run(manager.update(force=True))
+        inputs = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(3))
+        positions = torch.arange(7)[None]
+
+        def checked(server) -> tuple:
+            span = RemoteSpan(server.peer_id, 3, 6, manager.servers[server.peer_id])
+            message = {"start": 3, "end": 6, "hidden": _tensor(inputs), "position_ids": _tensor(positions),
+                       "output_codec": "blockwise8"}
+            reply = manager.loop.run(call(manager.p2p, server.peer_id, protocol.FORWARD, message, timeout=30))
+            from swarm.compression import deserialize_tensor
+
+            output = deserialize_tensor(reply["hidden"])
+            return manager.loop.run(check_output(manager, span, inputs, positions, None, output, "blockwise8"))
+
+        # the honest server checked by the liar (the framing attempt), then the liar checked by the honest one
+        framed, caught = checked(honest), checked(liar)
+        assert framed.agreed and framed.struck == [liar.peer_id] and "client" in framed.checked_by
+        assert not caught.agreed and caught.struck == [liar.peer_id]
+        assert manager.stats_for(honest.peer_id).strikes == 0
+        # without the client's own opinion, one against one strikes nobody
+        manager.stats.clear()
+        manager.arbiter = None
+        assert checked(honest).undecided and checked(liar).undecided
+        assert all(stats.strikes == 0 for stats in manager.stats.values())
+        # and whole generations stay right with every step checked, whichever of the two routing picks
+        greedy = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+        checking = client(swarm, compression="none", verify_probability=1.0, routing_policy=policy)
+        try:
+            for seed in range(3):
+                out = checking.generate(prompt(seed), **greedy)
+                assert torch.equal(out, swarm["local"].generate(prompt(seed), **greedy))
+            assert checking.get_remote().manager.stats_for(honest.peer_id).strikes == 0
+        finally:
+            checking.shutdown()
+    finally:
+        model.shutdown()
+
+
 def _tensor(tensor: torch.Tensor) -> dict:
     from swarm.compression import serialize_tensor
 

@@ -25,6 +25,9 @@ class ClientConfig:
     ban_time: float = 30.0  # a server that failed is avoided for this long
     local_blocks: int = 0  # the first k blocks run on the client too: servers never see the embeddings' output
     verify_probability: float = 0.05  # chance that a step's hop is recomputed by another server and compared
+    # When a check is one server's output against another's, the client computes the span itself (its weights loaded
+    # from the checkpoint on demand) if it has at most this many blocks; 0: never (such checks then strike nobody).
+    arbitration_blocks: int = 4
     push: bool = True  # servers hand step outputs straight to the next server (the client relays if they can't)
     # Settlement backend (entry point group swarm.settlement) whose receipts this client checks and countersigns;
     # None: receipts are ignored. Options: the backend's (evm: contract, private_key), and max_price (per token).

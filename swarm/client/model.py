@@ -34,6 +34,7 @@ from swarm.client.planner import load_planner
 from swarm.client.remote_sequential import RemoteSequential
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.trace import Trace, enabled_by_env
+from swarm.client.verification import LocalArbiter
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
             model.generation_config = GenerationConfig.from_model_config(config)
         model.name_or_path = source.name
         model._source, model._local_dtype = source, dtype  # for loading other local spans (acceleration methods)
+        if client_config.arbitration_blocks > 0:
+            remote.manager.arbiter = LocalArbiter(source, client_config.arbitration_blocks)
         if client_config.acceleration is not None:  # a plugin (swarm/client/planner.py); loaded only when asked for
             model._selector = load_planner("acceleration", model)
         return model.eval()

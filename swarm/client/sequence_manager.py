@@ -67,6 +67,7 @@ class SequenceManager:
         self.ban_marks: dict[str, tuple[float, float]] = {}
         self.failure_cost = DEFAULT_FAILURE_COST  # replaced by measured failover times
         self.strikes_given = 0
+        self.arbiter = None  # the client's own opinion for a redundant check between two servers (verification.py)
         self._failures_decayed_at = time.monotonic()
 
     # ---- the swarm's announcements

@@ -2,9 +2,12 @@
 
 The second server gets the exact input the first one was sent (its whole history, uncompressed, through a plain
 forward) and the outputs are compared within a tolerance calibrated for what the first output went through: the
-codec it was sent with, and the servers' compute dtype. If they disagree, a third server (when there is one)
-decides: whoever disagrees with the majority gets a strike; with only two, both do. Only servers with the same
-dtype and weight quantization are compared (quantized weights legitimately change outputs).
+codec it was sent with, and the servers' compute dtype. If they disagree, a third opinion decides: another server
+when there is one, else the client itself computing the span (``LocalArbiter``, for spans of at most
+``arbitration_blocks`` blocks, loaded from the model's checkpoint on demand). Whoever disagrees with the majority
+gets a strike. One server's word against another's strikes nobody: a liar checking an honest server must not be
+able to frame it. Only servers with the same dtype and weight quantization are compared (quantized weights
+legitimately change outputs).
 
 Measured honest spread (relative L2 error, `tests/test_trust.py`, `benchmarks/trust.py`): below 1e-5 without a codec
 in float32, ~5e-4 through float16, ~1e-2 (max ~2e-2) through the 8-bit codec. The tolerances are several times
@@ -13,11 +16,13 @@ those; a perturbation larger than the tolerance is caught every time it is check
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 
 import torch
 
+from swarm.blocks.span import BlockSpan
 from swarm.client.routing import RemoteSpan
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, serialize_tensor
@@ -42,13 +47,39 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 class Verdict:
     agreed: bool  # the checked output matched the majority (or the single other opinion)
     error: float  # relative error against the first other server's output
-    checked_by: list[str] = field(default_factory=list)  # the other servers asked
+    checked_by: list[str] = field(default_factory=list)  # the other servers asked ("client": the client itself)
     struck: list[str] = field(default_factory=list)  # who got a strike
     majority_output: torch.Tensor | None = None  # when the checked output lost, the agreed one
+    undecided: bool = False  # one server against another and no third opinion: nobody struck, output kept
 
     @property
     def skipped(self) -> bool:
         return not self.checked_by
+
+
+class LocalArbiter:
+    """The client's own opinion on a span: its blocks loaded from the model's checkpoint (once per span and
+    dtype) and run on the exact input the servers got. Only for spans of at most ``max_blocks`` blocks."""
+
+    def __init__(self, source: object, max_blocks: int):
+        self.source, self.max_blocks = source, max_blocks
+        self.spans: dict[tuple[int, int, str], object] = {}
+
+    def can_judge(self, span: RemoteSpan) -> bool:
+        return 0 < span.end - span.start <= self.max_blocks
+
+    async def __call__(self, span: RemoteSpan, inputs: torch.Tensor, position_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None) -> torch.Tensor:
+        dtype = getattr(torch, span.info.dtype, torch.float32)
+        key = (span.start, span.end, span.info.dtype)
+
+        def compute() -> torch.Tensor:  # off the network thread: it takes a forward pass
+            if key not in self.spans:
+                self.spans[key] = BlockSpan.from_pretrained(self.source, span.start, span.end, dtype=dtype)
+            with torch.no_grad():
+                return self.spans[key](inputs.to(dtype), position_ids, attention_mask)
+
+        return await asyncio.to_thread(compute)
 
 
 def other_holders(manager: SequenceManager, span: RemoteSpan, exclude: set[str]) -> list[str]:
@@ -99,13 +130,19 @@ async def check_output(manager: SequenceManager, span: RemoteSpan, inputs: torch
     checked_by = [peer for peer, _ in opinions]
     if error <= tol:
         return Verdict(agreed=True, error=error, checked_by=checked_by)
-    if len(opinions) == 1:  # one against one: both are suspects
-        struck = [span.peer_id, first_peer]
-        agreed = False
-        majority = None
+    exact = CODEC_TOLERANCE["none"] + DTYPE_TOLERANCE.get(span.info.dtype, 0.05)  # two uncompressed outputs
+    if len(opinions) == 1:  # one against one: only a third opinion may strike anybody
+        arbiter = manager.arbiter
+        if arbiter is None or not arbiter.can_judge(span):
+            return Verdict(agreed=True, error=error, checked_by=checked_by, undecided=True)
+        own = (await arbiter(span, inputs, position_ids, attention_mask))[:, -output.shape[1]:]
+        checked_by.append("client")
+        checked_right, checker_right = relative_error(output, own) <= tol, relative_error(first, own) <= exact
+        struck = [peer for peer, right in ((span.peer_id, checked_right), (first_peer, checker_right)) if not right]
+        agreed, majority = checked_right, None if checked_right else own
     else:
         second_peer, second = opinions[1]
-        if relative_error(first, second) <= CODEC_TOLERANCE["none"] + DTYPE_TOLERANCE.get(span.info.dtype, 0.05):
+        if relative_error(first, second) <= exact:
             struck, agreed, majority = [span.peer_id], False, first  # the two others agree: the checked one lied
         elif relative_error(output, second) <= tol:
             struck, agreed, majority = [first_peer], True, None  # the first checker is the odd one out
