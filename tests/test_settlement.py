@@ -144,6 +144,7 @@ def test_ledger_refuses_replays_and_unsigned_receipts(keys, tmp_path):
     "UPDATE entries SET amount = amount * 10 WHERE id = 2",
     "DELETE FROM entries WHERE id = 2",
     "UPDATE entries SET account = 'someone-else' WHERE id = 1",
+    "DELETE FROM entries WHERE id = 3",  # the newest row: what is left is a valid chain, shorter than its head
 ])
 def test_ledger_detects_tampering(keys, tmp_path, tamper):
     path = tmp_path / "ledger.sqlite"
@@ -156,6 +157,28 @@ def test_ledger_detects_tampering(keys, tmp_path, tamper):
         db.execute(tamper)
     with pytest.raises(LedgerCorrupted):
         ledger.verify()
+
+
+def test_a_signed_ledger_head_shows_a_truncation_even_when_the_head_is_rewritten(keys, tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    ledger = LedgerSettlement({"path": str(path)})
+    ledger.bind_identity(keys["server"])  # as a server running the ledger does
+    for session in range(3):
+        ledger.record_receipt(receipt_for(keys, 5, 1, f"s{session}").countersigned(keys["client"]))
+        ledger.settle()
+    assert ledger.verify(signer=keys["server"].peer_id) == 3
+    with pytest.raises(LedgerCorrupted, match="signed by"):
+        ledger.verify(signer=keys["client"].peer_id)
+    with sqlite3.connect(path) as db:  # drop the newest entry and make the head match what is left
+        db.execute("DELETE FROM entries WHERE id = 3")
+        db.execute("UPDATE head SET count = 2, hash = (SELECT hash FROM entries WHERE id = 2)")
+    with pytest.raises(LedgerCorrupted, match="head signature does not hold"):
+        ledger.verify()
+    with sqlite3.connect(path) as db:  # or strip the signature too
+        db.execute("UPDATE head SET signer = NULL, signature = NULL")
+    assert ledger.verify() == 2  # an unsigned head proves nothing about who wrote it
+    with pytest.raises(LedgerCorrupted, match="not signed"):
+        ledger.verify(signer=keys["server"].peer_id)
 
 
 def test_ledger_detects_a_rehashed_row_with_a_forged_receipt(keys, tmp_path):

@@ -21,6 +21,7 @@ class SessionSettlement:
     def __init__(self, backend_name: str, options: Mapping[str, str], identity: Identity, model_id: str,
                  price: int, period: float = 1.0):
         self.backend = load_backend(backend_name, options)
+        self.backend.bind_identity(identity)
         where = self.backend.check_can_settle()
         self.identity, self.model_id, self.price = identity, model_id, price
         self.payee = self.backend.payee()

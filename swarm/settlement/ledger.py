@@ -2,8 +2,10 @@
 
 Each entry stores the hash of the entry before it and its own hash over (that hash, its fields, the receipt it
 came from). Rows are only ever inserted; ``verify`` walks the chain and re-checks every receipt's signatures, so an
-edited, deleted or reordered row shows. It is the server's own bookkeeping of countersigned usage: what a client
-owes and a server earned, with the receipts as proof.
+edited, deleted or reordered row shows. A head row keeps the count and the last hash, signed with the server's key
+when it runs the ledger: deleting the newest rows (which leaves a valid, shorter chain) shows too, and so does a
+head rewritten to match them, unless whoever does it holds the server's key. It is the server's own bookkeeping of
+countersigned usage: what a client owes and a server earned, with the receipts as proof.
 
 Options: ``path`` (the SQLite file; default ``ledger.sqlite`` in the cache directory, ``$SWARM_CACHE`` or
 ``~/.cache/swarm``).
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import msgpack
 
+from swarm.dht.identity import Identity, peer_id_of
+from swarm.dht.identity import verify as verify_signature
 from swarm.settlement.plugin import SettlementBackend
 from swarm.settlement.receipts import Receipt, ReceiptError
 from swarm.utils.cache import cache_path
@@ -40,6 +44,16 @@ CREATE TABLE IF NOT EXISTS entries (
     hash BLOB NOT NULL
 )
 """
+HEAD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    count INTEGER NOT NULL,        -- entries in the chain
+    hash BLOB NOT NULL,            -- the last entry's hash
+    signer BLOB,                   -- public key (DER) of the server that signed it, or NULL
+    signature BLOB
+)
+"""
+HEAD_DOMAIN = b"swarm-ledger-head\x00"
 
 
 def default_path() -> Path:
@@ -63,10 +77,19 @@ class LedgerSettlement(SettlementBackend):
             self.lock = threading.Lock()
             with self.lock, self.db:
                 self.db.execute(SCHEMA)
+                self.db.execute(HEAD_SCHEMA)
+                if self.db.execute("SELECT COUNT(*) FROM head").fetchone()[0] == 0:  # new, or from before heads
+                    count, last = self.db.execute(
+                        "SELECT COUNT(*), (SELECT hash FROM entries ORDER BY id DESC LIMIT 1) FROM entries").fetchone()
+                    self.db.execute("INSERT INTO head VALUES (1, ?, ?, NULL, NULL)", (count, last or GENESIS))
         except (OSError, sqlite3.Error) as e:
             raise UserError(f"cannot open the settlement ledger {self.path}: {e} (choose another file with "
                             f"--settlement-option path=FILE)") from e
         self.pending: dict[bytes, Receipt] = {}  # session key -> latest receipt queued for the next settle
+        self.identity: Identity | None = None  # signs the head when a server runs the ledger
+
+    def bind_identity(self, identity: Identity) -> None:
+        self.identity = identity
 
     def check_can_settle(self) -> str:
         with self.lock:
@@ -121,11 +144,13 @@ class LedgerSettlement(SettlementBackend):
                 self._append("withdraw", account, "", None, None, amount, None)
         return amount
 
-    def verify(self) -> int:
-        """Walk the chain; returns the number of entries, or raises LedgerCorrupted naming the first bad one."""
+    def verify(self, signer: str | None = None) -> int:
+        """Walk the chain and check it against the head; returns the number of entries, or raises LedgerCorrupted
+        naming the first bad one. ``signer``: the peer id whose signature the head must carry."""
         with self.lock:
             rows = self.db.execute("SELECT id, kind, account, counterparty, session_key, seq, amount, receipt, "
                                    "prev_hash, hash FROM entries ORDER BY id").fetchall()
+            head = self.db.execute("SELECT count, hash, signer, signature FROM head WHERE id = 1").fetchone()
         previous = GENESIS
         for row in rows:
             entry_id, prev_hash, stored = row[0], row[8], row[9]
@@ -140,7 +165,25 @@ class LedgerSettlement(SettlementBackend):
                 if (receipt.payee or receipt.server, receipt.client, receipt.session_key()) != row[2:5]:
                     raise LedgerCorrupted(f"ledger entry {entry_id} does not match its receipt")
             previous = stored
+        self._check_head(head, len(rows), previous, signer)
         return len(rows)
+
+    @staticmethod
+    def _check_head(head: tuple | None, count: int, last: bytes, signer: str | None) -> None:
+        if head is None:
+            raise LedgerCorrupted("the ledger's head row is missing")
+        head_count, head_hash, key, signature = head
+        if (head_count, head_hash) != (count, last):
+            raise LedgerCorrupted(f"the chain has {count} entries, but the ledger's head records {head_count} "
+                                  f"ending elsewhere: entries were deleted or added outside the ledger")
+        if key is None:
+            if signer is not None:
+                raise LedgerCorrupted(f"the ledger's head is not signed (expected a signature of {signer})")
+            return
+        if not verify_signature(key, _head_message(head_count, head_hash), signature or b""):
+            raise LedgerCorrupted("the ledger's head signature does not hold: the head was rewritten")
+        if signer is not None and peer_id_of(key) != signer:
+            raise LedgerCorrupted(f"the ledger's head is signed by {peer_id_of(key)}, not {signer}")
 
     def close(self) -> None:
         with self.lock:
@@ -163,14 +206,23 @@ class LedgerSettlement(SettlementBackend):
         last = self.db.execute("SELECT id, hash FROM entries ORDER BY id DESC LIMIT 1").fetchone()
         entry_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
         fields = (entry_id, kind, account, counterparty, key, seq, amount, receipt)
-        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*fields, prev_hash, _entry_hash(prev_hash, fields)))
+        entry_hash = _entry_hash(prev_hash, fields)
+        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*fields, prev_hash, entry_hash))
+        key = signature = None
+        if self.identity is not None:
+            key, signature = self.identity.public_key, self.identity.sign(_head_message(entry_id, entry_hash))
+        self.db.execute("UPDATE head SET count = ?, hash = ?, signer = ?, signature = ? WHERE id = 1",
+                        (entry_id, entry_hash, key, signature))
 
     def _default_account(self) -> str:
         account = self.options.get("account")
         if not account:
             raise ValueError("give an account (or the 'account' option)")
         return account
+
+
+def _head_message(count: int, last_hash: bytes) -> bytes:
+    return HEAD_DOMAIN + count.to_bytes(8, "big") + last_hash
 
 
 def _entry_hash(prev_hash: bytes, fields: tuple) -> bytes:

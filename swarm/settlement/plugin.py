@@ -14,9 +14,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from swarm.settlement.receipts import Receipt
 from swarm.utils.errors import UserError
+
+if TYPE_CHECKING:
+    from swarm.dht.identity import Identity
 
 GROUP = "swarm.settlement"
 
@@ -38,6 +42,11 @@ class SettlementBackend(ABC):
     def payee(self) -> str:
         """Where this server is paid, written into its receipts ("" : its peer id)."""
         return ""
+
+    def bind_identity(self, identity: Identity) -> None:
+        """The server's key, for a backend that signs its own records (the ledger signs its head); by default
+        unused."""
+        return None
 
     def check_can_settle(self) -> str:
         """Called once when a server starts: raise ``UserError`` (saying what to do) if settling would fail later
