@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM, AutoDistributedPipeline
 from swarm.hub.tiny_diffusion import save_tiny_sd
 from swarm.rpc import protocol
-from swarm.rpc.client import call
+from swarm.rpc.client import RemoteError, call
 from swarm.settlement.ledger import LedgerSettlement
 
 PRICE = 3
@@ -55,6 +55,7 @@ def ledger_swarm(launcher, tiny_model, tmp_path_factory, anvil_chain):
         return ["--settlement", "ledger", "--settlement-option", f"path={folder / name}.sqlite", "--price", str(PRICE)]
 
     first, plain = server("0:3", [], *ledger("first")), server("0:6", [])
+    paid = server("0:6", [], *ledger("paid"), "--require-payment")  # a swarm of its own
     chain = None
     if anvil_chain is not None:
         options = (f"rpc_url={anvil_chain['url']}", f"contract={anvil_chain['contract']}",
@@ -62,10 +63,11 @@ def ledger_swarm(launcher, tiny_model, tmp_path_factory, anvil_chain):
         chain = server("0:6", [], "--settlement", "evm", "--price", str(EVM_PRICE),
                        *[arg for option in options for arg in ("--settlement-option", option)])
     second = server("3:6", [first.wait_ready().maddr], *ledger("second"))
-    for process in (second, plain, chain):
+    for process in (second, plain, chain, paid):
         if process is not None:
             process.wait_ready()
     yield {"path": path, "peers": [first.maddr], "servers": [first, second], "plain": plain, "chain": chain,
+           "paid": paid,
            "ledgers": [folder / "first.sqlite", folder / "second.sqlite"],
            "local": AutoModelForCausalLM.from_pretrained(path).eval()}
     if chain is not None:
@@ -180,6 +182,44 @@ def test_unet_levels_earn_the_samples_they_evaluate_times_price(launcher, models
             assert info["earnings"] == samples * PRICE and info["receipts_rejected"] == 0, info
     finally:
         unet.shutdown()
+
+
+def test_clients_pay_no_more_than_advertised_and_servers_may_require_payment(ledger_swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        ledger_swarm["path"], initial_peers=ledger_swarm["peers"], settlement="ledger", **EXACT)
+    try:
+        with model.inference_session(max_length=PROMPT + NEW_TOKENS) as session:
+            generate(model)
+            # the price each server advertised when it was chosen is the most its receipts may ask
+            assert [hop.receipts.max_price for hop in session.hops] == [PRICE, PRICE]
+            assert all(hop.span.info.price == PRICE for hop in session.hops)
+    finally:
+        model.shutdown()
+    paid = ledger_swarm["paid"]
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    # a client that does not settle is refused by a server that requires payment, with the server's reason
+    model = AutoDistributedModelForCausalLM.from_pretrained(ledger_swarm["path"], initial_peers=[paid.maddr],
+                                                             **EXACT)
+    try:
+        with pytest.raises(RemoteError, match="payment required: this server serves only clients that settle"):
+            generate(model)
+        with pytest.raises(RemoteError, match="payment required: .*does not serve forward"):
+            model(prompt())
+    finally:
+        model.shutdown()
+    # one that settles is served; one that stops countersigning is cut off after the grace of 64 steps
+    model = AutoDistributedModelForCausalLM.from_pretrained(ledger_swarm["path"], initial_peers=[paid.maddr],
+                                                             settlement="ledger", **EXACT)
+    stingy = AutoDistributedModelForCausalLM.from_pretrained(ledger_swarm["path"], initial_peers=[paid.maddr],
+                                                              settlement="ledger", receipt_interval=10**6,
+                                                              max_retries=0, **EXACT)
+    try:
+        assert torch.equal(model.generate(prompt(3), **greedy), ledger_swarm["local"].generate(prompt(3), **greedy))
+        with pytest.raises(RemoteError, match="payment required: no countersigned receipt for 64 steps"):
+            stingy.generate(prompt(4), max_new_tokens=80, do_sample=False, eos_token_id=None)
+    finally:
+        model.shutdown()
+        stingy.shutdown()
 
 
 def test_evm_earnings_on_anvil_equal_tokens_served_times_price(ledger_swarm, anvil_chain):

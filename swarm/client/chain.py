@@ -17,6 +17,7 @@ U-Net evaluation runs again, a stateless forward is retried on the re-routed rem
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TypeVar
@@ -67,14 +68,16 @@ class ChainHop:
         self.session_id, self.output_codec = session_id, output_codec
         self.receipts: ReceiptBook | None = None  # with settlement: what this server may bill, and its receipts
         if manager.settlement is not None and session_id is not None:
-            max_price = manager.config.settlement_options.get("max_price")
+            # by default, no more than the price the server advertised when it was chosen
+            max_price = manager.config.settlement_options.get("max_price", hop.span.info.price)
             self.receipts = ReceiptBook(hop.span.peer_id, manager.identity.peer_id, manager.model_id,
-                                        hop.span.start, hop.span.end, session_id,
-                                        None if max_price is None else int(max_price))
+                                        hop.span.start, hop.span.end, session_id, int(max_price))
 
     @staticmethod
     async def open_stream(manager: SequenceManager, hop: Hop, handler: str, message: dict) -> tuple[Stream, dict]:
         """A stream to ``hop``'s server with ``message`` (the session's ``open``) sent and answered."""
+        if manager.config.settlement:  # servers that require payment open sessions only for clients that settle
+            message = {**message, "settlement": manager.config.settlement}
         stream = await Stream.open(manager.p2p, hop.span.peer_id, handler, manager.config.connect_timeout)
         try:
             reply = await stream.request(message, timeout=manager.config.request_timeout)
@@ -129,9 +132,12 @@ async def open_chain(manager: SequenceManager, start: int, end: int, request: Ro
     """Sessions on a chain covering blocks [start, end): ``open_hop(hop, previous)`` opens one (``previous``: the
     session opened before it in this chain). A server that cannot be reached or refuses is held at fault and the
     chain chosen again, within one ``Attempts`` budget."""
-    attempts = Attempts(manager, max_retries)
+    attempts, last = Attempts(manager, max_retries), None
     while True:
-        chain, opened = await manager.route(start, end, request, policy), []
+        # with nobody left to try, a server's own refusal (say, "payment required") is what the caller gets
+        with manager.rerouting_after(*last) if last else contextlib.nullcontext():
+            chain = await manager.route(start, end, request, policy)
+        opened = []
         try:
             for hop in chain:
                 opened.append(await open_hop(hop, opened[-1] if opened else None))
@@ -144,4 +150,5 @@ async def open_chain(manager: SequenceManager, start: int, end: int, request: Ro
             failed = chain[len(opened)].span
             # unreachable, or refused (e.g. its memory filled up since it announced): try another server
             attempts.failed(e, getattr(e, "peer", None) or failed.peer_id)
+            last = (e, getattr(e, "peer", None) or failed.peer_id)
             logger.warning(f"Cannot open a session on {failed} ({e}); choosing another server")

@@ -45,6 +45,8 @@ class ServerInfo:
     # compares them only with the same server's earlier values, to tell a restart or a live server from a dead one.
     started: float = 0.0
     announced: float = 0.0
+    price: int = 0  # per token with settlement on (0: none); clients refuse receipts above it by default
+    payment_required: bool = False  # sessions without settlement are refused
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -63,9 +65,11 @@ class ServerInfo:
                 return None
             kwargs = {"state": state, "start": start, "end": end}
             for name, kind in (("dtype", str), ("quantization", str), ("version", str), ("public_name", str),
-                               ("cache_tokens_left", int), ("max_session_length", int)):
+                               ("cache_tokens_left", int), ("max_session_length", int), ("price", int),
+                               ("payment_required", bool)):
                 value = data.get(name)
-                if isinstance(value, kind) and not isinstance(value, bool):
+                if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) and (
+                        kind is not int or value >= 0):
                     kwargs[name] = value
             for name in ("throughput", "inference_rps", "forward_tps", "load", "started", "announced"):
                 value = data.get(name)

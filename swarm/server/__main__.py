@@ -140,6 +140,9 @@ def build_parser() -> Parser:
                             help="a backend option, repeatable (ledger: path; evm: rpc_url, contract, private_key)")
     settlement.add_argument("--price", type=int, default=1,
                             help="price per token (batch row x position) in the backend's smallest unit (evm: wei)")
+    settlement.add_argument("--require-payment", action="store_true",
+                            help="refuse sessions of clients that do not settle, and steps of a session whose client "
+                                 "stopped countersigning receipts")
     return parser
 
 
@@ -176,6 +179,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         identity_path=args.identity, announcers=announcers, throughput=args.throughput,
         limits=limits,
         settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
+        require_payment=args.require_payment,
     )
 
 
@@ -183,6 +187,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
+    if args.require_payment and not args.settlement:
+        parser.error("--require-payment needs --settlement NAME: without settlement nobody could pay")
     setup_logging(args.log_level)
     check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
     check_can_listen(args.host, args.port)

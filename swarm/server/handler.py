@@ -251,6 +251,9 @@ class Handler:
         message = await self.read_request(reader, self.limits.session_timeout)
         if message is None:
             return
+        if self.settlement is not None and self.settlement.require_payment:
+            raise RequestError(f"payment required: this server bills inference sessions only, so it does not serve "
+                               f"{kind} requests")
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(_watch_eof(reader, gone))
         try:

@@ -82,6 +82,8 @@ class ServerConfig:
     settlement_options: dict[str, str] = field(default_factory=dict)  # backend options (--settlement-option k=v)
     price: int = 1  # per token (batch row x position), in the backend's smallest unit
     settlement_period: float = 1.0  # seconds between settlement batches
+    # Refuse sessions of clients that do not settle, and steps of sessions whose client stopped countersigning.
+    require_payment: bool = False
     # Extra records published with every announcement, each ``await announcer(node, model_id, expiration)``: e.g.
     # the acceleration summary of --acceleration-history (swarm/acceleration/summaries.py), added by the CLI.
     announcers: list[Callable[[DHTNode, str, float], Awaitable[None]]] = field(default_factory=list)
@@ -118,6 +120,7 @@ class Server:
             throughput=speed.forward_tps if speed else None, inference_rps=speed.inference_rps if speed else None,
             forward_tps=speed.forward_tps if speed else None, load=float(self.handler.pending if self.handler else 0),
             next_pings=dict(self.next_pings), started=self.started_at, announced=time.time(),
+            price=cfg.price if cfg.settlement else 0, payment_required=cfg.require_payment,
         )
 
     def rpc_info(self) -> dict:
@@ -183,7 +186,8 @@ class Server:
             self.handler = Handler(self.span, self.sessions, cfg.limits, self.rpc_info, self.compute)
             if cfg.settlement:
                 self.handler.settlement = SessionSettlement(cfg.settlement, cfg.settlement_options, identity,
-                                                            self.model_id, cfg.price, cfg.settlement_period)
+                                                            self.model_id, cfg.price, cfg.settlement_period,
+                                                            cfg.require_payment)
             await self.handler.register(p2p)
 
             self.state = ServerState.ONLINE

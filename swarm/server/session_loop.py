@@ -94,6 +94,8 @@ async def serve_session(handler: Handler, peer: str, reader: asyncio.StreamReade
                 # Pushed steps too are paced by the session's client: they are its steps, and push or relay
                 # should cost it the same.
                 await handler.admission.throttle(session.peer)
+                if handler.settlement is not None:
+                    handler.settlement.check_paid(session)
                 answer, output = await run_step(handler, session, item, gone)
                 if handler.settlement is not None:  # the session's usage so far, signed
                     answer["receipt"] = handler.settlement.issue(session)
@@ -123,6 +125,8 @@ async def serve_session(handler: Handler, peer: str, reader: asyncio.StreamReade
 
 
 def open_session(handler: Handler, peer: str, message: dict) -> ServerSession:
+    if handler.settlement is not None:
+        handler.settlement.check_open(message)
     blocks = handler.blocks
     state = blocks.open_session(message, handler.bounds)
     handler.admission.check_open(peer, getattr(state, "batch_size", None) or _sample_batch(state))

@@ -11,24 +11,41 @@ import logging
 from collections.abc import Mapping
 
 from swarm.dht.identity import Identity
+from swarm.rpc.protocol import RequestError
 from swarm.server.sessions import ServerSession
 from swarm.settlement import Receipt, ReceiptError, SettlementWorker, issue, load_backend
 
 logger = logging.getLogger(__name__)
 
+PAYMENT_GRACE = 64  # steps a paying session may run past its last countersigned receipt (clients send every 16)
+
 
 class SessionSettlement:
     def __init__(self, backend_name: str, options: Mapping[str, str], identity: Identity, model_id: str,
-                 price: int, period: float = 1.0):
+                 price: int, period: float = 1.0, require_payment: bool = False):
         self.backend = load_backend(backend_name, options)
         self.backend.bind_identity(identity)
         where = self.backend.check_can_settle()
         self.identity, self.model_id, self.price = identity, model_id, price
+        self.backend_name, self.require_payment = backend_name, require_payment
         self.payee = self.backend.payee()
         logger.info(f"Settlement on: {where}; price {price} per token (batch row x position), receipts name "
                     f"{self.payee or identity.peer_id}")
         self.worker = SettlementWorker(self.backend, self.payee or identity.peer_id, period)
         self.accepted_seq: dict[str, int] = {}  # session id -> seq of the last countersigned receipt taken
+
+    def check_open(self, message: dict) -> None:
+        """With ``--require-payment``, a session opens only for a client that settles with this backend."""
+        if self.require_payment and message.get("settlement") != self.backend_name:
+            raise RequestError(f"payment required: this server serves only clients that settle with "
+                               f"{self.backend_name!r} (from_pretrained(..., settlement={self.backend_name!r}))")
+
+    def check_paid(self, session: ServerSession) -> None:
+        """With ``--require-payment``, a session whose client stopped countersigning is refused further steps (it
+        is allowed ``PAYMENT_GRACE`` steps past its last countersigned receipt)."""
+        if self.require_payment and session.steps - self.accepted_seq.get(session.session_id, 0) > PAYMENT_GRACE:
+            raise RequestError(f"payment required: no countersigned receipt for {PAYMENT_GRACE} steps; this "
+                               f"session is served again once its client countersigns one")
 
     def issue(self, session: ServerSession) -> dict:
         """This session's usage so far, signed: sent with each step reply."""
