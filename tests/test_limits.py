@@ -350,3 +350,33 @@ def test_work_of_a_caller_that_left_is_dropped(launcher, model_path):
     finally:
         loop.run(stop_dht(p2p, node))
         loop.stop()
+
+
+def test_idle_sessions_give_their_memory_back_to_a_new_client(launcher, model_path, span):
+    """Two peers (free identities) each hold half the cache in an idle session: a third is served anyway, with the
+    memory of the session idle longest; its owner's next step is refused and would fail over."""
+    hoard = launcher.start_server_in_process(model_path, "0:3", [], "--cache-tokens", "64",
+                                             "--max-peer-cache-share", "0.5", "--reclaim-idle-after", "1",
+                                             "--peer-rate", "1000", "--peer-burst", "1000")
+    loop = LoopThread()
+    nodes = [loop.run(start_dht([hoard.maddr], host="127.0.0.1", client_mode=True)) for _ in range(3)]
+    (first, _), (second, _), (honest, _) = nodes
+    try:
+        hidden = torch.randn(1, 4, HIDDEN)
+        hogs = [Session(loop, first, hoard, max_length=32), Session(loop, second, hoard, max_length=32)]
+        for hog in hogs:
+            hog.step(hidden, 0)
+        with pytest.raises(RemoteError, match="not enough cache free now"):  # they are not idle yet
+            Session(loop, honest, hoard, max_length=16)
+        time.sleep(1.2)
+        mine = Session(loop, honest, hoard, max_length=16)
+        assert torch.allclose(mine.step(hidden, 0), span(hidden, torch.arange(4)[None]), atol=1e-5)
+        # only what was needed was taken back: the session idle longest (the first hog's), not both
+        with pytest.raises(RemoteError, match="session reclaimed: idle for 1 s while another client needed"):
+            hogs[0].step(hidden, 4)
+        hogs[1].step(hidden, 4)
+        assert info(loop, honest, hoard)["sessions"] == 2
+    finally:
+        for p2p, node in nodes:
+            loop.run(stop_dht(p2p, node))
+        loop.stop()

@@ -231,7 +231,8 @@ class InferenceSession:
                 relinked = True
                 logger.warning(f"Server {hop.span} failed ({e}); routing its blocks elsewhere and replaying")
                 with self.manager.rerouting_after(e, hop.span.peer_id):
-                    await self._replace_hop(index)
+                    # a busy server (its memory taken back for someone else) did nothing wrong: not banned
+                    await self._replace_hop(index, ban=not (isinstance(e, RemoteError) and e.busy))
                 await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
                 ready_at = time.perf_counter()
                 continue

@@ -123,6 +123,9 @@ def build_parser() -> Parser:
                         help="inference sessions open at once, all peers together")
     limits.add_argument("--max-session-batch", type=positive(int), default=peers.max_session_batch, metavar="N",
                         help="batch rows of one inference session")
+    limits.add_argument("--reclaim-idle-after", type=positive(float), default=peers.reclaim_idle_after,
+                        metavar="SECONDS", help="a session without a step for this long gives its memory back when a "
+                                                "new session does not fit (the biggest holder's first)")
     limits.add_argument("--max-peer-cache-share", type=positive(float), default=peers.max_peer_cache_share,
                         metavar="FRACTION", help="fraction of --cache-tokens one peer's open sessions may reserve "
                                                  "together (batch x max_length)")
@@ -158,7 +161,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     peers = PeerLimits(max_sessions_per_peer=args.max_sessions_per_peer, max_sessions=args.max_sessions,
                        max_session_batch=args.max_session_batch, max_peer_cache_share=args.max_peer_cache_share,
-                       rate=args.peer_rate, burst=args.peer_burst)
+                       rate=args.peer_rate, burst=args.peer_burst, reclaim_idle_after=args.reclaim_idle_after)
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
                     max_session_length=args.max_session_length, session_timeout=args.session_timeout, peers=peers,
                     batch_decode=args.batch_decode, max_decode_batch=args.max_decode_batch,

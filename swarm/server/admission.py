@@ -38,6 +38,9 @@ class PeerLimits:
     max_sessions: int = 64  # inference sessions open on this server at once, all peers together
     max_session_batch: int = 64  # batch rows of one inference session
     max_peer_cache_share: float = 0.5  # fraction of the cache budget one peer's open sessions may reserve together
+    # s without a step after which a session's memory may be taken back for a new session that does not fit
+    # (the biggest holder's idle sessions first); None: never
+    reclaim_idle_after: float | None = 10.0
     rate: float = 50.0  # requests per second one peer may sustain (stream opens, steps, links)
     burst: int = 100  # requests one peer may send at once after being idle
     max_wait: float = 1.0  # s a request may be held back to keep its peer at `rate`; beyond that it is refused

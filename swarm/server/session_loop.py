@@ -72,7 +72,10 @@ async def serve_session(handler: Handler, peer: str, reader: asyncio.StreamReade
             except TimeoutError:
                 raise RequestError(f"session idle for {timeout:.0f} s; closed") from None
             if isinstance(item, BaseException):
-                raise item  # the client's stream broke or sent something unreadable
+                raise item  # the client's stream broke or sent something unreadable, or the session was reclaimed
+            if session.reclaimed:
+                raise Busy(session.reclaimed)
+            session.last_active = time.monotonic()
             if item is not None and "receipt" in item and handler.settlement is not None:
                 handler.settlement.accept(session, item["receipt"])  # countersigned, with a step or the close
             if item is None or item.get("type") == "close":
@@ -130,7 +133,9 @@ def open_session(handler: Handler, peer: str, message: dict) -> ServerSession:
     blocks = handler.blocks
     state = blocks.open_session(message, handler.bounds)
     handler.admission.check_open(peer, getattr(state, "batch_size", None) or _sample_batch(state))
-    session = handler.sessions.open(peer, state, peer_share=handler.limits.peers.max_peer_cache_share)
+    peers = handler.limits.peers
+    session = handler.sessions.open(peer, state, peer_share=peers.max_peer_cache_share,
+                                    reclaim_idle_after=peers.reclaim_idle_after)
     session.upstream = get_field(message, "upstream", str, default=None)
     return session
 

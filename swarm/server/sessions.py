@@ -33,6 +33,8 @@ class ServerSession:
     push_stream: object = None  # rpc.client.Stream to the downstream server, kept open while it stays the same
     push_target: dict | None = None  # the downstream that stream goes to
     opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)  # its last step (or opening)
+    reclaimed: str | None = None  # why its memory was taken back, if it was
 
     @property
     def start(self) -> int:
@@ -68,14 +70,19 @@ class SessionTable:
         """Free room in the announced unit (batch x positions a new full-span session could still reserve)."""
         return max(0, self.capacity - self.used) // self.unit_bytes
 
-    def open(self, peer: str, state: BlockSession, peer_share: float = 1.0) -> ServerSession:
+    def open(self, peer: str, state: BlockSession, peer_share: float = 1.0,
+             reclaim_idle_after: float | None = None) -> ServerSession:
         """Reserve ``state.reserved`` bytes for a new session of ``peer``, whose open sessions may hold at most
-        ``peer_share`` of the budget together."""
+        ``peer_share`` of the budget together. If they do not fit, sessions of other peers idle for
+        ``reclaim_idle_after`` seconds give theirs back (see ``reclaim``)."""
         need, free = state.reserved, self.capacity - self.used
         if need > self.capacity:
             raise RequestError(f"not enough cache: the session needs {self.amount(need)}, more than this server's "
                                f"whole budget of {self.amount(self.capacity)}; ask for less (a shorter max_length, a "
                                f"smaller batch or image)")
+        if need > free and reclaim_idle_after is not None:
+            self.reclaim(need - free, peer, reclaim_idle_after)
+            free = self.capacity - self.used
         if need > free:
             raise Busy(f"not enough cache free now: the session needs {self.amount(need)}, only "
                        f"{self.amount(free)} are free here (of {self.amount(self.capacity)})")
@@ -87,6 +94,37 @@ class SessionTable:
         session = ServerSession(uuid.uuid4().hex, peer, state)
         self.sessions[session.session_id] = session
         return session
+
+    def reclaim(self, amount: int, requester: str, idle_after: float) -> None:
+        """Take back at least ``amount`` bytes from sessions of other peers idle for ``idle_after`` seconds, the
+        biggest holder's first (a peer hoarding idle sessions loses them before anyone else), or take back none.
+        A reclaimed session ends: its client's next step is refused and it fails over (replays its history)."""
+        now = time.monotonic()
+        held: dict[str, int] = {}
+        for session in self.sessions.values():
+            held[session.peer] = held.get(session.peer, 0) + session.reserved
+        idle = sorted((s for s in self.sessions.values() if s.peer != requester and now - s.last_active >= idle_after),
+                      key=lambda s: (-held[s.peer], s.last_active))
+        chosen, freed = [], 0
+        for session in idle:
+            if freed >= amount:
+                break
+            chosen.append(session)
+            freed += session.reserved
+        if freed < amount:
+            return
+        for session in chosen:
+            session.reclaimed = (f"session reclaimed: idle for {now - session.last_active:.0f} s while another "
+                                 f"client needed its memory")
+            self.sessions.pop(session.session_id, None)
+            self.finished_usage[session.peer] = self.finished_usage.get(session.peer, 0) + session.tokens_processed
+            session.tokens_processed = 0  # counted once, here
+            inbox = session.inbox
+            if inbox is not None:
+                try:
+                    inbox.put_nowait(Busy(session.reclaimed))  # ends its session loop now
+                except Exception:  # full: the loop sees ``reclaimed`` at its next message
+                    pass
 
     def amount(self, nbytes: int, bare: bool = False) -> str:
         """``nbytes`` in the table's unit (e.g. "200 tokens": batch x positions over the whole span)."""
