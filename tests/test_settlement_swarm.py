@@ -222,6 +222,40 @@ def test_clients_pay_no_more_than_advertised_and_servers_may_require_payment(led
         stingy.shutdown()
 
 
+def test_countersigned_receipts_survive_a_sigkill_of_the_server(launcher, tiny_model, tmp_path):
+    """Receipts are journaled before the step that carried them is answered: a server killed before settling
+    settles them when it starts again (same identity, same ledger)."""
+    import signal
+
+    path, ledger_path, key = tiny_model("llama"), tmp_path / "killed.sqlite", tmp_path / "server.key"
+    args = ["--throughput", "1", "--identity", str(key), "--settlement", "ledger", "--settlement-option",
+            f"path={ledger_path}", "--price", str(PRICE), "--settlement-period", "600"]  # never settles by itself
+    server = launcher.start_server(path, "0:6", [], *args)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[server.maddr], settlement="ledger",
+                                                             receipt_interval=1, **EXACT)
+    try:
+        with model.inference_session(max_length=PROMPT + NEW_TOKENS) as session:
+            generate(model)
+            countersigned = session.hops[0].receipts.latest  # the last one sent back, with the last step
+        assert settlement_info(model, server.peer_id)["earnings"] == 0  # nothing settled yet
+    finally:
+        model.shutdown()
+    server.signal(signal.SIGKILL)
+    server.proc.wait(30)
+    again = launcher.start_server(path, "0:6", [], *args)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[again.maddr], **EXACT)
+    try:
+        info = settlement_info(model, again.peer_id)
+        # at least every receipt countersigned with a step (the one sent at close may have been in flight)
+        assert info["earnings"] >= countersigned.tokens * PRICE - PRICE * NEW_TOKENS and info["earnings"] > 0, info
+        assert info["earnings"] <= (PROMPT + NEW_TOKENS - 1) * PRICE
+    finally:
+        model.shutdown()
+    ledger = LedgerSettlement({"path": str(ledger_path)})
+    assert ledger.verify() >= 1 and ledger.balance(again.peer_id) == info["earnings"]
+    ledger.close()
+
+
 def test_evm_earnings_on_anvil_equal_tokens_served_times_price(ledger_swarm, anvil_chain):
     if anvil_chain is None:
         pytest.skip("anvil is not installed: `npm install --prefix .venv/node @foundry-rs/anvil@1.7.1` (.ci/run does)")

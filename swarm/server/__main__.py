@@ -143,6 +143,8 @@ def build_parser() -> Parser:
                             help="a backend option, repeatable (ledger: path; evm: rpc_url, contract, private_key)")
     settlement.add_argument("--price", type=int, default=1,
                             help="price per token (batch row x position) in the backend's smallest unit (evm: wei)")
+    settlement.add_argument("--settlement-period", type=positive(float), default=1.0, metavar="SECONDS",
+                            help="seconds between settlement batches (receipts wait in a journal meanwhile)")
     settlement.add_argument("--require-payment", action="store_true",
                             help="refuse sessions of clients that do not settle, and steps of a session whose client "
                                  "stopped countersigning receipts")
@@ -182,7 +184,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         identity_path=args.identity, announcers=announcers, throughput=args.throughput,
         limits=limits,
         settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
-        require_payment=args.require_payment,
+        require_payment=args.require_payment, settlement_period=args.settlement_period,
     )
 
 

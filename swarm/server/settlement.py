@@ -14,6 +14,7 @@ from swarm.dht.identity import Identity
 from swarm.rpc.protocol import RequestError
 from swarm.server.sessions import ServerSession
 from swarm.settlement import Receipt, ReceiptError, SettlementWorker, issue, load_backend
+from swarm.utils.cache import cache_path
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class SessionSettlement:
         self.payee = self.backend.payee()
         logger.info(f"Settlement on: {where}; price {price} per token (batch row x position), receipts name "
                     f"{self.payee or identity.peer_id}")
-        self.worker = SettlementWorker(self.backend, self.payee or identity.peer_id, period)
+        # countersigned receipts are journaled before the step that carried them is answered (settlement/worker.py)
+        journal = cache_path(f"receipts-{identity.peer_id}.journal")
+        self.worker = SettlementWorker(self.backend, self.payee or identity.peer_id, period, journal)
         self.accepted_seq: dict[str, int] = {}  # session id -> seq of the last countersigned receipt taken
 
     def check_open(self, message: dict) -> None:
