@@ -86,6 +86,19 @@ def metrics(service: HealthService) -> dict[tuple[str, str], float]:
     return values
 
 
+def load(page, url: str) -> None:
+    """``page.goto``, again if the page's own periodic reload aborted that navigation (a race, not a fault)."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    for attempt in range(3):
+        try:
+            page.goto(url)
+            return
+        except PlaywrightError as e:
+            if "ERR_ABORTED" not in str(e) or attempt == 2:
+                raise
+
+
 def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, browser, tmp_path):
     path = tiny_model("llama")
     first = launcher.start_server_in_process(path, "0:2", [], "--public-name", "first <server>")
@@ -100,7 +113,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         jsonschema.validate(state, STATE_SCHEMA)
         assert state["models"][0]["model_id"] == "tiny-llama" and state["models"][0]["healthy"]
 
-        page.goto(service.url + "/")
+        load(page, service.url + "/")
         model = page.locator("section.model[data-model='tiny-llama']")
         assert model.get_attribute("data-healthy") == "true"
         blocks = model.locator(".coverage .block")
@@ -120,7 +133,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         jsonschema.validate(state, STATE_SCHEMA)
         assert state["models"][0]["coverage"] == [1, 1, 0, 0, 1, 1] and not state["models"][0]["healthy"]
 
-        page.goto(service.url + "/")  # the page also reloads itself every refresh period
+        load(page, service.url + "/")  # the page also reloads itself every refresh period
         assert model.get_attribute("data-healthy") == "false"
         assert [blocks.nth(i).get_attribute("class") for i in (2, 3)] == ["block missing"] * 2
         row = model.locator(f"tr.server[data-peer='{lost.peer_id}']")
@@ -141,7 +154,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
     restarted = HealthService([first.maddr], history)
     try:
         page = browser.new_page()
-        page.goto(restarted.url + "/")
+        load(page, restarted.url + "/")
         assert page.locator("svg.chart polyline").count() == 2
         page.close()
     finally:

@@ -14,8 +14,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(launcher, embedded_model):
-    first = launcher.start_server_in_process(None, "0:10", [])  # no MODEL: the embedded default
-    others = [launcher.start_server_in_process(None, blocks, [first.maddr], wait=False)
+    # One announced speed for all (not measured while the four start at once and load the machine unevenly), so
+    # that the number of hops alone decides the route.
+    first = launcher.start_server_in_process(None, "0:10", [], "--throughput", "10")  # no MODEL: the embedded one
+    others = [launcher.start_server_in_process(None, blocks, [first.maddr], "--throughput", "10", wait=False)
               for blocks in ("10:30", "10:20", "20:30")]
     for process in others:
         process.wait_ready()
