@@ -34,6 +34,18 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def train(model, optimizer: torch.optim.Optimizer, steps: int, **batch) -> list[float]:
+    """``steps`` optimizer steps on one batch through the servers' forward and backward; the loss of each."""
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_sequence_classifier_equals_local_and_trains_its_head(served):
     local = served["local"]
     model = AutoDistributedModelForSequenceClassification.from_pretrained(
@@ -54,14 +66,8 @@ def test_sequence_classifier_equals_local_and_trains_its_head(served):
         ref.loss.backward()
         assert torch.allclose(model.score.weight.grad, local.score.weight.grad, atol=1e-5)
         assert model.model.embed_tokens.weight.grad is not None  # and the embeddings, below the remote blocks
-        optimizer = torch.optim.SGD(model.score.parameters(), lr=0.5)
-        losses = []
-        for _ in range(5):
-            optimizer.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train(model, torch.optim.SGD(model.score.parameters(), lr=0.5), 5, input_ids=ids,
+                       attention_mask=mask, labels=labels)
         assert losses[-1] < losses[0] * 0.8, losses
     finally:
         model.shutdown()
@@ -142,14 +148,7 @@ def test_deep_prompts_equal_a_local_reference_and_their_gradients_come_back(serv
         trained = [inner.prompt_embeddings.weight, inner.intermediate_prompt_embeddings.weight]
         for param in trained:
             param.requires_grad_(True)
-        optimizer = torch.optim.Adam(trained, lr=0.05)
-        losses = []
-        for _ in range(6):
-            optimizer.zero_grad()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train(model, torch.optim.Adam(trained, lr=0.05), 6, input_ids=ids, labels=ids)
         assert losses[-1] < losses[0] - 0.1, losses
         with pytest.raises(ValueError, match="generation with tuned prompts is not supported yet"):
             model.generate(ids[:1], max_new_tokens=2)
@@ -165,14 +164,8 @@ def test_a_classifier_trains_with_deep_prompts(served):
         ids, mask = batch()
         labels = torch.tensor([1, 2])
         trained = [model.model.prompt_embeddings.weight, model.model.intermediate_prompt_embeddings.weight]
-        optimizer = torch.optim.Adam(trained, lr=0.05)
-        losses = []
-        for _ in range(6):
-            optimizer.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train(model, torch.optim.Adam(trained, lr=0.05), 6, input_ids=ids, attention_mask=mask,
+                       labels=labels)
         assert losses[-1] < losses[0], losses
         assert model.model.intermediate_prompt_embeddings.weight.grad.abs().sum() > 0
     finally:

@@ -191,8 +191,8 @@ def test_ledger_detects_a_rehashed_row_with_a_forged_receipt(keys, tmp_path):
     with rewritten.lock, rewritten.db:  # a forger with the code: a well-formed chain around a bad receipt
         import msgpack
 
-        rewritten._append("credit", inflated.server, inflated.client, inflated.session_key(), 1, inflated.amount,
-                          msgpack.packb(inflated.to_wire()))
+        rewritten._append([("credit", inflated.server, inflated.client, inflated.session_key(), 1, inflated.amount,
+                            msgpack.packb(inflated.to_wire()))])
     with pytest.raises(LedgerCorrupted, match="receipt"):
         rewritten.verify()
 

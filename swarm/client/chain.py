@@ -148,7 +148,8 @@ async def open_chain(manager: SequenceManager, start: int, end: int, request: Ro
             if not isinstance(e, RETRYABLE):
                 raise
             failed = chain[len(opened)].span
+            peer = getattr(e, "peer", None) or failed.peer_id
             # unreachable, or refused (e.g. its memory filled up since it announced): try another server
-            attempts.failed(e, getattr(e, "peer", None) or failed.peer_id)
-            last = (e, getattr(e, "peer", None) or failed.peer_id)
+            attempts.failed(e, peer)
+            last = (e, peer)
             logger.warning(f"Cannot open a session on {failed} ({e}); choosing another server")

@@ -42,12 +42,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_DRAFT_TOKENS = 4  # drafted tokens checked per step when the caller does not say
 
 
-def _load_local_modules(config: PretrainedConfig, family: BlockFamily, source: ModelSource,
+def _load_local_modules(config: PretrainedConfig, family: BlockFamily, source: ModelSource, checkpoint: Checkpoint,
                         dtype: torch.dtype, lm_head: bool = True) -> dict[str, nn.Module | None]:
     """The parts the client keeps, loaded from just the checkpoint shards that hold them (``lm_head``: the
     causal LM's head too)."""
     skeleton = build_skeleton(span_config(config, 0, 0))  # the model's classes without any decoder layer
-    checkpoint = Checkpoint(source)
     paths = {"embed_tokens": family.embed_tokens, "position_embeddings": family.position_embeddings,
              "norm": family.norm, "lm_head": family.lm_head if lm_head else None}
     modules: dict[str, nn.Module | None] = {}
@@ -81,7 +80,8 @@ class DistributedPreTrainedModel(PreTrainedModel):
         pass  # every local weight comes from the checkpoint
 
     @classmethod
-    def _load_heads(cls, config: PretrainedConfig, source: ModelSource, dtype: torch.dtype) -> dict[str, nn.Module]:
+    def _load_heads(cls, config: PretrainedConfig, source: ModelSource, checkpoint: Checkpoint,
+                    dtype: torch.dtype) -> dict[str, nn.Module]:
         """Task heads of this class beyond the causal LM's (e.g. a classifier), by name."""
         return {}
 
@@ -111,8 +111,9 @@ class DistributedPreTrainedModel(PreTrainedModel):
         for name, value in overrides.items():
             setattr(config, name, value)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
-        modules = _load_local_modules(config, family_for(config), source, dtype, cls._uses_lm_head)
-        modules.update(cls._load_heads(config, source, dtype))
+        checkpoint = Checkpoint(source)
+        modules = _load_local_modules(config, family_for(config), source, checkpoint, dtype, cls._uses_lm_head)
+        modules.update(cls._load_heads(config, source, checkpoint, dtype))
         k = client_config.local_blocks
         if not 0 <= k < config.num_hidden_layers:
             raise ValueError(f"local_blocks must be in [0, {config.num_hidden_layers}), got {k}")
@@ -289,7 +290,17 @@ class DistributedModel(DistributedPreTrainedModel):
         return embeds, mask, positions
 
 
-class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
+class _DistributedModelWithHead(DistributedPreTrainedModel):
+    """A ``DistributedModel`` (``self.model``) under a task head kept on the client."""
+
+    def get_remote(self) -> RemoteSequential:
+        return self.model.layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+
+class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
     """A causal LM whose decoder blocks run in the swarm; ``generate`` and training work as in transformers."""
 
     def __init__(self, config: PretrainedConfig, *, model: DistributedModel, lm_head: nn.Module):
@@ -300,12 +311,6 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
     def _assemble(cls, config: PretrainedConfig, modules: dict,
                   remote: RemoteSequential) -> DistributedModelForCausalLM:
         return cls(config, model=DistributedModel._assemble(config, modules, remote), lm_head=modules["lm_head"])
-
-    def get_remote(self) -> RemoteSequential:
-        return self.model.layers
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -499,7 +504,7 @@ class DistributedModelForCausalLM(DistributedPreTrainedModel, GenerationMixin):
         return common
 
 
-class DistributedModelForSequenceClassification(DistributedPreTrainedModel):
+class DistributedModelForSequenceClassification(_DistributedModelWithHead):
     """A sequence classifier whose decoder blocks run in the swarm: embeddings, final norm and the ``score`` head
     stay on the client, which trains the head (and any other local parameter) through the servers' backward."""
 
@@ -513,9 +518,9 @@ class DistributedModelForSequenceClassification(DistributedPreTrainedModel):
         self.model, self.score = model, score
 
     @classmethod
-    def _load_heads(cls, config: PretrainedConfig, source: ModelSource, dtype: torch.dtype) -> dict[str, nn.Module]:
+    def _load_heads(cls, config: PretrainedConfig, source: ModelSource, checkpoint: Checkpoint,
+                    dtype: torch.dtype) -> dict[str, nn.Module]:
         score = nn.Linear(config.hidden_size, config.num_labels, bias=False, dtype=dtype)
-        checkpoint = Checkpoint(source)
         if checkpoint.has_module("score"):  # a classifier's checkpoint (``...ForSequenceClassification``)
             score.load_state_dict(checkpoint.load_module("score", dtype))
         else:  # a base or causal LM checkpoint: a new head, to be trained, as transformers does
@@ -527,12 +532,6 @@ class DistributedModelForSequenceClassification(DistributedPreTrainedModel):
     def _assemble(cls, config: PretrainedConfig, modules: dict,
                   remote: RemoteSequential) -> DistributedModelForSequenceClassification:
         return cls(config, model=DistributedModel._assemble(config, modules, remote), score=modules["score"])
-
-    def get_remote(self) -> RemoteSequential:
-        return self.model.layers
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,

@@ -38,12 +38,14 @@ def span_request(span: RemoteSpan, hidden: dict, position_ids: torch.Tensor, att
     return message
 
 
-async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, message: dict, field: str) -> dict:
+async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, message: dict,
+                     fields: tuple[str, ...]) -> dict:
+    """``span``'s server's reply to ``message``, which must hold a tensor in each of ``fields``."""
     reply = await call(manager.p2p, span.peer_id, handler, message, timeout=manager.config.request_timeout)
-    if not is_serialized_tensor(reply.get(field)):
-        raise PeerUnavailable(f"server {span} sent a reply without {field!r}", span.peer_id)
+    if not all(is_serialized_tensor(reply.get(field)) for field in fields):
+        raise PeerUnavailable(f"server {span} sent a reply without {' and '.join(map(repr, fields))}", span.peer_id)
     manager.succeeded(span.peer_id)
-    return reply[field]
+    return reply
 
 
 def _prompts_for(span: RemoteSpan, prompts: torch.Tensor | None, first: int) -> dict:
@@ -70,9 +72,9 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
         span = chain[index]
         codec = output_codec(manager.config, span.end == end)
         try:
-            output = await _call_span(manager, span, protocol.FORWARD,
-                                      span_request(span, hidden, position_ids, attention_mask, codec,
-                                                   **_prompts_for(span, prompts, start)), "hidden")
+            output = (await _call_span(manager, span, protocol.FORWARD,
+                                       span_request(span, hidden, position_ids, attention_mask, codec,
+                                                    **_prompts_for(span, prompts, start)), ("hidden",)))["hidden"]
         except RETRYABLE as e:
             attempts.failed(e)  # raised if the request is at fault or out of retries
             with manager.rerouting_after(e, span.peer_id):
@@ -106,27 +108,22 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
         span, inputs = record[index]
         codec = output_codec(manager.config, index == 0)
         try:
-            reply = await call(manager.p2p, span.peer_id, protocol.BACKWARD,
-                               span_request(span, inputs, position_ids, attention_mask, codec, grad_output=grad,
-                                            **_prompts_for(span, prompts, first)),
-                               timeout=manager.config.request_timeout)
-            fields = ("grad_input",) if prompts is None else ("grad_input", "grad_prompts")
-            if not all(is_serialized_tensor(reply.get(field)) for field in fields):
-                raise PeerUnavailable(f"server {span} sent a reply without {' and '.join(fields)}", span.peer_id)
+            reply = await _call_span(manager, span, protocol.BACKWARD,
+                                     span_request(span, inputs, position_ids, attention_mask, codec, grad_output=grad,
+                                                  **_prompts_for(span, prompts, first)),
+                                     ("grad_input",) if prompts is None else ("grad_input", "grad_prompts"))
             grad = reply["grad_input"]
-            manager.succeeded(span.peer_id)
             if prompts is not None:
                 prompt_grads.append((span.start, deserialize_tensor(reply["grad_prompts"])))
         except PeerUnavailable as e:
             attempts.failed(e, span.peer_id)  # raised when out of retries
             # The replacement must see exactly what the failed server saw: the decoded input, sent losslessly.
             exact_inputs = serialize_tensor(deserialize_tensor(inputs), "none")
+            own = None if prompts is None else prompts[span.start - first:span.end - first]
             _, sub_record = await forward_chain(manager, exact_inputs, position_ids, attention_mask,
-                                                span.start, span.end, prompts=None if prompts is None else
-                                                prompts[span.start - first:span.end - first])
+                                                span.start, span.end, prompts=own)
             grad, sub_grads = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, attempts,
-                                                   None if prompts is None else
-                                                   prompts[span.start - first:span.end - first], span.start)
+                                                   own, span.start)
             prompt_grads.extend(sub_grads)
     return grad, prompt_grads
 

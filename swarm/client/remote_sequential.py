@@ -72,10 +72,11 @@ class RemoteSequential(nn.Module):
         by the servers to the first positions' hidden states before each block; gradients flow back to them.
         Forward passes only (training, scoring): not within an inference session."""
         session = self.active_session
-        if prompts is not None and (session is not None or prompts.shape[0] != self.end - self.start):
-            raise ValueError("deep prompts are taken by forward passes outside inference sessions, one per block: "
-                             f"expected {self.end - self.start}, got shape {tuple(prompts.shape)}"
-                             if session is None else "deep prompts are not supported in inference sessions yet")
+        if prompts is not None and session is not None:
+            raise ValueError("deep prompts are not supported in inference sessions yet")
+        if prompts is not None and prompts.shape[0] != self.end - self.start:
+            raise ValueError(f"deep prompts are taken one per block: expected {self.end - self.start}, got shape "
+                             f"{tuple(prompts.shape)}")
         if position_ids is None:
             past = session.position if session is not None else 0
             position_ids = torch.arange(past, past + hidden.shape[1]).expand(hidden.shape[0], -1)

@@ -86,9 +86,7 @@ class SequenceManager:
             info = self.servers.get(peer)
             if info is not None and info.started and info.started != started:
                 logger.info(f"Server {peer[-8:]} restarted since it failed; it may be chosen again")
-                self.consecutive_failures.pop(peer, None)
-                self.banned_until.pop(peer, None)
-                del self.ban_marks[peer]
+                self._lift_ban(peer)
 
     # ---- measurements
 
@@ -151,11 +149,14 @@ class SequenceManager:
     def forgive(self, peer: str) -> None:
         """Undo the ban of a server whose error turned out to be the request's fault (another server refused it
         too, or no other server could be tried): it should keep serving this client's other requests."""
+        self._lift_ban(peer)
+        stats = self.stats_for(peer)
+        stats.failures = max(0.0, stats.failures - 1.0)
+
+    def _lift_ban(self, peer: str) -> None:
         self.consecutive_failures.pop(peer, None)
         self.banned_until.pop(peer, None)
         self.ban_marks.pop(peer, None)
-        stats = self.stats_for(peer)
-        stats.failures = max(0.0, stats.failures - 1.0)
 
     def request_at_fault(self, error: Exception, last_error: Exception | None) -> bool:
         """Whether a server's refusal repeats the refusal of the server it replaced on the same request: then the

@@ -116,9 +116,7 @@ class SessionTable:
         for session in chosen:
             session.reclaimed = (f"session reclaimed: idle for {now - session.last_active:.0f} s while another "
                                  f"client needed its memory")
-            self.sessions.pop(session.session_id, None)
-            self.finished_usage[session.peer] = self.finished_usage.get(session.peer, 0) + session.tokens_processed
-            session.tokens_processed = 0  # counted once, here
+            self.close(session.session_id)  # its loop's own close later finds it gone
             inbox = session.inbox
             if inbox is not None:
                 try:

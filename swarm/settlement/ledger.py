@@ -112,14 +112,15 @@ class LedgerSettlement(SettlementBackend):
 
     def settle(self) -> int:
         """Append every queued receipt, as one transaction."""
-        credited = 0
+        credited, entries = 0, []
         with self.lock, self.db:
             for key, receipt in self.pending.items():
                 _, last_amount = self._settled(key, locked=True)
                 amount = receipt.amount - last_amount
-                self._append("credit", receipt.payee or receipt.server, receipt.client, key, receipt.seq, amount,
-                             msgpack.packb(receipt.to_wire()))
+                entries.append(("credit", receipt.payee or receipt.server, receipt.client, key, receipt.seq, amount,
+                                msgpack.packb(receipt.to_wire())))
                 credited += amount
+            self._append(entries)
         self.pending.clear()
         return credited
 
@@ -141,7 +142,7 @@ class LedgerSettlement(SettlementBackend):
         amount = self.balance(account)
         if amount > 0:
             with self.lock, self.db:
-                self._append("withdraw", account, "", None, None, amount, None)
+                self._append([("withdraw", account, "", None, None, amount, None)])
         return amount
 
     def verify(self, signer: str | None = None) -> int:
@@ -201,13 +202,19 @@ class LedgerSettlement(SettlementBackend):
                 row = self.db.execute(query, (key,)).fetchone()
         return int(row[0]), int(row[1])
 
-    def _append(self, kind: str, account: str, counterparty: str, key: bytes | None, seq: int | None, amount: int,
-                receipt: bytes | None) -> None:
+    def _append(self, entries: list[tuple]) -> None:
+        """Chain ``entries`` (kind, account, counterparty, session key, seq, amount, receipt) after the last one and
+        move the head past them, signed once for them all (inside the caller's transaction)."""
+        if not entries:
+            return
         last = self.db.execute("SELECT id, hash FROM entries ORDER BY id DESC LIMIT 1").fetchone()
-        entry_id, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
-        fields = (entry_id, kind, account, counterparty, key, seq, amount, receipt)
-        entry_hash = _entry_hash(prev_hash, fields)
-        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*fields, prev_hash, entry_hash))
+        entry_id, entry_hash = last if last else (0, GENESIS)
+        for entry in entries:
+            prev_hash, entry_id = entry_hash, entry_id + 1
+            fields = (entry_id, *entry)
+            entry_hash = _entry_hash(prev_hash, fields)
+            self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (*fields, prev_hash, entry_hash))
         key = signature = None
         if self.identity is not None:
             key, signature = self.identity.public_key, self.identity.sign(_head_message(entry_id, entry_hash))

@@ -42,10 +42,14 @@ class SettlementWorker:
 
     def submit(self, receipt: Receipt) -> None:
         if self._fd is not None:
-            record = msgpack.packb(receipt.to_wire())
             with self.journal_lock:
-                os.write(self._fd, len(record).to_bytes(4, "big") + record)
+                self._journal(receipt)
         self.inbox.put(receipt)
+
+    def _journal(self, receipt: Receipt) -> None:
+        """Append one length-prefixed record (under ``journal_lock``)."""
+        record = msgpack.packb(receipt.to_wire())
+        os.write(self._fd, len(record).to_bytes(4, "big") + record)
 
     def _recover(self) -> None:
         """Settle what an earlier run journaled and may not have settled, then start the journal afresh."""
@@ -89,8 +93,7 @@ class SettlementWorker:
             os.ftruncate(self._fd, 0)
             for item in queued:
                 if item is not None:
-                    record = msgpack.packb(item.to_wire())
-                    os.write(self._fd, len(record).to_bytes(4, "big") + record)
+                    self._journal(item)
                 self.inbox.put(item)
 
     def _run(self) -> None:
