@@ -7,10 +7,13 @@ from swarm.dht.schema import ModelInfo, ServerInfo, ServerState, block_key
 
 def test_round_trip_and_unknown_fields_ignored():
     info = ServerInfo(ServerState.ONLINE, 3, 9, dtype="bfloat16", public_name="alice", cache_tokens_left=100,
-                      next_pings={"peer": 0.01})
+                      next_pings={"peer": 0.01}, adapters=("org/lora", "style"))
     data = info.to_dict()
     assert ServerInfo.from_dict(data) == info
-    assert ServerInfo.from_dict({**data, "field_from_the_future": [1, 2], "adapters": ["x"]}) == info
+    assert ServerInfo.from_dict({**data, "field_from_the_future": [1, 2]}) == info
+    # adapter names that are not strings are dropped; a list that is not one is ignored
+    assert ServerInfo.from_dict({**data, "adapters": ["a", 3, None]}).adapters == ("a",)
+    assert ServerInfo.from_dict({**data, "adapters": "a"}).adapters == ()
 
 
 def test_wrongly_typed_optional_fields_fall_back_to_defaults():

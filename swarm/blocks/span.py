@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
 from swarm.blocks import compat
+from swarm.blocks.adapters import AdapterSet, load_adapters
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
 from swarm.blocks.quantization import quantize_linear_layers
@@ -19,6 +20,7 @@ from swarm.blocks.served import BlockSession, Bounds, Prepared, ServedBlocks
 from swarm.compression import CODECS
 from swarm.hub.source import ModelSource, resolve_model
 from swarm.rpc.messages import (
+    read_active_adapter,
     read_attention_mask,
     read_block_range,
     read_hidden,
@@ -67,13 +69,15 @@ class BlockSpan(nn.Module, ServedBlocks):
         self.layers, self.rotary = layers, rotary
         self.layer_types = compat.layer_types(self.config)
         compat.check_supported_layer_types(self.layer_types)
+        self.adapters = AdapterSet()  # LoRA adapters served beside the base weights (adapters.py)
 
     @classmethod
     def from_pretrained(cls, model: str | ModelSource | None, start: int, end: int, *,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        quantization: str = "none") -> BlockSpan:
+                        quantization: str = "none", adapters: list[str] | tuple[str, ...] = ()) -> BlockSpan:
         """Load layers [start, end) only: reads the checkpoint index and opens just the shards holding them.
-        ``quantization``: "none", "int8" or "nf4" weights for the layers' linear modules."""
+        ``quantization``: "none", "int8" or "nf4" weights for the layers' linear modules. ``adapters``: peft LoRA
+        adapters to serve beside them (``NAME=PATH`` or a path or hub name each; adapters.py)."""
         source = model if isinstance(model, ModelSource) else resolve_model(model)
         config = load_config(source)
         num_layers = config.num_hidden_layers
@@ -96,6 +100,9 @@ class BlockSpan(nn.Module, ServedBlocks):
         # must be built for the same implementation the layers run
         span = cls(skeleton.config, family, layers, rotary, start, end, dtype, quantization).eval()
         span.requires_grad_(False)  # servers compute input gradients only; never accumulate weight grads
+        if adapters:
+            span.adapters = load_adapters(list(adapters), layers, family.layers, family.base_prefix, start, end,
+                                          dtype, device)
         logger.info(f"Loaded blocks {start}:{end} of {source.name} from {sorted(checkpoint.opened_files)}")
         span.opened_files = sorted(checkpoint.opened_files)
         return span
@@ -113,14 +120,15 @@ class BlockSpan(nn.Module, ServedBlocks):
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: DynamicCache | None = None, first: int = 0, last: int | None = None,
-                prompts: torch.Tensor | None = None) -> torch.Tensor:
+                prompts: torch.Tensor | None = None, adapter: str | None = None) -> torch.Tensor:
         """Run local layers [first, last) (default: all) on ``hidden`` of shape (batch, new_tokens, hidden_size).
 
         ``position_ids``: (batch, new_tokens) absolute positions; ``attention_mask``: (batch, past + new) with 0 at
         padding, or None; ``cache``: this session's cache (None: no cache, e.g. training forward); ``prompts``: deep
-        prompts (layers, 1 or batch, prompt length, hidden), added to the first new positions before each layer.
+        prompts (layers, 1 or batch, prompt length, hidden), added to the first new positions before each layer;
+        ``adapter``: the LoRA adapter to apply (None: the base weights alone).
         """
-        pieces = self.forward_pieces(hidden, position_ids, attention_mask, cache, first, last, prompts)
+        pieces = self.forward_pieces(hidden, position_ids, attention_mask, cache, first, last, prompts, adapter)
         while True:
             try:
                 next(pieces)
@@ -130,7 +138,8 @@ class BlockSpan(nn.Module, ServedBlocks):
     def forward_pieces(self, hidden: torch.Tensor, position_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, cache: DynamicCache | None = None, first: int = 0,
                        last: int | None = None,
-                       prompts: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
+                       prompts: torch.Tensor | None = None,
+                       adapter: str | None = None) -> Generator[None, None, torch.Tensor]:
         """``forward`` as a generator that yields between layers, where a server's compute thread may run other
         requests' work (swarm/server/compute.py); its return value is the output."""
         last = len(self.layers) if last is None else last
@@ -147,6 +156,7 @@ class BlockSpan(nn.Module, ServedBlocks):
                 prompt = prompts[index - first].to(device, hidden.dtype)
                 length = prompt.shape[1]
                 hidden = torch.cat([hidden[:, :length] + prompt, hidden[:, length:]], dim=1)
+            self.adapters.active = adapter  # at each layer: other requests' layers may have run since the last
             hidden = compat.call_layer(self.layers[index], hidden, mask=masks[self.layer_types[index]],
                                        position_ids=position_ids, position_embeddings=position_embeddings,
                                        cache=cache)
@@ -192,9 +202,17 @@ class BlockSpan(nn.Module, ServedBlocks):
             raise RequestError(f"max_length must be in [1, {bounds.max_session_length}], got {max_length}")
         if not 0 < batch_size <= bounds.max_batch_tokens:
             raise RequestError(f"batch_size must be in [1, {bounds.max_batch_tokens}], got {batch_size}")
+        adapter = self.read_adapter(message)
         reserved = batch_size * max_length * (end - start) * self.kv_bytes_per_position()
         return SpanSession(start, end, reserved, read_codec(message, "output_codec"), blocks=self,
-                           batch_size=batch_size, max_length=max_length, cache=self.new_cache())
+                           batch_size=batch_size, max_length=max_length, cache=self.new_cache(), adapter=adapter)
+
+    def read_adapter(self, message: dict) -> str | None:
+        """The LoRA adapter a request asks for (``active_adapter``; None: the base model), if served here."""
+        try:
+            return self.adapters.check(read_active_adapter(message))
+        except LookupError as e:
+            raise RequestError(str(e)) from None
 
     def read_inputs(self, message: dict, bounds: Bounds, past: int = 0):
         """Local layer range, hidden states, positions and mask of a forward/backward/step request."""
@@ -218,12 +236,13 @@ class BlockSpan(nn.Module, ServedBlocks):
         first, last, hidden, positions, mask = self.read_inputs(message, bounds)
         batch, tokens, _ = hidden.shape
         prompts = read_prompts(message, last - first, batch, tokens, self.hidden_size)
+        adapter = self.read_adapter(message)
         flops = self.flops(batch, tokens, tokens, last - first)
         self.check_cost(flops, bounds)
 
         def run():
             return (yield from self.forward_pieces(hidden.to(self.dtype), positions, mask, None, first, last,
-                                                   prompts))
+                                                   prompts, adapter))
 
         return Prepared(run, flops, batch * tokens, lambda output: ({}, {"hidden": output}), hidden.dtype)
 
@@ -235,6 +254,7 @@ class BlockSpan(nn.Module, ServedBlocks):
             raise RequestError(f"grad_output has shape {list(grad_output.shape)}, hidden {list(hidden.shape)}")
         batch, tokens, _ = hidden.shape
         prompts = read_prompts(message, last - first, batch, tokens, self.hidden_size)
+        adapter = self.read_adapter(message)
         flops = 3 * self.flops(batch, tokens, tokens, last - first)
         self.check_cost(flops, bounds)
 
@@ -243,7 +263,7 @@ class BlockSpan(nn.Module, ServedBlocks):
             with torch.enable_grad():
                 inputs = hidden.to(self.dtype).requires_grad_(True)
                 deep = None if prompts is None else prompts.to(self.dtype).requires_grad_(True)
-                outputs = self(inputs, positions, mask, None, first, last, deep)
+                outputs = self(inputs, positions, mask, None, first, last, deep, adapter)
                 wrt = [inputs] if deep is None else [inputs, deep]
                 grads = torch.autograd.grad(outputs, wrt, grad_output.to(outputs.device, outputs.dtype))
             return grads
@@ -282,7 +302,8 @@ class BlockSpan(nn.Module, ServedBlocks):
             if hypo_ids is not None:
                 compat.reorder_cache(cache, hypo_ids)
             try:
-                return (yield from self.forward_pieces(inputs, positions, mask, cache, first, last))
+                return (yield from self.forward_pieces(inputs, positions, mask, cache, first, last,
+                                                       adapter=session.adapter))
             except BaseException:
                 compat.truncate_cache(cache, position)  # undo what the layers that ran have written
                 raise
@@ -296,8 +317,9 @@ class BlockSpan(nn.Module, ServedBlocks):
         batchable = get_field(message, "batch", bool, default=True) and tokens == 1 and hypo_ids is None
         prepared = Prepared(run, flops, batch * tokens, finish, hidden.dtype)
         if batchable:
-            prepared.batch_key = (id(self), first, last, inputs.dtype, inputs.device)
-            prepared.payload = DecodeStep(run, self, cache, first, last, position, inputs, positions, mask)
+            prepared.batch_key = (id(self), first, last, inputs.dtype, inputs.device, session.adapter)
+            prepared.payload = DecodeStep(run, self, cache, first, last, position, inputs, positions, mask,
+                                          session.adapter)
         return prepared
 
 
@@ -310,6 +332,7 @@ class SpanSession(BlockSession):
     cache: DynamicCache | None = None
     length: int = 0  # positions currently cached
     steps: int = 0
+    adapter: str | None = None  # the LoRA adapter its steps run with (None: the base model)
 
 
 @dataclass
@@ -326,11 +349,12 @@ class DecodeStep:
     hidden: torch.Tensor  # (rows, 1, hidden_size) in the span's dtype
     positions: torch.Tensor  # (rows, 1)
     mask: torch.Tensor | None  # (rows, position + 1), or None: no padding
+    adapter: str | None = None  # the LoRA adapter of its session
 
     @property
     def key(self) -> tuple:
         """Steps with equal keys can share one call."""
-        return id(self.span), self.first, self.last, self.hidden.dtype, self.hidden.device
+        return id(self.span), self.first, self.last, self.hidden.dtype, self.hidden.device, self.adapter
 
 
 def read_codec(message: dict, name: str, default: str = "none") -> str:

@@ -38,6 +38,10 @@ class ClientConfig:
     max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split
     max_parallel_chains: int = 4  # a large forward/backward batch may be split over this many chains at once
+    # The LoRA adapter (as servers announce it: started with --adapters) every request runs with, on servers that
+    # hold it; None: the base model. ``model.use_adapter(name)`` or ``generate(..., active_adapter=name)`` choose
+    # another for some requests.
+    active_adapter: str | None = None
     # Wire codec of hidden states passed from one server to the next ("none" is bit-exact).
     compression: str = "blockwise8"
     # Codec of the chain's ends: what the client sends the first server and what the last one sends back. None:

@@ -12,7 +12,7 @@ from swarm.client.remote_forward import span_request
 from swarm.client.routing import Hop
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import is_serialized_tensor, serialize_tensor
-from swarm.rpc import protocol
+from swarm.rpc import messages, protocol
 from swarm.rpc.client import PeerUnavailable, Stream
 
 STALL_SAMPLES = 3  # decode steps a hop answers before its stall bound replaces request_timeout
@@ -33,12 +33,12 @@ class HopSession(ChainHop):
 
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int, output_codec: str,
-                   upstream: str | None) -> HopSession:
-        """Reserve the server's cache; ``upstream``: the server allowed to push steps into this session."""
+                   upstream: str | None, adapter: str | None = None) -> HopSession:
+        """Reserve the server's cache; ``upstream``: the server allowed to push steps into this session;
+        ``adapter``: the LoRA adapter its steps run with."""
         span = hop.span
-        stream, reply = await cls.open_stream(manager, hop, protocol.INFERENCE, {
-            "type": "open", "start": span.start, "end": span.end, "max_length": max_length,
-            "batch_size": batch_size, "output_codec": output_codec, "upstream": upstream})
+        stream, reply = await cls.open_stream(manager, hop, protocol.INFERENCE, messages.open_span(
+            span.start, span.end, max_length, batch_size, output_codec, upstream, adapter))
         return cls(manager, hop, stream, reply["session_id"], output_codec)
 
     async def send_step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -83,5 +83,5 @@ class HopSession(ChainHop):
         """Tell the server where to push its outputs and whose pushes to accept."""
         target = None if downstream is None else {"peer": downstream.span.peer_id, "session_id": downstream.session_id,
                                                   "start": downstream.span.start, "end": downstream.span.end}
-        await self.stream.request({"type": "link", "downstream": target,
-                                   "upstream": None if upstream is None else upstream.span.peer_id}, timeout=timeout)
+        await self.stream.request(messages.link(target, None if upstream is None else upstream.span.peer_id),
+                                  timeout=timeout)

@@ -36,8 +36,9 @@ class InferenceSession:
     """``with remote.inference_session(max_length=...) as session: session.step(hidden, position_ids, mask)``."""
 
     def __init__(self, manager: SequenceManager, max_length: int, config: ClientConfig | None = None,
-                 blocks: tuple[int, int] | None = None):
+                 blocks: tuple[int, int] | None = None, adapter: str | None = None):
         self.manager, self.max_length = manager, max_length
+        self.adapter = adapter  # the LoRA adapter every server of the session applies (None: the base model)
         # This request's settings: the model's config, or a copy with other switches (an acceleration method's),
         # which stays with this session and never changes what other sessions use.
         self.config = config if config is not None else manager.config
@@ -275,7 +276,7 @@ class InferenceSession:
             if mask is None and self.attention_mask is not None:
                 mask = self._extend(self.attention_mask, torch.ones_like(position_ids))
             verdict = await check_output(self.manager, hop.span, inputs, positions, mask,
-                                         deserialize_tensor(received[hop]), hop.output_codec)
+                                         deserialize_tensor(received[hop]), hop.output_codec, self.adapter)
             self.checks.append(verdict)
             if hop.span.peer_id in verdict.struck:
                 return index
@@ -318,12 +319,12 @@ class InferenceSession:
         config = self.config
         # With push, links between servers cost the RTTs they announced (next_pings), not the client's.
         request = RouteRequest(mode="latency", batch_size=self.batch_size, max_length=self.max_length,
-                               push=config.push)
+                               push=config.push, adapter=self.adapter)
 
         async def open_hop(hop: Hop, previous: HopSession | None) -> HopSession:
             return await HopSession.open(self.manager, hop, self.batch_size, self.max_length,
                                          output_codec(config, hop.span.end == self.end_block),
-                                         previous.span.peer_id if previous else upstream)
+                                         previous.span.peer_id if previous else upstream, self.adapter)
 
         return await open_chain(self.manager, start, end, request, open_hop, config.routing_policy,
                                 config.max_retries)

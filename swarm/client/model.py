@@ -159,6 +159,16 @@ class DistributedPreTrainedModel(PreTrainedModel):
                 session.local_span = self.local_span_of(session.first_block)
             yield session
 
+    def use_adapter(self, name: str | None) -> contextlib.AbstractContextManager[None]:
+        """``with model.use_adapter("name"):`` requests this thread starts inside run with that LoRA adapter (None:
+        the base model); outside, the ``active_adapter`` given to ``from_pretrained`` applies."""
+        return self.get_remote().use_adapter(name)
+
+    @property
+    def active_adapter_name(self) -> str | None:
+        """The adapter this thread's requests run with now."""
+        return self.get_remote().active_adapter
+
     def route(self) -> list[RemoteSpan]:
         """The chain of servers a decoding session would take now."""
         return self.get_remote().route()
@@ -256,6 +266,9 @@ class DistributedModel(DistributedPreTrainedModel):
         if session is not None and session.first_block != self.layers.manager.first_block:
             local_span = session.local_span  # this session keeps another number of blocks on the client
         if local_span is not None:
+            adapter = session.adapter if session is not None else self.layers.active_adapter
+            if adapter is not None:  # the client's own blocks are the base model's
+                raise ValueError(f"adapter {adapter!r} runs on servers only: use it with local_blocks=0")
             cache = None
             if session is not None:
                 if session.local_cache is None:
@@ -343,6 +356,14 @@ class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
         server's queue, compute and encoding and the transport around them)."""
         trace = enabled_by_env() if trace is None else trace
         remote = self.get_remote()
+        if "active_adapter" in kwargs:  # this call's LoRA adapter (Petals' and peft's name)
+            adapter = kwargs.pop("active_adapter")
+            session = kwargs.get("session") or remote.active_session
+            if session is not None and session.adapter != adapter:
+                raise ValueError(f"this inference session runs with adapter {session.adapter!r}, not {adapter!r}: "
+                                 f"open the session inside model.use_adapter({adapter!r})")
+            with remote.use_adapter(adapter):
+                return self.generate(inputs, *args, trace=trace, **kwargs)
         lookup, assistant = kwargs.pop("prompt_lookup_num_tokens", None), kwargs.pop("assistant_model", None)
         assistant = assistant if assistant is not None else self.__dict__.get("small_model")
         if lookup or assistant is not None:  # transformers' and Petals' speculative spellings

@@ -22,7 +22,7 @@ from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.verification import check_output
 from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
-from swarm.rpc import protocol
+from swarm.rpc import messages, protocol
 from swarm.rpc.client import PeerUnavailable, call
 
 Record = list[tuple[RemoteSpan, dict]]  # each hop and the encoded hidden states it received
@@ -31,11 +31,7 @@ Record = list[tuple[RemoteSpan, dict]]  # each hop and the encoded hidden states
 def span_request(span: RemoteSpan, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  output_codec: str, **extra: object) -> dict:
     """A forward/backward/step request for ``span``; ``hidden`` is an already encoded tensor."""
-    message = {"start": span.start, "end": span.end, "hidden": hidden, "output_codec": output_codec,
-               "position_ids": serialize_tensor(position_ids.long()), **extra}
-    if attention_mask is not None:
-        message["attention_mask"] = serialize_tensor(attention_mask.to(torch.int8))
-    return message
+    return messages.span_inputs(span.start, span.end, hidden, position_ids, attention_mask, output_codec, **extra)
 
 
 async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, message: dict,
@@ -57,14 +53,15 @@ def _prompts_for(span: RemoteSpan, prompts: torch.Tensor | None, first: int) -> 
 
 async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None, start: int | None = None, end: int | None = None,
-                        chain: list[RemoteSpan] | None = None,
-                        prompts: torch.Tensor | None = None) -> tuple[dict, Record]:
+                        chain: list[RemoteSpan] | None = None, prompts: torch.Tensor | None = None,
+                        adapter: str | None = None) -> tuple[dict, Record]:
     """Run blocks [start, end) on encoded ``hidden`` (through ``chain`` if given, else the cheapest one);
     returns the encoded output and each hop with its input. ``prompts``: deep prompts for blocks [start, end),
-    (blocks, 1 or batch, prompt length, hidden), sent exactly (they are small)."""
+    (blocks, 1 or batch, prompt length, hidden), sent exactly (they are small). ``adapter``: the LoRA adapter the
+    servers apply (only servers holding it are chosen)."""
     start = manager.first_block if start is None else start
     end = manager.num_blocks if end is None else end
-    request = RouteRequest(mode="throughput", tokens=position_ids.numel())
+    request = RouteRequest(mode="throughput", tokens=position_ids.numel(), adapter=adapter)
     chain = chain or await manager.make_sequence(start, end, request)
     record: Record = []
     attempts, index = Attempts(manager), 0
@@ -74,7 +71,8 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
         try:
             output = (await _call_span(manager, span, protocol.FORWARD,
                                        span_request(span, hidden, position_ids, attention_mask, codec,
-                                                    **_prompts_for(span, prompts, start)), ("hidden",)))["hidden"]
+                                                    **_prompts_for(span, prompts, start),
+                                                    **messages.adapter_field(adapter)), ("hidden",)))["hidden"]
         except RETRYABLE as e:
             attempts.failed(e)  # raised if the request is at fault or out of retries
             with manager.rerouting_after(e, span.peer_id):
@@ -84,7 +82,7 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
         # (a check recomputes without the prompts, so prompted requests are not checked)
         if prompts is None and random.random() < manager.config.verify_probability:
             verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,
-                                         deserialize_tensor(output), codec)
+                                         deserialize_tensor(output), codec, adapter)
             if span.peer_id in verdict.struck:  # caught returning a wrong output: recompute this hop elsewhere
                 attempts.failed(RuntimeError(f"redundant checks keep failing on blocks {span.start}:{span.end}"),
                                 span.peer_id)
@@ -98,7 +96,7 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
 async def backward_chain(manager: SequenceManager, record: Record, grad_output: dict,
                          position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          attempts: Attempts | None = None, prompts: torch.Tensor | None = None,
-                         first: int = 0) -> tuple[dict, list[tuple[int, torch.Tensor]]]:
+                         first: int = 0, adapter: str | None = None) -> tuple[dict, list[tuple[int, torch.Tensor]]]:
     """Encoded gradient w.r.t. the chain's input, hop by hop in reverse; a failed hop is recomputed elsewhere.
     With deep ``prompts`` (for blocks from ``first`` on), also each hop's gradient w.r.t. its prompts, as
     (first block, gradient) pieces."""
@@ -110,7 +108,8 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
         try:
             reply = await _call_span(manager, span, protocol.BACKWARD,
                                      span_request(span, inputs, position_ids, attention_mask, codec, grad_output=grad,
-                                                  **_prompts_for(span, prompts, first)),
+                                                  **_prompts_for(span, prompts, first),
+                                                  **messages.adapter_field(adapter)),
                                      ("grad_input",) if prompts is None else ("grad_input", "grad_prompts"))
             grad = reply["grad_input"]
             if prompts is not None:
@@ -121,9 +120,9 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
             exact_inputs = serialize_tensor(deserialize_tensor(inputs), "none")
             own = None if prompts is None else prompts[span.start - first:span.end - first]
             _, sub_record = await forward_chain(manager, exact_inputs, position_ids, attention_mask,
-                                                span.start, span.end, prompts=own)
+                                                span.start, span.end, prompts=own, adapter=adapter)
             grad, sub_grads = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, attempts,
-                                                   own, span.start)
+                                                   own, span.start, adapter)
             prompt_grads.extend(sub_grads)
     return grad, prompt_grads
 
@@ -138,15 +137,16 @@ class RemoteChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 manager: SequenceManager, blocks: tuple[int, int] | None = None,
-                prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """``prompts``: deep prompts of every block run, (blocks, 1 or batch, prompt length, hidden)."""
+                prompts: torch.Tensor | None = None, adapter: str | None = None) -> torch.Tensor:
+        """``prompts``: deep prompts of every block run, (blocks, 1 or batch, prompt length, hidden); ``adapter``:
+        the LoRA adapter the servers apply, forward and backward."""
         config = manager.config
         batch, tokens = hidden.shape[:2]
         start, end = blocks if blocks is not None else (manager.first_block, manager.num_blocks)
         whole = (start, end) == (manager.first_block, manager.num_blocks)
         chains = [None]
         if batch > 1 and config.max_parallel_chains > 1 and whole:  # parallel chains cover every remote block
-            request = RouteRequest(mode="throughput", tokens=batch * tokens)
+            request = RouteRequest(mode="throughput", tokens=batch * tokens, adapter=adapter)
             chains = manager.loop.run(manager.parallel_routes(request, config.max_parallel_chains))
         rows = max(1, min(config.max_batch_tokens // max(1, tokens), -(-batch // len(chains))))
         chunks = [slice(i, i + rows) for i in range(0, batch, rows)]
@@ -158,7 +158,7 @@ class RemoteChainFunction(torch.autograd.Function):
         async def run_chain(chain, assigned: list[slice]) -> list[tuple[dict, Record]]:
             return [await forward_chain(manager, serialize_tensor(hidden[rows_].detach(), config.edge_codec),
                                         position_ids[rows_], mask_of(rows_), start, end, chain=chain,
-                                        prompts=prompts_of(rows_))
+                                        prompts=prompts_of(rows_), adapter=adapter)
                     for rows_ in assigned]
 
         async def run_all() -> list[list[tuple[dict, Record]]]:
@@ -171,6 +171,7 @@ class RemoteChainFunction(torch.autograd.Function):
                 for rows_, result in zip(chunks[i :: len(chains)], per_chain, strict=True)}
         ctx.manager, ctx.position_ids, ctx.attention_mask, ctx.mask_of = manager, position_ids, attention_mask, mask_of
         ctx.prompts, ctx.prompts_of, ctx.per_row, ctx.start = prompts, prompts_of, per_row, start
+        ctx.adapter = adapter
         ctx.chunks = [(rows_, done[rows_.start][1]) for rows_ in chunks]
         return torch.cat([deserialize_tensor(done[rows_.start][0]) for rows_ in chunks]).to(hidden.dtype)
 
@@ -183,7 +184,7 @@ class RemoteChainFunction(torch.autograd.Function):
                 backward_chain(manager, record, serialize_tensor(grad_output[rows_].contiguous(),
                                                                  manager.config.edge_codec),
                                ctx.position_ids[rows_], ctx.mask_of(rows_), prompts=ctx.prompts_of(rows_),
-                               first=ctx.start)
+                               first=ctx.start, adapter=ctx.adapter)
                 for rows_, record in ctx.chunks))
 
         results = manager.loop.run(run_all())
@@ -198,4 +199,4 @@ class RemoteChainFunction(torch.autograd.Function):
                         grad_prompts[where, rows_] += grad.to(grad_prompts.dtype)
                     else:
                         grad_prompts[where] += grad.to(grad_prompts.dtype)
-        return grad_input, None, None, None, None, grad_prompts
+        return grad_input, None, None, None, None, grad_prompts, None

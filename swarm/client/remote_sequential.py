@@ -16,6 +16,8 @@ from swarm.client.routing import Hop, RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import blockwise
 
+_UNSET = object()  # no use_adapter block active in this thread
+
 
 class RemoteSequential(nn.Module):
     """``hidden = remote(hidden, position_ids, attention_mask)``; differentiable w.r.t. ``hidden``.
@@ -26,13 +28,16 @@ class RemoteSequential(nn.Module):
     """
 
     def __init__(self, client_config: ClientConfig, model_id: str, num_blocks: int, first_block: int = 0,
-                 manager: SequenceManager | None = None, blocks: tuple[int, int] | None = None):
+                 manager: SequenceManager | None = None, blocks: tuple[int, int] | None = None,
+                 adapter_choice: threading.local | None = None):
         super().__init__()
         self.client_config, self.model_id, self.num_blocks = client_config, model_id, num_blocks
         self.manager = manager or SequenceManager(client_config, model_id, num_blocks, first_block)
         # The blocks this module stands for: every remote block, or a slice of them (``layers[3:6]``)
         self.start, self.end = blocks if blocks is not None else (self.manager.first_block, num_blocks)
         self._local = threading.local()  # each thread has its own active session: concurrent generate() calls
+        # each thread's ``use_adapter`` choice, shared with this module's slices
+        self._adapter_choice = adapter_choice if adapter_choice is not None else threading.local()
         if manager is None and "blockwise8" in (client_config.compression, client_config.edge_codec):
             blockwise.warm_up()  # the first 8-bit call imports bitsandbytes (~3 s): not inside the first request
 
@@ -54,7 +59,7 @@ class RemoteSequential(nn.Module):
                 raise IndexError(f"block index {index} out of range for {len(self)} remote blocks")
             last = first + 1
         return RemoteSequential(self.client_config, self.model_id, self.num_blocks, manager=self.manager,
-                                blocks=(self.start + first, self.start + last))
+                                blocks=(self.start + first, self.start + last), adapter_choice=self._adapter_choice)
 
     def __iter__(self) -> Iterator[RemoteSequential]:
         return (self[i] for i in range(len(self)))
@@ -90,7 +95,27 @@ class RemoteSequential(nn.Module):
                 mask = attention_mask[:, :past + hi] if attention_mask is not None else None
                 outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask))
             return torch.cat(outputs, dim=1)
-        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, self.sliced, prompts)
+        return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, self.sliced, prompts,
+                                         self.active_adapter)
+
+    # ---- LoRA adapters served in the swarm
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter this thread's requests run with: ``use_adapter``'s, else the client's ``active_adapter``."""
+        choice = getattr(self._adapter_choice, "name", _UNSET)
+        return self.client_config.active_adapter if choice is _UNSET else choice
+
+    @contextlib.contextmanager
+    def use_adapter(self, name: str | None) -> Iterator[None]:
+        """Requests started by this thread inside the block run with LoRA adapter ``name`` (None: the base model),
+        on servers that hold it."""
+        previous = getattr(self._adapter_choice, "name", _UNSET)
+        self._adapter_choice.name = name
+        try:
+            yield
+        finally:
+            self._adapter_choice.name = previous
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -104,7 +129,9 @@ class RemoteSequential(nn.Module):
         ``dataclasses.replace`` of the client's), used by it alone."""
         if self.active_session is not None:
             raise RuntimeError("an inference session is already active for this model")
-        session = InferenceSession(self.manager, max_length, config, self.sliced)
+        choice = getattr(self._adapter_choice, "name", _UNSET)
+        adapter = (config or self.client_config).active_adapter if choice is _UNSET else choice
+        session = InferenceSession(self.manager, max_length, config, self.sliced, adapter)
         self._local.session = session
         try:
             yield session
@@ -131,8 +158,9 @@ class RemoteSequential(nn.Module):
 
     def explain_route(self, request: RouteRequest | None = None) -> list[Hop]:
         """The chain a request would take now, each hop with its expected costs (``hop.explain()``: a dict); by
-        default a decoding step's, pushed from server to server if the client's config says so."""
-        request = request or RouteRequest(push=self.manager.config.push)
+        default a decoding step's (with this thread's adapter), pushed from server to server if the client's config
+        says so."""
+        request = request or RouteRequest(push=self.manager.config.push, adapter=self.active_adapter)
         return self.manager.loop.run(self.manager.route(None, self.num_blocks, request))
 
     def shutdown(self) -> None:

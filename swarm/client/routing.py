@@ -93,6 +93,7 @@ class RouteRequest:
     max_length: int = 0  # inference: positions each server must be able to cache
     tokens: int = 1  # throughput mode: batch x sequence tokens per request
     push: bool = False  # latency mode: servers push each step's output to the next one (network costs pairwise)
+    adapter: str | None = None  # the LoRA adapter the request runs with: only servers holding it can take it
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ def _exclusion(peer: str, info: ServerInfo, policy: RoutingPolicy, request: Rout
         return f"{info.quantization} weights, below the precision {policy.min_precision}"
     if policy.quantization is not None and info.quantization != policy.quantization:
         return f"{info.quantization} weights, not the {policy.quantization} the routing policy asks for"
+    if request.adapter is not None and request.adapter not in info.adapters:
+        return f"does not serve adapter {request.adapter!r}"
     if request.mode == "latency" and request.max_length:
         # announced free cache is for the whole span; a session reserves batch x max_length of it
         if info.cache_tokens_left < request.batch_size * request.max_length:

@@ -27,7 +27,7 @@ from swarm.client.routing import RemoteSpan
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.dht.schema import ServerState
-from swarm.rpc import protocol
+from swarm.rpc import messages, protocol
 from swarm.rpc.client import PeerUnavailable, RemoteError, call
 
 # Relative L2 error allowed between two honest outputs, by the codec the checked output travelled with.
@@ -82,33 +82,37 @@ class LocalArbiter:
         return await asyncio.to_thread(compute)
 
 
-def other_holders(manager: SequenceManager, span: RemoteSpan, exclude: set[str]) -> list[str]:
-    """Online servers holding ``span``'s blocks with the same dtype and quantization, not excluded or banned."""
+def other_holders(manager: SequenceManager, span: RemoteSpan, exclude: set[str],
+                  adapter: str | None = None) -> list[str]:
+    """Online servers holding ``span``'s blocks with the same dtype and quantization (and LoRA ``adapter``, if
+    any), not excluded or banned."""
     info = span.info
     unwanted = manager.banned() | set(manager.config.routing_policy.blocked_servers)
     return [peer for peer, other in manager.servers.items()
             if peer not in exclude and peer not in unwanted and other.state == ServerState.ONLINE
             and other.start <= span.start and other.end >= span.end
             and (other.dtype, other.quantization) == (info.dtype, info.quantization)
+            and (adapter is None or adapter in other.adapters)
             and manager.stats_for(peer).strikes < manager.config.routing_policy.max_strikes]
 
 
 async def recompute(manager: SequenceManager, peer: str, span: RemoteSpan, inputs: torch.Tensor,
-                    position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    message = {"start": span.start, "end": span.end, "hidden": serialize_tensor(inputs, "none"),
-               "position_ids": serialize_tensor(position_ids.long()), "output_codec": "none"}
-    if attention_mask is not None:
-        message["attention_mask"] = serialize_tensor(attention_mask.to(torch.int8))
+                    position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    adapter: str | None = None) -> torch.Tensor:
+    message = messages.span_inputs(span.start, span.end, serialize_tensor(inputs, "none"), position_ids,
+                                   attention_mask, "none", **messages.adapter_field(adapter))
     reply = await call(manager.p2p, peer, protocol.FORWARD, message, timeout=manager.config.request_timeout)
     return deserialize_tensor(reply.get("hidden"))
 
 
 async def check_output(manager: SequenceManager, span: RemoteSpan, inputs: torch.Tensor, position_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None, output: torch.Tensor, codec: str) -> Verdict:
+                       attention_mask: torch.Tensor | None, output: torch.Tensor, codec: str,
+                       adapter: str | None = None) -> Verdict:
     """Compare ``output`` (the last ``output.shape[1]`` positions of ``span`` on ``inputs``, as returned by
-    ``span.peer_id`` through ``codec``) with other servers' recomputation, and strike who disagrees."""
+    ``span.peer_id`` through ``codec``, with LoRA ``adapter``) with other servers' recomputation, and strike who
+    disagrees."""
     await manager.update()
-    candidates = other_holders(manager, span, {span.peer_id})
+    candidates = other_holders(manager, span, {span.peer_id}, adapter)
     if not candidates:
         return Verdict(agreed=True, error=0.0)
     random.shuffle(candidates)  # an honest check must not be predictable by the checked server
@@ -116,7 +120,7 @@ async def check_output(manager: SequenceManager, span: RemoteSpan, inputs: torch
     opinions: list[tuple[str, torch.Tensor]] = []
     for peer in candidates:
         try:
-            full = await recompute(manager, peer, span, inputs, position_ids, attention_mask)
+            full = await recompute(manager, peer, span, inputs, position_ids, attention_mask, adapter)
         except (PeerUnavailable, RemoteError):
             manager.ban(peer)
             continue
@@ -132,8 +136,8 @@ async def check_output(manager: SequenceManager, span: RemoteSpan, inputs: torch
         return Verdict(agreed=True, error=error, checked_by=checked_by)
     exact = CODEC_TOLERANCE["none"] + DTYPE_TOLERANCE.get(span.info.dtype, 0.05)  # two uncompressed outputs
     if len(opinions) == 1:  # one against one: only a third opinion may strike anybody
-        arbiter = manager.arbiter
-        if arbiter is None or not arbiter.can_judge(span):
+        arbiter = manager.arbiter  # (it computes the base weights: no opinion on an adapter's output)
+        if arbiter is None or adapter is not None or not arbiter.can_judge(span):
             return Verdict(agreed=True, error=error, checked_by=checked_by, undecided=True)
         own = (await arbiter(span, inputs, position_ids, attention_mask))[:, -output.shape[1]:]
         checked_by.append("client")

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 MODELS_KEY = "_swarm.models"  # subkey: model id, value: ModelInfo
+MAX_ADAPTERS = 64  # adapter names read from one record
 
 
 def block_key(model_id: str, block_index: int) -> str:
@@ -47,10 +48,12 @@ class ServerInfo:
     announced: float = 0.0
     price: int = 0  # per token with settlement on (0: none); clients refuse receipts above it by default
     payment_required: bool = False  # sessions without settlement are refused
+    adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base weights (requests name one to use it)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["state"] = int(self.state)
+        data["adapters"] = list(self.adapters)
         return data
 
     @classmethod
@@ -76,6 +79,9 @@ class ServerInfo:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
                         and value >= 0:
                     kwargs[name] = float(value)
+            adapters = data.get("adapters")
+            if isinstance(adapters, (list, tuple)):
+                kwargs["adapters"] = tuple(a for a in adapters[:MAX_ADAPTERS] if isinstance(a, str))
             pings = data.get("next_pings")
             if isinstance(pings, dict):
                 kwargs["next_pings"] = {k: float(v) for k, v in pings.items()

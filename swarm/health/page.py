@@ -58,7 +58,7 @@ def _model_section(model: ModelStatus, samples: list[tuple[float, int, int, int]
 <div class="coverage" data-model="{model_id}">{blocks}</div>
 {_chart(samples, model.num_blocks)}
 <table class="servers" data-model="{model_id}">
-<thead><tr><th>peer</th><th>name</th><th>blocks</th><th>state</th><th>precision</th><th>throughput</th>
+<thead><tr><th>peer</th><th>name</th><th>blocks</th><th>state</th><th>precision</th><th>adapters</th><th>throughput</th>
 <th>decode steps/s</th><th>free cache</th><th>RTT</th><th>version</th><th>reachable</th></tr></thead>
 <tbody>
 {rows}
@@ -77,6 +77,7 @@ def _server_row(server: ServerStatus) -> str:
             f"<td title='{escape(server.peer_id)}'>{escape(server.short_id)}</td>"
             f"<td>{escape(server.public_name or '')}</td><td>{server.start}:{server.end}</td>"
             f"<td>{escape(server.state)}</td><td>{escape(server.dtype)} / {escape(server.quantization)}</td>"
+            f"<td class='adapters'>{escape(', '.join(server.adapters)) or '-'}</td>"
             f"<td>{number(server.throughput, 0)}</td><td>{number(server.inference_rps)}</td>"
             f"<td>{server.cache_tokens_left}</td><td>{'-' if server.rtt_ms is None else f'{server.rtt_ms:.1f} ms'}</td>"
             f"<td>{escape(server.version)}</td><td class='reachable'>{reachable}</td></tr>")

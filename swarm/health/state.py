@@ -29,6 +29,7 @@ class ServerStatus:
     cache_tokens_left: int
     load: float
     version: str
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside its blocks
 
 
 @dataclass
@@ -79,7 +80,7 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
             state=record.state.name.lower(), reachable=reachable, rtt_ms=None if rtt is None else rtt * 1000,
             dtype=record.dtype, quantization=record.quantization, throughput=record.throughput,
             inference_rps=record.inference_rps, cache_tokens_left=record.cache_tokens_left, load=record.load,
-            version=record.version))
+            version=record.version, adapters=list(record.adapters)))
         if reachable:
             for block in range(record.start, min(record.end, info.num_blocks)):
                 coverage[block] += 1
@@ -113,6 +114,8 @@ _SERVER_SCHEMA = {
         "cache_tokens_left": {"type": "integer", "minimum": 0, "description": "free KV cache, batch x positions"},
         "load": {"type": "number", "minimum": 0, "description": "requests queued or running when announced"},
         "version": {"type": "string", "description": "swarm software version"},
+        "adapters": {"type": "array", "items": {"type": "string"},
+                     "description": "LoRA adapters served beside its blocks (a request names one to use it)"},
     },
 }
 

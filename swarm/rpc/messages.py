@@ -29,10 +29,16 @@ def span_inputs(start: int, end: int, hidden: list | dict, position_ids: torch.T
 
 
 def open_span(start: int, end: int, max_length: int, batch_size: int, output_codec: str,
-              upstream: str | None) -> dict:
-    """Open an inference session on a span: reserves ``batch_size x max_length`` positions of KV cache."""
+              upstream: str | None, adapter: str | None = None) -> dict:
+    """Open an inference session on a span: reserves ``batch_size x max_length`` positions of KV cache; its steps
+    run with LoRA ``adapter`` (None: the base model)."""
     return {"type": "open", "start": start, "end": end, "max_length": max_length, "batch_size": batch_size,
-            "output_codec": output_codec, "upstream": upstream}
+            "output_codec": output_codec, "upstream": upstream, **adapter_field(adapter)}
+
+
+def adapter_field(adapter: str | None) -> dict:
+    """The field naming a request's LoRA adapter (none for the base model, which old servers understand)."""
+    return {} if adapter is None else {"active_adapter": adapter}
 
 
 def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: torch.Tensor | None, extra: dict,
@@ -102,6 +108,14 @@ def read_float_tensor(message: dict, name: str, max_numel: int, rank: int, requi
     if not torch.isfinite(tensor).all():
         raise RequestError(f"{name} contains NaN or infinite values")
     return tensor
+
+
+def read_active_adapter(message: dict) -> str | None:
+    """The LoRA adapter a request asks for (None: the base model); the blocks check that they serve it."""
+    name = get_field(message, "active_adapter", str, default=None)
+    if name is not None and not 0 < len(name) <= 256:
+        raise RequestError(f"active_adapter must be a name of 1 to 256 characters, got {len(name)}")
+    return name
 
 
 def read_block_range(message: dict, served_start: int, served_end: int) -> tuple[int, int]:

@@ -84,6 +84,9 @@ def build_parser() -> Parser:
     compute.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="compute dtype of the blocks")
     compute.add_argument("--quantize", choices=QUANTIZATION_NAMES, default="none",
                          help="weight quantization of the blocks' linear layers (bitsandbytes int8 / nf4)")
+    compute.add_argument("--adapters", nargs="+", default=[], metavar="NAME_OR_PATH",
+                         help="peft LoRA adapters to serve beside the blocks: a directory (named after itself), a "
+                              "hub name, or NAME=PATH; clients choose one per request with active_adapter=NAME")
     compute.add_argument("--cache-tokens", type=positive(int), default=16384, metavar="N",
                          help="KV cache budget: batch x positions that sessions may hold at once over the span")
     compute.add_argument("--throughput", type=parse_throughput, default="auto",
@@ -179,7 +182,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,
         host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
-        dtype=args.dtype, quantization=args.quantize, cache_tokens=args.cache_tokens,
+        dtype=args.dtype, quantization=args.quantize, adapters=args.adapters, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
         identity_path=args.identity, announcers=announcers, throughput=args.throughput,
         limits=limits,
@@ -196,6 +199,8 @@ def main() -> None:
         parser.error("--require-payment needs --settlement NAME: without settlement nobody could pay")
     setup_logging(args.log_level)
     check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
+    for spec in args.adapters:
+        check_model_name(spec.partition("=")[2] or spec)
     check_can_listen(args.host, args.port)
 
     import asyncio  # the heavy part starts here, once the arguments are known to be good

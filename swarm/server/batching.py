@@ -9,7 +9,8 @@ its own rows of the output and has its own cache grown by its new positions, exa
 No step waits for company: a step that finds the compute thread idle runs at once (alone); steps that arrive
 while it is busy wait in the compute queue (compute.py), which hands the ones at the head of their peers' queues to
 this runner together when it frees up. Only steps that can be merged exactly are:
-the same span object and layer range, one new token, no beam reorder, plain full-attention caches of one dtype.
+the same span object, layer range and adapter, one new token, no beam reorder, plain full-attention caches of one
+dtype.
 Anything else, or a batch that fails, runs step by step as before, each error going to its own caller. Sessions
 of very different lengths go in separate batches, so that padding never costs more than about the real positions.
 """
@@ -93,7 +94,7 @@ def run_batch(group: list[DecodeStep]) -> list[torch.Tensor]:
         merged = compat.merge_caches(span.config, caches, rows, length, first, last)
         with torch.no_grad():
             output = span(torch.cat([step.hidden for step in group]), torch.cat([step.positions for step in group]),
-                          torch.cat(masks), merged, first, last)
+                          torch.cat(masks), merged, first, last, adapter=group[0].adapter)
         compat.append_from_merged(merged, caches, rows, 1, first, last)
     except BaseException:
         for step in group:  # each session's cache as it was before this step (never longer)

@@ -70,6 +70,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     quantization: str = "none"  # weights: none / int8 / nf4 (bitsandbytes)
+    adapters: list[str] = field(default_factory=list)  # peft LoRA adapters served beside the blocks (NAME=PATH ...)
     cache_tokens: int = 16384  # KV budget: batch x positions over the whole span
     public_name: str | None = None
     model_id: str | None = None  # DHT name of the model; default: hub name or local directory name
@@ -121,6 +122,7 @@ class Server:
             forward_tps=speed.forward_tps if speed else None, load=float(self.handler.pending if self.handler else 0),
             next_pings=dict(self.next_pings), started=self.started_at, announced=time.time(),
             price=cfg.price if cfg.settlement else 0, payment_required=cfg.require_payment,
+            adapters=tuple(self.span.adapters.names) if isinstance(self.span, BlockSpan) else (),
         )
 
     def rpc_info(self) -> dict:
@@ -260,6 +262,8 @@ class Server:
         if self.is_unet:
             if cfg.quantization != "none":
                 raise NotImplementedError("weight quantization of U-Net levels is not supported yet")
+            if cfg.adapters:
+                raise UserError("--adapters: LoRA adapters are served for transformer blocks, not U-Net levels")
             from swarm.blocks.unet import UNetLevels
 
             span = UNetLevels.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
@@ -267,7 +271,7 @@ class Server:
             logger.info(f"Levels hold {parameter_bytes(span) / (end - start) / 2**20:.1f} MiB each")
         else:
             span = BlockSpan.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
-                                           device=cfg.device, quantization=cfg.quantization)
+                                           device=cfg.device, quantization=cfg.quantization, adapters=cfg.adapters)
             logger.info(f"Blocks hold {parameter_bytes(span.layers) / (end - start) / 2**20:.1f} MiB each")
         blockwise.warm_up()  # bitsandbytes' first call imports it (~2-3 s)
         return span
