@@ -10,7 +10,7 @@ import torch
 from tiny_models import VOCAB
 from transformers import AutoModelForSequenceClassification
 
-from swarm import AutoDistributedModelForSequenceClassification
+from swarm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,23 @@ def test_deep_prompts_equal_a_local_reference_and_their_gradients_come_back(serv
             param.requires_grad_(True)
         losses = train(model, torch.optim.Adam(trained, lr=0.05), 6, input_ids=ids, labels=ids)
         assert losses[-1] < losses[0] - 0.1, losses
-        with pytest.raises(ValueError, match="generation with tuned prompts is not supported yet"):
-            model.generate(ids[:1], max_new_tokens=2)
+
+        # generation with the trained prompts: in a session, the prompt and its deep prompts go with the first step
+        prompt, deep = inner.prompt_embeddings.weight.detach(), inner._deep_prompts().squeeze(1).detach()
+        expected = ids[:1]
+        with torch.no_grad():
+            for _ in range(6):  # greedy, recomputing everything locally at each token
+                step = _local_with_prompts(local, expected, prompt, deep)[:, -1].argmax(-1, keepdim=True)
+                expected = torch.cat([expected, step], dim=1)
+            assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False), expected)
+            # a session goes on after the prompt and the tokens it holds (Petals' generate(None))
+            with model.inference_session(max_length=11) as session:
+                model.generate(ids[:1], max_new_tokens=3, do_sample=False, session=session)
+                more = model.generate(None, max_new_tokens=3, do_sample=False, session=session)
+                assert session.position == 3 + 10  # the prompt's positions, then the tokens fed
+            assert torch.equal(more, expected)
+            # speculation rewinds the session within the tokens, never into the prompt
+            assert torch.equal(model.generate(ids[:1], max_new_tokens=6, prompt_lookup_num_tokens=3), expected)
     finally:
         model.shutdown()
 
@@ -168,5 +183,30 @@ def test_a_classifier_trains_with_deep_prompts(served):
                        labels=labels)
         assert losses[-1] < losses[0], losses
         assert model.model.intermediate_prompt_embeddings.weight.grad.abs().sum() > 0
+    finally:
+        model.shutdown()
+
+
+def test_a_prompted_session_fails_over_with_its_deep_prompts(served, launcher):
+    """The replacement server of a prompt-tuned session gets the history replayed with the deep prompts, so the
+    tokens after a failover are those of the unbroken generation."""
+    servers = [launcher.start_server_in_process(served["path"], "0:6", served["peers"], "--model-id", "tiny-replay")
+               for _ in range(2)]
+    model = AutoDistributedModelForCausalLM.from_pretrained(served["path"], initial_peers=served["peers"],
+                                                            model_id="tiny-replay", tuning_mode="deep_ptune",
+                                                            pre_seq_len=2, compression="none")
+    try:
+        with torch.no_grad():
+            model.model.intermediate_prompt_embeddings.weight.normal_(0, 0.5,
+                                                                      generator=torch.Generator().manual_seed(6))
+            ids = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(7))
+            expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+            with model.inference_session(max_length=12) as session:
+                first = model.generate(ids, max_new_tokens=4, do_sample=False, session=session)
+                serving = session.chain[0].peer_id
+                next(server for server in servers if server.peer_id == serving).stop()
+                rest = model.generate(None, max_new_tokens=4, do_sample=False, session=session)
+                assert session.chain[0].peer_id != serving  # it went on elsewhere, after a replay
+        assert torch.equal(first, expected[:, :8]) and torch.equal(rest, expected), (rest, expected)
     finally:
         model.shutdown()

@@ -25,7 +25,9 @@ from swarm.rpc.client import call
 from swarm.trust.commitment import commit
 from swarm.utils.loop_thread import LoopThread
 
-PERTURBATION = "perturb:0.3"  # relative size of the lying server's noise: far above every tolerance
+# The lying server adds noise of 5% of its output: less than the 8-bit tolerance checks had when they compared
+# an 8-bit output with a raw recomputation (8e-2), far above the honest spread once both go through the codec.
+PERTURBATION = "perturb:0.05"
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +245,7 @@ def test_commitments_match_honest_recomputation_and_expose_the_liar(swarm):
                                                "position_ids": _tensor(positions)}, timeout=30))
                 matched[server.peer_id] += reply["commitment"] == commit(reference)
         assert matched[honest.peer_id] == 20
-        assert matched[liar.peer_id] <= 2
+        assert matched[liar.peer_id] <= 10  # coarse (top-k dimensions): 5% noise changes them most of the time
     finally:
         model.shutdown()
 

@@ -293,6 +293,8 @@ class BlockSpan(nn.Module, ServedBlocks):
         if hypo_ids is not None and (hypo_ids.dtype != torch.int64 or list(hypo_ids.shape) != [batch]
                                      or hypo_ids.min() < 0 or hypo_ids.max() >= batch):
             raise RequestError(f"hypo_ids must be int64 of shape [{batch}] with values in [0, {batch})")
+        # deep prompts of a prompt-tuned model, with the step that holds the prompt's positions
+        prompts = read_prompts(message, last - first, batch, tokens, self.hidden_size)
         flops = self.flops(batch, tokens, position + tokens, last - first)
         self.check_cost(flops, bounds)
         cache, inputs = session.cache, hidden.to(self.dtype)
@@ -302,8 +304,8 @@ class BlockSpan(nn.Module, ServedBlocks):
             if hypo_ids is not None:
                 compat.reorder_cache(cache, hypo_ids)
             try:
-                return (yield from self.forward_pieces(inputs, positions, mask, cache, first, last,
-                                                       adapter=session.adapter))
+                return (yield from self.forward_pieces(inputs, positions, mask, cache, first, last, prompts,
+                                                       session.adapter))
             except BaseException:
                 compat.truncate_cache(cache, position)  # undo what the layers that ran have written
                 raise
@@ -314,7 +316,8 @@ class BlockSpan(nn.Module, ServedBlocks):
             return {"position": session.length}, {"hidden": output}
 
         # "batch": false keeps this step out of cross-session batches (batching.py), e.g. to time it alone
-        batchable = get_field(message, "batch", bool, default=True) and tokens == 1 and hypo_ids is None
+        batchable = get_field(message, "batch", bool, default=True) and tokens == 1 and hypo_ids is None \
+            and prompts is None
         prepared = Prepared(run, flops, batch * tokens, finish, hidden.dtype)
         if batchable:
             prepared.batch_key = (id(self), first, last, inputs.dtype, inputs.device, session.adapter)

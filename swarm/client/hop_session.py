@@ -43,11 +43,14 @@ class HopSession(ChainHop):
 
     async def send_step(self, hidden: dict, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         position: int, hypo_ids: torch.Tensor | None, step_id: int, push: bool,
-                        trace: bool = False) -> None:
+                        trace: bool = False, prompts: torch.Tensor | None = None) -> None:
         """Send encoded ``hidden`` for positions from ``position``; ``push``: the server hands its output on to
-        the next one itself; ``trace``: the server reports its own timing in the reply."""
+        the next one itself; ``trace``: the server reports its own timing in the reply; ``prompts``: this hop's
+        deep prompts, added to the step's first positions (sent exactly: they are small)."""
         extra = {"type": "step", "session_id": self.session_id, "position": position, "step_id": step_id,
                  "push": push}
+        if prompts is not None:
+            extra["prompts"] = serialize_tensor(prompts.detach().contiguous())
         if trace:
             extra["trace"] = True
         if hypo_ids is not None:

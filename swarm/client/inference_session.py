@@ -58,6 +58,10 @@ class InferenceSession:
         self.token_ids: torch.Tensor | None = None  # kept by the causal LM to detect rewinds and beam reorders
         self.output_ids: torch.Tensor | None = None  # the last generate()'s sequences, its newest token not fed yet
         self.local_cache = None  # KV cache of the blocks the client runs itself (``local_blocks``)
+        # A prompt-tuned model's prompt: the first ``prefix`` positions, which are not tokens of the history, and the
+        # deep prompts (blocks, 1 or batch, prefix, hidden) its servers add to them (sent again with replays).
+        self.prefix = 0
+        self.prompts: torch.Tensor | None = None
         self._pending_hypo_ids: torch.Tensor | None = None
         self._step_ids = itertools.count()
         self.checks: list[Verdict] = []  # redundant checks run in this session
@@ -90,9 +94,13 @@ class InferenceSession:
             raise ValueError(f"cannot rewind to {position}: the session holds {self._position} positions")
         self._position = position
         self.output_ids = None  # generate(None) goes on from the history as rewound
-        for name in ("position_ids", "attention_mask", "token_ids"):
+        if position < self.prefix:  # into the prompt: a prompt-tuned model starts again from position 0 only
+            self.prefix, self.prompts = 0, None
+        for name in ("position_ids", "attention_mask"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[:, :position])
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[:, :max(0, position - self.prefix)]
         for hop in self.hops:
             if hop.inputs is not None:
                 hop.inputs = hop.inputs[:, :position]
@@ -113,15 +121,23 @@ class InferenceSession:
         previous = self._pending_hypo_ids
         self._pending_hypo_ids = hypo_ids if previous is None else previous[hypo_ids]
 
-    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run new positions (batch, tokens, hidden) through every block; returns the last block's output.
 
-        ``attention_mask`` covers all positions so far plus the new ones (0 at padding), or is None.
+        ``attention_mask`` covers all positions so far plus the new ones (0 at padding), or is None. ``prompts``:
+        deep prompts (one per block of the session, (blocks, 1 or batch, prompt length, hidden)) that the servers
+        add to this step's first positions before each block: only with the session's first step.
         """
         if self.closed:
             raise RuntimeError("this inference session is closed")
         batch, tokens, _ = hidden.shape
+        if prompts is not None:
+            blocks = self.end_block - self.first_block
+            if self.position != 0 or prompts.dim() != 4 or prompts.shape[0] != blocks \
+                    or prompts.shape[2] > tokens or prompts.shape[1] not in (1, batch):
+                raise ValueError(f"deep prompts go with a session's first step, shaped ({blocks}, 1 or {batch}, <= "
+                                 f"{tokens}, hidden); got {tuple(prompts.shape)} at position {self.position}")
         if tokens == 0:  # nothing to compute: Petals accepts it too
             return hidden
         if self.batch_size is not None and batch != self.batch_size:
@@ -137,8 +153,10 @@ class InferenceSession:
         timing, began = self.trace.begin() if self.trace is not None else (None, time.perf_counter())
         if timing is not None:
             timing.tokens = tokens
+        if prompts is not None:
+            self.prompts = prompts.detach()
         output = self.manager.loop.run(self._step(hidden.detach(), position_ids.long(), attention_mask, timing,
-                                                  began))
+                                                  began, prompts is not None))
         if timing is not None:
             self.trace.end(timing, began)
         self._position += tokens
@@ -155,7 +173,7 @@ class InferenceSession:
         return new if history is None else torch.cat([history, new], dim=1)
 
     async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    timing: StepTiming | None = None, began: float = 0.0) -> torch.Tensor:
+                    timing: StepTiming | None = None, began: float = 0.0, prompted: bool = False) -> torch.Tensor:
         if timing is not None:
             timing.handoff = time.perf_counter() - began
         if not self.hops:
@@ -163,7 +181,8 @@ class InferenceSession:
             await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         for _ in range(self.config.max_retries + 1):
-            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids, timing)
+            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids, timing,
+                                                          prompted)
             hypo_ids = None  # applied: a re-run of this step must not reorder the caches again
             liar = await self._verify(sent, received, position_ids, attention_mask)
             if liar is None:
@@ -177,11 +196,13 @@ class InferenceSession:
         return deserialize_tensor(output)
 
     async def _run_hops(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        hypo_ids: torch.Tensor | None, timing: StepTiming | None = None) -> tuple[dict, dict, dict]:
-        """One pass of the step along the chain; returns what each hop was sent and answered, and the output."""
+                        hypo_ids: torch.Tensor | None, timing: StepTiming | None = None,
+                        prompted: bool = False) -> tuple[dict, dict, dict]:
+        """One pass of the step along the chain; returns what each hop was sent and answered, and the output.
+        ``prompted``: the step carries the session's deep prompts (relayed by the client: each hop needs its own)."""
         config = self.config
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
-        step_id, push = next(self._step_ids), config.push and len(self.hops) > 1
+        step_id, push = next(self._step_ids), config.push and len(self.hops) > 1 and not prompted
         sent: dict[HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
         received: dict[HopSession, dict] = {}
         encoding = time.perf_counter()
@@ -189,7 +210,7 @@ class InferenceSession:
         hop_timings: list[HopTiming] = []
         if timing is not None:
             timing.encode = time.perf_counter() - encoding
-        await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
+        await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push, prompted)
         mark, pushed_in = time.perf_counter(), False
         sent_at: float | None = mark  # when the client sent the current hop its input (None: pushed to it)
         ready_at = mark  # when the current hop's input was ready (sent, or the previous hop's output came back)
@@ -223,7 +244,8 @@ class InferenceSession:
                     rebuilt.add(index)
                     relinked = True
                     await self._replace_hop(index, ban=False)
-                    await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
+                    await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False,
+                                     prompted)
                     ready_at = time.perf_counter()
                     continue
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
@@ -234,7 +256,8 @@ class InferenceSession:
                 with self.manager.rerouting_after(e, hop.span.peer_id):
                     # a busy server (its memory taken back for someone else) did nothing wrong: not banned
                     await self._replace_hop(index, ban=not (isinstance(e, RemoteError) and e.busy))
-                await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
+                await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False,
+                                 prompted)
                 ready_at = time.perf_counter()
                 continue
             if decode:
@@ -251,7 +274,7 @@ class InferenceSession:
             if index + 1 < len(self.hops) and not pushed:  # the client relays it
                 next_hop = self.hops[index + 1]
                 await self._send(next_hop, payload, position_ids, attention_mask,
-                                 hypo_ids if next_hop in reordered_before else None, step_id, push)
+                                 hypo_ids if next_hop in reordered_before else None, step_id, push, prompted)
                 sent_at = time.perf_counter()
             index += 1
         if relinked:
@@ -276,7 +299,8 @@ class InferenceSession:
             if mask is None and self.attention_mask is not None:
                 mask = self._extend(self.attention_mask, torch.ones_like(position_ids))
             verdict = await check_output(self.manager, hop.span, inputs, positions, mask,
-                                         deserialize_tensor(received[hop]), hop.output_codec, self.adapter)
+                                         deserialize_tensor(received[hop]), hop.output_codec, self.adapter,
+                                         self._prompts_of(hop))
             self.checks.append(verdict)
             if hop.span.peer_id in verdict.struck:
                 return index
@@ -298,12 +322,18 @@ class InferenceSession:
 
     async def _send(self, hop: HopSession, payload: dict, position_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None, hypo_ids: torch.Tensor | None, step_id: int,
-                    push: bool) -> None:
+                    push: bool, prompted: bool = False) -> None:
         try:
             await hop.send_step(payload, position_ids, attention_mask, self.position, hypo_ids, step_id, push,
-                                trace=self.trace is not None)
+                                trace=self.trace is not None, prompts=self._prompts_of(hop) if prompted else None)
         except PeerUnavailable:
             pass  # the broken stream shows when its reply is awaited, where failover happens
+
+    def _prompts_of(self, hop: HopSession) -> torch.Tensor | None:
+        """``hop``'s blocks' part of the session's deep prompts."""
+        if self.prompts is None:
+            return None
+        return self.prompts[hop.span.start - self.first_block:hop.span.end - self.first_block]
 
     async def _link(self) -> None:
         """Tell every server of the chain whom it pushes to and whom it accepts pushes from."""
@@ -367,7 +397,8 @@ class InferenceSession:
         timeout = self.config.request_timeout
         for hop in hops:
             step_id = next(self._step_ids)
-            await hop.send_step(payload, self.position_ids, mask, 0, None, step_id, push=False)
+            await hop.send_step(payload, self.position_ids, mask, 0, None, step_id, push=False,
+                                prompts=self._prompts_of(hop))
             output = (await hop.receive_step(step_id, timeout, tokens=history.shape[:2].numel()))["hidden"]
             hop.inputs = deserialize_tensor(payload)
             payload = output

@@ -154,6 +154,9 @@ class DistributedPreTrainedModel(PreTrainedModel):
         ``config``: settings for this session alone (see ``RemoteSequential.inference_session``), including how many
         first blocks the client computes itself (``local_blocks``)."""
         remote = self.get_remote()
+        base = self if isinstance(self, DistributedModel) else self.model
+        if base.tuning_mode is not None:  # the learned prompt takes positions of the servers' caches too
+            max_length += base.pre_seq_len
         with remote.inference_session(max_length, config) as session:
             if session.first_block != remote.manager.first_block:
                 session.local_span = self.local_span_of(session.first_block)
@@ -245,13 +248,22 @@ class DistributedModel(DistributedPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         session = self.layers.active_session
-        prompted = self.tuning_mode is not None
-        if prompted:
-            if session is not None:
-                raise ValueError("generation with tuned prompts is not supported yet: prompts are trained and used "
-                                 "in forward passes (training, scoring, classification)")
-            inputs_embeds, attention_mask, position_ids = self._prepend_prompts(inputs_embeds, attention_mask,
-                                                                                position_ids)
+        prepended = False  # this call puts the learned prompt first (a forward pass, or a session's first step)
+        if self.tuning_mode is not None:
+            if session is None or session.position == 0:
+                inputs_embeds, attention_mask, position_ids = self._prepend_prompts(inputs_embeds, attention_mask,
+                                                                                    position_ids)
+                prepended = True
+            elif session.prefix != self.pre_seq_len:
+                raise ValueError(f"this inference session does not start with this model's prompt of "
+                                 f"{self.pre_seq_len} positions (it holds {session.prefix}): start it again from "
+                                 f"position 0")
+            else:  # the session already holds the prompt: the caller's positions and mask come after it
+                if attention_mask is not None:
+                    attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], self.pre_seq_len),
+                                                attention_mask], dim=1)
+                if position_ids is not None:
+                    position_ids = position_ids + self.pre_seq_len
         batch, tokens = inputs_embeds.shape[:2]
         past = session.position if session is not None else 0
         if attention_mask is not None and attention_mask.shape != (batch, past + tokens):
@@ -276,9 +288,11 @@ class DistributedModel(DistributedPreTrainedModel):
                 cache = session.local_cache
                 compat.truncate_cache(cache, past)  # drops what a step that failed remotely left behind
             hidden = local_span(hidden, position_ids, attention_mask, cache)
-        if prompted:
+        if prepended:
             hidden = self.layers(hidden, position_ids, attention_mask, prompts=self._deep_prompts())
             hidden = hidden[:, self.pre_seq_len:]  # the caller's positions only
+            if session is not None:
+                session.prefix = self.pre_seq_len
         else:
             hidden = self.layers(hidden, position_ids, attention_mask)
         if session is not None:
@@ -441,7 +455,7 @@ class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
     def _session_history(session: InferenceSession, kwargs: dict) -> torch.Tensor:
         """The token ids the session holds and the newest one generated, to continue from it (with the mask)."""
         known, last, mask = session.token_ids, session.output_ids, session.attention_mask
-        if known is None or known.shape[1] != session.position:
+        if known is None or known.shape[1] != session.position - session.prefix:
             raise ValueError("generate(None) continues the inference session from its last token, but the session "
                              "was fed embeddings, so its token ids are unknown: pass the ids to continue from")
         ids = known
@@ -485,9 +499,10 @@ class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
             tokens = inputs_embeds.shape[1]
         elif inputs_embeds is not None and session.token_ids is None:
             # Generating from embeddings: input_ids holds only the tokens generated after them.
-            tokens = inputs_embeds.shape[1] + input_ids.shape[1] - session.position
+            tokens = inputs_embeds.shape[1] + input_ids.shape[1] - (session.position - session.prefix)
             if not 0 < tokens <= input_ids.shape[1]:
-                raise ValueError(f"the session holds {session.position} positions, which does not match "
+                raise ValueError(f"the session holds {session.position - session.prefix} positions, which does not "
+                                 f"match "
                                  f"{inputs_embeds.shape[1]} embedded + {input_ids.shape[1]} generated positions")
             new = {"input_ids": input_ids[:, input_ids.shape[1] - tokens:]}
         else:
@@ -502,9 +517,9 @@ class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
     @staticmethod
     def _sync_session(session: InferenceSession, input_ids: torch.LongTensor) -> int:
         """Where ``input_ids`` continue the session: reorders rows for beam search, rewinds on a changed history."""
-        known = session.token_ids
+        known = session.token_ids  # (after the learned prompt of a prompt-tuned model: ``prefix`` positions)
         if known is None:  # nothing cached yet, or a history fed as embeddings: continue after it
-            return session.position
+            return session.position - session.prefix
         if input_ids.shape[0] != known.shape[0]:
             raise ValueError(f"batch size changed within an inference session ({known.shape[0]} -> "
                              f"{input_ids.shape[0]})")
@@ -521,7 +536,7 @@ class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
         limit = min(input_ids.shape[1] - 1, cached)
         same = (input_ids[:, :limit] == known[:, :limit]).all(0)
         common = int(same.long().cumprod(0).sum())
-        session.rewind(common)
+        session.rewind(session.prefix + common)
         return common
 
 

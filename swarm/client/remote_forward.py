@@ -79,10 +79,10 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
                 manager.failed(span.peer_id, e)
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
             continue
-        # (a check recomputes without the prompts, so prompted requests are not checked)
-        if prompts is None and random.random() < manager.config.verify_probability:
+        if random.random() < manager.config.verify_probability:
+            own = None if prompts is None else prompts[span.start - start:span.end - start]
             verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,
-                                         deserialize_tensor(output), codec, adapter)
+                                         deserialize_tensor(output), codec, adapter, own)
             if span.peer_id in verdict.struck:  # caught returning a wrong output: recompute this hop elsewhere
                 attempts.failed(RuntimeError(f"redundant checks keep failing on blocks {span.start}:{span.end}"),
                                 span.peer_id)

@@ -75,10 +75,8 @@ class RemoteSequential(nn.Module):
         """``position_ids`` default to the positions after what the active session holds (0, 1, ... without one).
         ``prompts``: deep prompts (one per block of this module, (blocks, 1 or batch, prompt length, hidden)), added
         by the servers to the first positions' hidden states before each block; gradients flow back to them.
-        Forward passes only (training, scoring): not within an inference session."""
+        In an inference session, prompts go with its first step (the prompt's positions)."""
         session = self.active_session
-        if prompts is not None and session is not None:
-            raise ValueError("deep prompts are not supported in inference sessions yet")
         if prompts is not None and prompts.shape[0] != self.end - self.start:
             raise ValueError(f"deep prompts are taken one per block: expected {self.end - self.start}, got shape "
                              f"{tuple(prompts.shape)}")
@@ -88,12 +86,16 @@ class RemoteSequential(nn.Module):
         if session is not None:
             chunk, tokens = session.config.prefill_chunk, hidden.shape[1]
             if not chunk or tokens <= chunk:
-                return session.step(hidden, position_ids, attention_mask)
+                return session.step(hidden, position_ids, attention_mask, prompts)
+            if prompts is not None and prompts.shape[2] > chunk:
+                raise ValueError(f"deep prompts of {prompts.shape[2]} positions do not fit in the first prefill "
+                                 f"chunk of {chunk}: raise prefill_chunk")
             past, outputs = session.position, []
             for lo in range(0, tokens, chunk):  # chunked prefill: each chunk attends to the ones before it
                 hi = min(tokens, lo + chunk)
                 mask = attention_mask[:, :past + hi] if attention_mask is not None else None
-                outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask))
+                outputs.append(session.step(hidden[:, lo:hi], position_ids[:, lo:hi], mask,
+                                            prompts if lo == 0 else None))
             return torch.cat(outputs, dim=1)
         return RemoteChainFunction.apply(hidden, position_ids, attention_mask, self.manager, self.sliced, prompts,
                                          self.active_adapter)
