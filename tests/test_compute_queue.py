@@ -1,5 +1,5 @@
-"""The server's compute thread: work in pieces, round-robin between peers, dropped when its caller goes away,
-decode steps merged, errors to their own caller."""
+"""The server's compute thread: work in pieces, turns by compute time between peers, dropped when its caller goes
+away, decode steps merged, errors to their own caller."""
 
 from __future__ import annotations
 
@@ -111,3 +111,48 @@ def test_waiting_jobs_with_one_batch_key_run_merged():
 
     assert asyncio.run(main()) == ["A", "B", "C"]
     assert batches == [["a", "b", "c"]]
+
+
+def test_turns_go_by_compute_time_so_a_flood_delays_a_short_job_by_one_piece():
+    """Two peers queue many long jobs; a third peer's job of short pieces then runs right after the piece running
+    now, all its pieces in a row (round-robin by count would put a flood piece between each of them)."""
+    log: list = []
+
+    async def main():
+        queue = ComputeQueue()
+        try:
+            flood = [asyncio.create_task(queue.run(peer, pieces(log, f"{peer}{i}", 3, 0.03)))
+                     for i in range(3) for peer in ("mallory", "trudy")]
+            await asyncio.sleep(0.05)  # the flood is running
+            arrived = len(log)
+            assert await queue.run("alice", pieces(log, "alice", 5)) == "alice"
+            await asyncio.gather(*flood)
+            return arrived
+        finally:
+            queue.stop()
+
+    arrived = asyncio.run(main())
+    first = log.index(("alice", 0))
+    assert first - arrived <= 1, log[arrived:first + 1]  # at most the piece that was running
+    assert log[first:first + 5] == [("alice", i) for i in range(5)]
+
+
+def test_predicted_costs_are_counted_while_jobs_wait_or_run():
+    """What admission charges a peer (handler.py): its jobs' predicted seconds, let go when they end or drop."""
+    async def main():
+        queue = ComputeQueue()
+        try:
+            slow = asyncio.create_task(queue.run("alice", pieces([], "slow", 50, 0.002), cost=1.5))
+            await asyncio.sleep(0.01)
+            counted = queue.queued_cost.get("alice")
+            await queue.run("alice", single(lambda: None), cost=0.5)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            await asyncio.sleep(0.05)
+            return counted, queue.queued_cost
+        finally:
+            queue.stop()
+
+    counted, left = asyncio.run(main())
+    assert counted == 1.5 and left == {}

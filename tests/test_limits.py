@@ -72,11 +72,13 @@ def model_path(tiny_model):
 
 @pytest.fixture(scope="module")
 def server(launcher, model_path):
-    """Small per-peer limits; a high request rate so that only the session limits are exercised here."""
+    """Small per-peer limits (sessions, and 50 ms of queued compute per peer); a high request rate so that only those
+    are exercised here."""
     return launcher.start_server_in_process(model_path, "0:3", [], "--max-sessions-per-peer", "2",
                                             "--max-sessions", "3", "--max-session-batch", "4", "--cache-tokens", "512",
                                             "--max-peer-cache-share", "0.5", "--max-session-length", "256",
-                                            "--peer-rate", "1000", "--peer-burst", "1000")
+                                            "--peer-rate", "1000", "--peer-burst", "1000",
+                                            "--max-peer-queue-seconds", "0.05")
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +213,35 @@ def test_rate_flood_is_refused_while_another_peer_is_served(peers, rate_server, 
     assert time.monotonic() - started < 0.5
     time.sleep(1.0)  # the flooder's bucket refills: it is served again
     assert_serves(loop, alice, rate_server, span)
+
+
+def test_a_flood_of_expensive_requests_is_refused_by_cost_while_another_peer_is_served(peers, server, span):
+    """Many long forward passes from one peer at once: beyond 50 ms of predicted compute queued for it, the rest are
+    refused as busy before they are queued (their number is well within the request rate); another peer is served
+    at once, in its turn between the flood's pieces."""
+    loop, (alice, bob, _) = peers
+    hidden = torch.randn(1, 512, HIDDEN)
+    message = {"start": 0, "end": 3, "hidden": serialize_tensor(hidden),
+               "position_ids": serialize_tensor(torch.arange(512)[None])}
+
+    async def flood(count: int) -> list[object]:
+        async def one() -> object:
+            try:
+                return await call(alice, server.peer_id, protocol.FORWARD, message, timeout=60)
+            except RemoteError as e:
+                return e
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+    before = info(loop, bob, server)["served"]["cost_refusals"]
+    flooding = asyncio.run_coroutine_threadsafe(flood(30), loop.loop)
+    time.sleep(0.3)
+    assert_serves(loop, bob, server, span)
+    outcomes = flooding.result(120)
+    refused = [o for o in outcomes if isinstance(o, RemoteError)]
+    assert refused and all(e.busy and "already take about" in str(e) for e in refused), refused[:3]
+    assert len(refused) < 30  # the first one queued, at least
+    assert info(loop, bob, server)["served"]["cost_refusals"] - before == len(refused)
 
 
 def test_fast_steps_are_paced_not_refused(peers, rate_server, span):
@@ -357,7 +388,8 @@ def test_idle_sessions_give_their_memory_back_to_a_new_client(launcher, model_pa
     memory of the session idle longest; its owner's next step is refused and would fail over."""
     hoard = launcher.start_server_in_process(model_path, "0:3", [], "--cache-tokens", "64",
                                              "--max-peer-cache-share", "0.5", "--reclaim-idle-after", "1",
-                                             "--peer-rate", "1000", "--peer-burst", "1000")
+                                             "--peer-rate", "1000", "--peer-burst", "1000",
+                                            "--max-peer-queue-seconds", "0.05")
     loop = LoopThread()
     nodes = [loop.run(start_dht([hoard.maddr], host="127.0.0.1", client_mode=True)) for _ in range(3)]
     (first, _), (second, _), (honest, _) = nodes

@@ -45,10 +45,14 @@ class PeerLimits:
     burst: int = 100  # requests one peer may send at once after being idle
     max_wait: float = 1.0  # s a request may be held back to keep its peer at `rate`; beyond that it is refused
     max_peers: int = 10_000  # peers whose request rate is tracked; the least recently seen are forgotten beyond
+    # s of predicted compute one peer's requests may have waiting or running at once: beyond, its next request is
+    # refused as busy before it is queued (requests are charged by cost, not counted); its first always queues
+    max_queued_seconds: float = 20.0
 
     def __post_init__(self):
         if min(self.max_sessions_per_peer, self.max_sessions, self.max_session_batch, self.burst,
-               self.max_peers) < 1 or not (self.rate > 0 and 0 < self.max_peer_cache_share <= 1 and self.max_wait >= 0):
+               self.max_peers) < 1 or not (self.rate > 0 and 0 < self.max_peer_cache_share <= 1 and self.max_wait >= 0
+                                           and self.max_queued_seconds > 0):
             raise ValueError(f"invalid per-peer limits: {self}")
 
 

@@ -1,9 +1,17 @@
-"""The server's one compute thread, shared fairly: work runs in pieces, round-robin between the peers waiting.
+"""The server's one compute thread, shared fairly: work runs in pieces, and the peer that has used the least compute
+goes next.
 
 A piece of work is a generator function run on the compute thread: each ``yield`` is a point where other peers'
 work may run (a transformer span yields after each layer, U-Net levels after each block), and its ``return``
 value is the result. So a long request (a big prefill, a large image) holds the thread for at most one piece at a
 time while others wait: a decode step queued behind it runs after the current piece, not after the whole request.
+
+Turns are given by compute time, not by count (start-time fair queuing): each peer has a tag, the compute seconds it
+has been given, and the waiting peer with the smallest tag runs next; a peer that starts waiting after being idle
+(or a new identity) starts at the tag of the piece running now, so idleness saves no credit and new identities gain
+nothing. A client decoding (short steps, idle in between) thus runs right after the current piece and keeps the
+thread for its whole step, while peers sending long requests share what is left: a flood slows others by at most
+one piece per request, not by its length.
 A request whose caller has gone (its coroutine cancelled) is dropped at its next piece boundary; its generator is
 closed, so its ``finally`` blocks undo partial work (e.g. a half-written KV cache).
 
@@ -21,7 +29,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,10 +68,13 @@ class ComputeQueue:
                  max_batch: int = 32):
         self.batch_runner, self.max_batch = batch_runner, max(1, max_batch)
         self.lock = threading.Condition()
-        self.queues: OrderedDict[str, deque[Job]] = OrderedDict()  # per peer, in round-robin order
+        self.queues: dict[str, deque[Job]] = {}  # per waiting peer, in the order they started waiting
         self.pending = 0  # jobs waiting or running: the server's announced load
         self.dropped = 0  # jobs dropped because their caller went away (shown by the server's info)
         self.busy_seconds: dict[str, float] = {}  # compute thread time by peer (bounded: see _account)
+        self.tags: dict[str, float] = {}  # fair queuing: compute seconds each waiting or recent peer was given
+        self.virtual = 0.0  # the tag of the piece running now: where a peer that starts waiting starts
+        self.queued_cost: dict[str, float] = {}  # predicted seconds of each peer's jobs waiting or running
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
@@ -77,8 +88,9 @@ class ComputeQueue:
         with self.lock:
             if self.stopped:
                 raise RuntimeError("the compute thread is stopped")
-            self.queues.setdefault(peer, deque()).append(job)
+            self._enqueue(job)
             self.pending += 1
+            self.queued_cost[peer] = self.queued_cost.get(peer, 0.0) + cost
             self.lock.notify()
         try:
             return await job.future
@@ -97,10 +109,18 @@ class ComputeQueue:
             self.queues.clear()
             self.lock.notify()
 
+    def _enqueue(self, job: Job) -> None:
+        """Append ``job`` to its peer's queue (under the lock); a peer that starts waiting gets its tag."""
+        queue = self.queues.get(job.peer)
+        if queue is None:
+            queue = self.queues[job.peer] = deque()
+            self.tags[job.peer] = max(self.tags.get(job.peer, 0.0), self.virtual)
+        queue.append(job)
+
     # ---- on the compute thread
 
     def _next(self) -> list[Job] | None:
-        """The next peer's next job (with the jobs it can merge with), rotating that peer to the back."""
+        """The next job of the waiting peer with the smallest tag (with the jobs it can merge with)."""
         with self.lock:
             while not self.stopped:
                 for peer in list(self.queues):
@@ -109,16 +129,19 @@ class ComputeQueue:
                         self._drop(queue.popleft())
                     if not queue:
                         del self.queues[peer]
-                        continue
-                    job = queue.popleft()
-                    self.queues.move_to_end(peer)
-                    if not queue:
-                        del self.queues[peer]
-                    group = [job]
-                    if job.batch_key is not None and job.generator is None and self.batch_runner is not None:
-                        group += self._take_mergeable(job.batch_key)
-                    return group
-                self.lock.wait()
+                if not self.queues:
+                    self.lock.wait()
+                    continue
+                peer = min(self.queues, key=self.tags.__getitem__)  # ties: the one waiting longest
+                self.virtual = self.tags[peer]
+                queue = self.queues[peer]
+                job = queue.popleft()
+                if not queue:
+                    del self.queues[peer]
+                group = [job]
+                if job.batch_key is not None and job.generator is None and self.batch_runner is not None:
+                    group += self._take_mergeable(job.batch_key)
+                return group
             return None
 
     def _take_mergeable(self, key: object) -> list[Job]:
@@ -141,6 +164,7 @@ class ComputeQueue:
                 logger.debug("A dropped job failed while closing", exc_info=True)
         self.pending -= 1
         self.dropped += 1
+        self._settle_cost(job)
 
     def _loop(self) -> None:
         while True:
@@ -170,12 +194,14 @@ class ComputeQueue:
         except BaseException as error:  # goes to this job's caller only
             self._finish(job, started, None, error)
             return
-        job.seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        job.seconds += elapsed
         with self.lock:
+            self._charge(job.peer, elapsed)
             if job.cancelled or self.stopped:
                 self._drop(job)
             else:
-                self.queues.setdefault(job.peer, deque()).append(job)
+                self._enqueue(job)
 
     def _run_batch(self, group: list[Job]) -> None:
         started = time.perf_counter()
@@ -189,11 +215,27 @@ class ComputeQueue:
             self._finish(job, started, result, error, share=1 / len(group))
 
     def _finish(self, job: Job, started: float, result: Any, error: BaseException | None, share: float = 1.0) -> None:
-        job.seconds += (time.perf_counter() - started) * share
+        elapsed = (time.perf_counter() - started) * share
+        job.seconds += elapsed
         with self.lock:
             self.pending -= 1
+            self._charge(job.peer, elapsed)
+            self._settle_cost(job)
             self._account(job.peer, job.seconds)
         job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+
+    def _charge(self, peer: str, seconds: float) -> None:
+        """Advance ``peer``'s fair-queuing tag by the compute time it was just given (under the lock)."""
+        self.tags[peer] = max(self.tags.get(peer, 0.0), self.virtual) + seconds
+        if len(self.tags) > self.MAX_ACCOUNTS:  # peers that are not waiting and have no credit left to keep
+            self.tags = {p: t for p, t in self.tags.items() if p in self.queues or t > self.virtual}
+
+    def _settle_cost(self, job: Job) -> None:
+        left = self.queued_cost.get(job.peer, 0.0) - job.cost
+        if left > 1e-9:
+            self.queued_cost[job.peer] = left
+        else:
+            self.queued_cost.pop(job.peer, None)
 
     MAX_ACCOUNTS = 10_000
 

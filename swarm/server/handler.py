@@ -71,6 +71,7 @@ class Handler:
         self.served: dict[str, int] = {kind: 0 for kind in (*blocks.one_shots, *blocks.session_steps)}
         self.steps_served = 0  # session steps, shown by info
         self.failures = 0  # requests that failed with an unexpected exception (internal errors), shown by info
+        self.cost_refusals = 0  # requests refused because their peer had too much compute queued, shown by info
         self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
         self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
         self.settlement = None  # a SessionSettlement with --settlement (swarm/server/settlement.py)
@@ -189,10 +190,11 @@ class Handler:
         blocks = session.state.blocks if session is not None else self.blocks
         prepared = blocks.prepare(kind, message, session.state if session is not None else None, self.bounds)
         codec = read_codec(message, "output_codec", default=session.output_codec if session else "none")
+        cost = self.charge(peer, prepared, blocks)
         timing: dict = {}
         run = self.faults.slowed(prepared.run)
         work = asyncio.ensure_future(self.compute_queue.run(peer, run, batch_key=prepared.batch_key,
-                                                            payload=prepared.payload, timing=timing))
+                                                            payload=prepared.payload, cost=cost, timing=timing))
         try:
             if gone is None:
                 result = await work
@@ -228,6 +230,19 @@ class Handler:
             reply["timing"] = [timing.get("queued", 0.0), timing.get("compute", 0.0), now - computed,
                                received if isinstance(received, float) else None, now]
         return reply, main
+
+    def charge(self, peer: str, prepared: Prepared, blocks: ServedBlocks) -> float:
+        """The request's predicted compute seconds, refused as busy if ``peer`` already has that much queued: a
+        flood of expensive requests is turned away before it is queued, whatever their number."""
+        rate = blocks.flops_per_second
+        cost = prepared.flops / rate if rate else 0.0
+        queued = self.compute_queue.queued_cost.get(peer, 0.0)
+        limit = self.limits.peers.max_queued_seconds
+        if queued > 0 and queued + cost > limit:
+            self.cost_refusals += 1
+            raise Busy(f"busy: your requests waiting here already take about {queued:.1f} s of compute (limit "
+                       f"{limit:g} s per peer); send more once they are answered")
+        return cost
 
     def _encode(self, fields: dict, tensors: dict[str, torch.Tensor], prepared: Prepared,
                 codec: str) -> tuple[dict, list | dict]:

@@ -132,7 +132,8 @@ class Server:
                 "pushes": dict(self.handler.pushes) if self.handler else {},
                 "served": {**self.handler.served, "steps": self.handler.steps_served,
                            "dropped": self.handler.compute_queue.dropped,
-                           "failures": self.handler.failures} if self.handler else {},
+                           "failures": self.handler.failures,
+                           "cost_refusals": self.handler.cost_refusals} if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens,
                 "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None}
 
