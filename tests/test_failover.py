@@ -83,6 +83,33 @@ def test_generation_survives_a_failing_server(swarm, fault):
         model.shutdown()
 
 
+def test_a_black_hole_costs_one_short_stall_then_is_avoided(swarm):
+    """A server that announces itself far faster than the others, accepts sessions and never answers: the first
+    generation waits for it only as long as its claimed speed allows (5 s at least), then fails over; the next one
+    does not go near it."""
+    hole = swarm["start"]("10:20", "--throughput", "1000000", env={"SWARM_TEST_FAULT": "black-hole"})
+    others = [swarm["start"]("10:20", "--throughput", SLOW), swarm["start"]("20:30")]
+    for process in [hole, *others]:
+        process.wait_ready()
+    model = AutoDistributedModelForCausalLM.from_pretrained(swarm["path"], initial_peers=swarm["peers"],
+                                                            compression="none", request_timeout=60.0)
+    try:
+        assert model.route()[1].peer_id == hole.peer_id  # its claim makes it the first choice
+        expected = swarm["local"].generate(prompt(2), max_new_tokens=4, **GREEDY)
+        started = time.monotonic()
+        assert torch.equal(model.generate(prompt(2), max_new_tokens=4, **GREEDY), expected)
+        first = time.monotonic() - started
+        started = time.monotonic()
+        with model.inference_session(max_length=32) as session:
+            assert torch.equal(model.generate(prompt(2), max_new_tokens=4, **GREEDY), expected)
+            assert hole.peer_id not in [span.peer_id for span in session.chain]
+        second = time.monotonic() - started
+        assert first < 15.0, first  # one stall of about 5 s, not the 60 s request timeout
+        assert second < 5.0, second
+    finally:
+        model.shutdown()
+
+
 def test_backward_is_retried_on_another_server(swarm):
     fast = swarm["start"]("10:20", "--throughput", FAST)
     others = [swarm["start"]("10:20", "--throughput", SLOW), swarm["start"]("20:30")]

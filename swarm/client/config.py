@@ -21,6 +21,10 @@ class ClientConfig:
     # seconds (None: always request_timeout). Its session then fails over, so a frozen server costs seconds.
     stall_floor: float | None = 2.0
     stall_factor: float = 10.0
+    # A hop's first steps and prefills are given up after stall_factor x what its server's announced speed predicts,
+    # but not before first_step_floor seconds (None: request_timeout): a server that claims speed it does not have,
+    # or accepts sessions and never answers, costs this much once, then is banned.
+    first_step_floor: float | None = 5.0
     update_period: float = 15.0  # re-read the DHT when the cached view is older than this
     ban_time: float = 30.0  # a server that failed is avoided for this long
     local_blocks: int = 0  # the first k blocks run on the client too: servers never see the embeddings' output

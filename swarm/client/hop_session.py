@@ -15,7 +15,7 @@ from swarm.compression import is_serialized_tensor, serialize_tensor
 from swarm.rpc import messages, protocol
 from swarm.rpc.client import PeerUnavailable, Stream
 
-STALL_SAMPLES = 3  # decode steps a hop answers before its stall bound replaces request_timeout
+STALL_SAMPLES = 3  # decode steps a hop answers before its own step times bound the next ones
 
 
 class HopSession(ChainHop):
@@ -24,12 +24,28 @@ class HopSession(ChainHop):
         self.inputs: torch.Tensor | None = None  # (batch, position, hidden): everything sent so far, for replays
         self.waits: deque[float] = deque(maxlen=32)  # seconds its recent decode steps took, input ready -> reply
 
-    def stall_bound(self, config: ClientConfig) -> float:
-        """How long to wait for this hop's decode step before giving it up: ``stall_factor`` times its slowest
-        recent step, at least ``stall_floor``; ``request_timeout`` until it has answered a few steps."""
-        if config.stall_floor is None or len(self.waits) < STALL_SAMPLES:
+    def stall_bound(self, config: ClientConfig, positions: int = 1, decode: bool = True) -> float:
+        """How long to wait for this hop's step of ``positions`` new positions (batch x tokens) before giving it
+        up. A decode step: ``stall_factor`` times its slowest recent step, at least ``stall_floor``. Until it has
+        answered a few, and for prefills: ``stall_factor`` times what the server's announced speed (and queue)
+        predicts, at least ``first_step_floor``; so a server that claims to be fast and does not answer (a black
+        hole) costs one short stall. Never more than ``request_timeout``."""
+        if decode and config.stall_floor is not None and len(self.waits) >= STALL_SAMPLES:
+            return min(config.request_timeout, max(config.stall_floor, config.stall_factor * max(self.waits)))
+        claimed = self.claimed_seconds(positions, decode)
+        if config.first_step_floor is None or claimed is None:
             return config.request_timeout
-        return min(config.request_timeout, max(config.stall_floor, config.stall_factor * max(self.waits)))
+        return min(config.request_timeout, max(config.first_step_floor, config.stall_factor * claimed))
+
+    def claimed_seconds(self, positions: int, decode: bool) -> float | None:
+        """What this hop's step should take by the speed and load its server announced (None: not announced)."""
+        info = self.span.info
+        speed = info.inference_rps if decode else info.forward_tps
+        if not speed:
+            return None
+        share = (self.span.end - self.span.start) / max(1, info.end - info.start)  # of the span it measured
+        work = share / speed if decode else share * positions / speed
+        return work * (1.0 + info.load)  # the requests it had queued when it announced go first
 
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, batch_size: int, max_length: int, output_codec: str,

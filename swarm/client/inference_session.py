@@ -219,18 +219,20 @@ class InferenceSession:
         while index < len(self.hops):
             hop = self.hops[index]
             started = time.perf_counter()
-            # A decode step has a stall bound from the hop's own recent steps: a frozen server is given up in
-            # seconds, not after request_timeout (prefills and first steps keep the generous timeout).
-            bound = hop.stall_bound(config) if decode else config.request_timeout
+            # A step has a stall bound from the hop's own recent steps, or from its server's announced speed: a
+            # frozen server, or one that never answers, is given up in seconds, not after request_timeout.
+            bound = hop.stall_bound(config, hidden.shape[:2].numel(), decode)
             try:
                 wait = max(0.05, bound - (started - ready_at))
                 try:
                     reply = await hop.receive_step(step_id, wait, tokens=hidden.shape[:2].numel())
                 except PeerUnavailable as e:
                     if bound < config.request_timeout and "did not answer" in str(e):
-                        raise PeerUnavailable(f"server {hop.span} stalled: no answer in {bound:.1f} s, where its "
-                                              f"recent steps took {max(hop.waits):.2f} s at most",
-                                              hop.span.peer_id) from e
+                        expected = (f"its recent steps took {max(hop.waits):.2f} s at most" if hop.waits else
+                                    f"its announced speed predicts "
+                                    f"{hop.claimed_seconds(hidden.shape[:2].numel(), decode):.2f} s")
+                        raise PeerUnavailable(f"server {hop.span} stalled: no answer in {bound:.1f} s, where "
+                                              f"{expected}", hop.span.peer_id) from e
                     raise
                 replied_at = time.perf_counter()
                 # The push status follows the reply once the next server took the step (or failed to).
@@ -260,10 +262,11 @@ class InferenceSession:
                                  prompted)
                 ready_at = time.perf_counter()
                 continue
-            if decode:
+            if decode:  # (from its input being ready, relayed or pushed, to its reply)
                 hop.waits.append(replied_at - ready_at)
-                if not push:  # decode steps calibrate the per-hop overhead routing expects
-                    self.manager.record_hop_time(hop.hop, time.perf_counter() - started)
+                # what decode steps take beyond the expected network and announced compute: a server slower than it
+                # claims costs more in routing from now on
+                self.manager.record_hop_time(hop.hop, replied_at - ready_at)
             ready_at = replied_at
             if timing is not None:
                 hop_timings.append(_hop_timing(hop, reply, mark, replied_at, sent_at if not pushed_in else None))
@@ -394,12 +397,13 @@ class InferenceSession:
             return
         mask = self.attention_mask[:, : self.position] if self.attention_mask is not None else None
         payload = serialize_tensor(history, "none")
-        timeout = self.config.request_timeout
+        positions = history.shape[:2].numel()
         for hop in hops:
             step_id = next(self._step_ids)
             await hop.send_step(payload, self.position_ids, mask, 0, None, step_id, push=False,
                                 prompts=self._prompts_of(hop))
-            output = (await hop.receive_step(step_id, timeout, tokens=history.shape[:2].numel()))["hidden"]
+            timeout = hop.stall_bound(self.config, positions, decode=False)
+            output = (await hop.receive_step(step_id, timeout, tokens=positions))["hidden"]
             hop.inputs = deserialize_tensor(payload)
             payload = output
 

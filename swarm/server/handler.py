@@ -188,6 +188,8 @@ class Handler:
         build its reply; returns the reply and its main output encoded (what a push carries). If ``gone`` is set
         before the work is done (its caller went away), the work is dropped and ``ConnectionError`` raised."""
         blocks = session.state.blocks if session is not None else self.blocks
+        if self.faults.black_hole:  # tests only: a server that takes requests and never answers
+            await asyncio.Event().wait()
         prepared = blocks.prepare(kind, message, session.state if session is not None else None, self.bounds)
         codec = read_codec(message, "output_codec", default=session.output_codec if session else "none")
         cost = self.charge(peer, prepared, blocks)

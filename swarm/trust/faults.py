@@ -6,6 +6,7 @@ cannot be switched on by normal use:
 - ``perturb:EPS``: add Gaussian noise of relative size EPS (||noise|| = EPS * ||output||) to every output
 - ``random``: return random tensors of the right shape and scale
 - ``slow-pieces:SECONDS``: sleep this long before each piece of compute (a slow machine; work that is dropped)
+- ``black-hole``: accept sessions and requests, never answer them (with a made-up speed: a server that lies)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Faults:
     perturb: float | None = None
     random: bool = False
     slow_pieces: float | None = None
+    black_hole: bool = False
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -41,6 +43,8 @@ class Faults:
             return cls(random=True)
         if kind == "slow-pieces":
             return cls(slow_pieces=float(value))
+        if kind == "black-hole":
+            return cls(black_hole=True)
         raise ValueError(f"unknown {ENV} {spec!r}")
 
     @property
