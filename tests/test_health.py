@@ -103,26 +103,34 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
     path = tiny_model("llama")
     first = launcher.start_server_in_process(path, "0:2", [], "--public-name", "first <server>")
     others = [launcher.start_server(path, blocks, [first.maddr], wait=False) for blocks in ("2:4", "4:6")]
-    for server in others:
+    # a black hole: announces itself very fast, answers info, never computes
+    hole = launcher.start_server(path, "4:6", [first.maddr], "--throughput", "1000000", wait=False,
+                                 env={"SWARM_TEST_FAULT": "black-hole"})
+    for server in [*others, hole]:
         server.wait_ready()
     history = tmp_path / "history.sqlite3"
     service = HealthService([first.maddr], history)
     page = browser.new_page(viewport={"width": 1100, "height": 600})
     try:
-        state = service.wait_for_state(lambda s: s["totals"]["servers_online"] == 3)
+        state = service.wait_for_state(lambda s: s["totals"]["servers_online"] == 4)
         jsonschema.validate(state, STATE_SCHEMA)
         assert state["models"][0]["model_id"] == "tiny-llama" and state["models"][0]["healthy"]
+        # claims checked against a one-position forward: the black hole is shown for what it is
+        claims = {server["peer_id"]: server for server in state["models"][0]["servers"]}
+        assert claims.pop(hole.peer_id)["claim"] == "no answer"
+        assert all(server["measured_rps"] > 0 and server["claim"] != "no answer" for server in claims.values())
 
         load(page, service.url + "/")
         model = page.locator("section.model[data-model='tiny-llama']")
         assert model.get_attribute("data-healthy") == "true"
         blocks = model.locator(".coverage .block")
         assert blocks.count() == 6
-        assert [blocks.nth(i).get_attribute("data-servers") for i in range(6)] == ["1"] * 6
+        assert [blocks.nth(i).get_attribute("data-servers") for i in range(6)] == ["1"] * 4 + ["2"] * 2
         rows = model.locator("table.servers tbody tr.server")
-        assert rows.count() == 3
-        spans = sorted(rows.nth(i).locator("td").nth(2).inner_text() for i in range(3))
-        assert spans == ["0:2", "2:4", "4:6"]
+        assert rows.count() == 4
+        spans = sorted(rows.nth(i).locator("td").nth(2).inner_text() for i in range(4))
+        assert spans == ["0:2", "2:4", "4:6", "4:6"]
+        assert "no answer" in model.locator(f"tr.server[data-peer='{hole.peer_id}'] td.speed").inner_text()
         assert "first <server>" in model.inner_text()  # shown as text, escaped, not as markup
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "health-page.png"), full_page=True)
@@ -131,7 +139,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         lost.signal(signal.SIGKILL)  # its DHT record says online until it expires; the probe finds it silent
         state = service.wait_for_state(lambda s: s["models"][0]["missing_blocks"] == 2)
         jsonschema.validate(state, STATE_SCHEMA)
-        assert state["models"][0]["coverage"] == [1, 1, 0, 0, 1, 1] and not state["models"][0]["healthy"]
+        assert state["models"][0]["coverage"] == [1, 1, 0, 0, 2, 2] and not state["models"][0]["healthy"]
 
         load(page, service.url + "/")  # the page also reloads itself every refresh period
         assert model.get_attribute("data-healthy") == "false"
@@ -143,7 +151,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         values = metrics(service)
         assert values[("swarm_blocks_zero_coverage", "tiny-llama")] == 2
         assert values[("swarm_model_healthy", "tiny-llama")] == 0
-        assert values[("swarm_servers_online", "tiny-llama")] == 2
+        assert values[("swarm_servers_online", "tiny-llama")] == 3
         assert values[("swarm_servers_unreachable", "tiny-llama")] == 1
         assert values[("swarm_server_rtt_seconds", "0.5")] > 0
     finally:

@@ -1,7 +1,10 @@
 """The monitor: joins the DHT as a client and refreshes a ``SwarmState`` periodically.
 
 Models come from the DHT's model index (nothing is hard-coded); servers from each model's block records; every
-online server gets an ``info`` call, whose round trip is its RTT and whose failure marks it unreachable.
+online server gets an ``info`` call, whose round trip is its RTT and whose failure marks it unreachable. Claims are
+checked against behaviour: each reachable transformer server also gets a one-position forward pass through its
+span, whose time (less the RTT) is its measured decode speed; a server far slower than it announces, or one that
+answers ``info`` but never computes (a black hole), is flagged.
 """
 
 from __future__ import annotations
@@ -10,19 +13,46 @@ import asyncio
 import logging
 import time
 
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from swarm.compression import serialize_tensor
 from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos, fetch_models, merge_records
 from swarm.dht.schema import ServerState
 from swarm.health.history import History
 from swarm.health.state import SwarmState, model_status
-from swarm.rpc.client import measure_rtt
+from swarm.rpc import protocol
+from swarm.rpc.client import RemoteError, call, measure_rtt
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0  # s: a server slower than this to answer counts as unreachable
+COMPUTE_PROBE_TIMEOUT = 5.0  # s: a one-position forward not answered in this time counts as "no answer"
+
+
+async def probe_compute(p2p: P2P, peer: str, start: int, end: int, rtt: float) -> float | None | str:
+    """Decode steps/s that ``peer`` measures at on a one-position forward through blocks [start, end) (its time
+    less ``rtt``); "no answer" if it takes the request and never answers; None if it cannot be probed (not a
+    transformer span, or it refuses forward passes, e.g. to unpaid callers)."""
+    try:
+        info = await call(p2p, peer, protocol.INFO, {}, timeout=PROBE_TIMEOUT)
+    except Exception:
+        return None
+    hidden = info.get("hidden_size")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden <= 2**16:
+        return None
+    message = {"start": start, "end": end, "hidden": serialize_tensor(torch.zeros(1, 1, hidden)),
+               "position_ids": serialize_tensor(torch.zeros(1, 1, dtype=torch.long))}
+    started = time.perf_counter()
+    try:
+        await call(p2p, peer, protocol.FORWARD, message, timeout=COMPUTE_PROBE_TIMEOUT)
+    except RemoteError:
+        return None
+    except Exception:
+        return "no answer"
+    return 1.0 / max(time.perf_counter() - started - rtt, 1e-4)
 
 
 class Monitor:
@@ -63,8 +93,14 @@ class Monitor:
                   if record.state == ServerState.ONLINE}
         rtts = await asyncio.gather(*(measure_rtt(self.p2p, peer, PROBE_TIMEOUT) for peer in sorted(online)))
         probes = dict(zip(sorted(online), rtts, strict=True))
+        spans = {peer: (record.start, record.end) for servers in per_model.values()
+                 for peer, record in servers.items() if peer in online}
+        reachable = [peer for peer in sorted(online) if probes[peer] is not None]
+        speeds = await asyncio.gather(*(probe_compute(self.p2p, peer, *spans[peer], probes[peer])
+                                        for peer in reachable))
+        measured = dict(zip(reachable, speeds, strict=True))
         state = SwarmState(updated_at=time.time(), rtts_ms=[r * 1000 for r in rtts if r is not None])
-        state.models = [model_status(model_id, models[model_id], servers, probes)
+        state.models = [model_status(model_id, models[model_id], servers, probes, measured)
                         for model_id, servers in per_model.items()]
         self.state = state
         self.history.record(state)

@@ -59,7 +59,7 @@ def _model_section(model: ModelStatus, samples: list[tuple[float, int, int, int]
 {_chart(samples, model.num_blocks)}
 <table class="servers" data-model="{model_id}">
 <thead><tr><th>peer</th><th>name</th><th>blocks</th><th>state</th><th>precision</th><th>adapters</th><th>throughput</th>
-<th>decode steps/s</th><th>free cache</th><th>RTT</th><th>version</th><th>reachable</th></tr></thead>
+<th>decode steps/s (measured)</th><th>free cache</th><th>RTT</th><th>version</th><th>reachable</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>
@@ -78,9 +78,19 @@ def _server_row(server: ServerStatus) -> str:
             f"<td>{escape(server.public_name or '')}</td><td>{server.start}:{server.end}</td>"
             f"<td>{escape(server.state)}</td><td>{escape(server.dtype)} / {escape(server.quantization)}</td>"
             f"<td class='adapters'>{escape(', '.join(server.adapters)) or '-'}</td>"
-            f"<td>{number(server.throughput, 0)}</td><td>{number(server.inference_rps)}</td>"
+            f"<td>{number(server.throughput, 0)}</td><td class='speed' data-claim='{escape(server.claim or '')}'>"
+            f"{number(server.inference_rps)} ({_measured(server)})</td>"
             f"<td>{server.cache_tokens_left}</td><td>{'-' if server.rtt_ms is None else f'{server.rtt_ms:.1f} ms'}</td>"
             f"<td>{escape(server.version)}</td><td class='reachable'>{reachable}</td></tr>")
+
+
+def _measured(server: ServerStatus) -> str:
+    if server.claim == "no answer":
+        return "<b>no answer</b>"
+    if server.measured_rps is None:
+        return "-"
+    text = f"{server.measured_rps:.1f}"
+    return f"<b>{text}: slower than claimed</b>" if server.claim == "slower than claimed" else text
 
 
 def _chart(samples: list[tuple[float, int, int, int]], num_blocks: int, width: int = 480, height: int = 70) -> str:

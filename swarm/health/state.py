@@ -30,6 +30,10 @@ class ServerStatus:
     load: float
     version: str
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside its blocks
+    measured_rps: float | None = None  # decode steps/s of the monitor's one-position forward through its span
+    # "ok"; "slower than claimed" (measured below a tenth of its announced inference_rps); "no answer" (takes the
+    # request, never answers: a black hole); None: not probed
+    claim: str | None = None
 
 
 @dataclass
@@ -67,9 +71,15 @@ class SwarmState:
                 "models": [{**dataclasses.asdict(m), "missing_blocks": m.missing_blocks} for m in self.models]}
 
 
+CLAIM_FACTOR = 10.0  # a server measured this many times slower than it announces is flagged
+
+
 def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
-                 probes: dict[str, float | None]) -> ModelStatus:
-    """``probes``: RTT in seconds of each online server that answered, None for those that did not."""
+                 probes: dict[str, float | None],
+                 measured: dict[str, float | str | None] | None = None) -> ModelStatus:
+    """``probes``: RTT in seconds of each online server that answered, None for those that did not; ``measured``:
+    the compute probe of each (monitor.py ``probe_compute``)."""
+    measured = measured or {}
     statuses, coverage, throughput = [], [0] * info.num_blocks, [0.0] * info.num_blocks
     for peer, record in sorted(servers.items(), key=lambda item: (item[1].start, item[0])):
         online = record.state == ServerState.ONLINE
@@ -80,7 +90,8 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
             state=record.state.name.lower(), reachable=reachable, rtt_ms=None if rtt is None else rtt * 1000,
             dtype=record.dtype, quantization=record.quantization, throughput=record.throughput,
             inference_rps=record.inference_rps, cache_tokens_left=record.cache_tokens_left, load=record.load,
-            version=record.version, adapters=list(record.adapters)))
+            version=record.version, adapters=list(record.adapters),
+            **_claim_check(record, measured.get(peer) if reachable else None)))
         if reachable:
             for block in range(record.start, min(record.end, info.num_blocks)):
                 coverage[block] += 1
@@ -91,6 +102,15 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
         coverage=coverage, block_states=states, servers=statuses,
         throughput_sum=sum((s.throughput or 0.0) for s in statuses if s.reachable),
         weakest_block_throughput=min(throughput) if throughput else 0.0)
+
+
+def _claim_check(record: ServerInfo, measured: float | str | None) -> dict:
+    if measured is None:
+        return {}
+    if isinstance(measured, str):
+        return {"claim": measured}
+    slow = record.inference_rps is not None and measured * CLAIM_FACTOR < record.inference_rps
+    return {"measured_rps": measured, "claim": "slower than claimed" if slow else "ok"}
 
 
 _SERVER_SCHEMA = {
@@ -114,6 +134,11 @@ _SERVER_SCHEMA = {
         "cache_tokens_left": {"type": "integer", "minimum": 0, "description": "free KV cache, batch x positions"},
         "load": {"type": "number", "minimum": 0, "description": "requests queued or running when announced"},
         "version": {"type": "string", "description": "swarm software version"},
+        "measured_rps": {"type": ["number", "null"],
+                         "description": "decode steps/s of the monitor's one-position forward through its span"},
+        "claim": {"enum": ["ok", "slower than claimed", "no answer", None],
+                  "description": "its announced speed against the monitor's measurement: ok; slower than claimed "
+                                 "(over 10x); no answer (takes requests, never answers); null: not probed"},
         "adapters": {"type": "array", "items": {"type": "string"},
                      "description": "LoRA adapters served beside its blocks (a request names one to use it)"},
     },
