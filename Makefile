@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check swarm tests examples benchmarks
