@@ -24,8 +24,10 @@ HIDDEN = 64  # tiny llama
 @pytest.fixture(scope="module")
 def server(launcher, tiny_model):
     path = tiny_model("llama")
+    # one peer may hold the whole (small) cache here: per-peer shares are test_limits' concern
     process = launcher.start_server_in_process(path, "0:3", [], "--max-message-mb", "1", "--cache-tokens", "256",
-                                               "--max-session-length", "128", "--session-timeout", "3")
+                                               "--max-session-length", "128", "--session-timeout", "3",
+                                               "--max-peer-cache-share", "1", "--new-peer-cache-share", "1")
     return {"process": process, "span": BlockSpan.from_pretrained(str(path), 0, 3)}
 
 

@@ -174,21 +174,45 @@ def test_too_many_sessions_from_one_peer(peers, server, span):
     wait_for_sessions(loop, bob, server, 0)
 
 
-def test_too_big_a_session(peers, server, span):
+def test_too_big_a_session_and_a_share_that_grows_with_work(peers, server, span):
+    """A peer new to the server may reserve a quarter of its cache (128 of 512 tokens); the positions computed for
+    it raise that, up to half."""
     loop, (alice, bob, _) = peers
     with pytest.raises(RemoteError, match=r"batch_size 5 exceeds this server's limit of 4 rows per session"):
         Session(loop, alice, server, batch_size=5)
-    big = Session(loop, alice, server, max_length=200)
-    with pytest.raises(RemoteError, match=r"per-peer cache limit: .* peer \w+ already holds 200, and one peer may "
-                                          r"hold at most 256 tokens \(50% of this server's cache\)"):
-        Session(loop, alice, server, max_length=100)
-    other = Session(loop, bob, server, max_length=200)  # the rest of the cache is still there for others
+    with pytest.raises(RemoteError, match=r"per-peer cache limit: .* peer \w+ already holds 0, and it may hold at "
+                                          r"most 128 tokens \(25% of this server's cache; a peer's share starts small"):
+        Session(loop, alice, server, max_length=200)
+    first = Session(loop, alice, server, max_length=100)
+    hidden = torch.randn(1, 100, HIDDEN)
+    assert torch.allclose(first.step(hidden, 0), span(hidden, torch.arange(100)[None]), atol=1e-4)
+    first.close()
+    wait_for_sessions(loop, bob, server, 0)
+    big = Session(loop, alice, server, max_length=200)  # 100 positions computed: 25% + 100/512 of the cache
+    other = Session(loop, bob, server, max_length=120)  # the rest of the cache is still there for others
     hidden = torch.randn(1, 7, HIDDEN)
     assert torch.allclose(other.step(hidden, 0), span(hidden, torch.arange(7)[None]), atol=1e-5)
     assert_serves(loop, bob, server, span)
     big.close()
     other.close()
     wait_for_sessions(loop, bob, server, 0)
+
+
+def test_a_peers_share_shrinks_as_more_peers_hold_sessions():
+    from swarm.blocks.served import BlockSession
+    from swarm.server.sessions import SessionTable
+
+    table = SessionTable(1000)
+    veteran = table.open("veteran", BlockSession(0, 1, 100))
+    veteran.tokens_processed = 1000  # all the work it had done here: its share is the most a peer may have
+    assert table.share_of("veteran", 0.25, 0.5) == 0.5
+    assert table.share_of("newcomer", 0.25, 0.5) == 0.25  # free identities start small
+    table.open("b", BlockSession(0, 1, 10))
+    table.open("c", BlockSession(0, 1, 10))
+    assert table.share_of("veteran", 0.25, 0.5) == pytest.approx(1 / 3)  # two other holders
+    for peer in "defg":
+        table.open(peer, BlockSession(0, 1, 10))
+    assert table.share_of("veteran", 0.25, 0.5) == 0.25  # never below a newcomer's
 
 
 def test_rate_flood_is_refused_while_another_peer_is_served(peers, rate_server, span):
@@ -389,7 +413,7 @@ def test_idle_sessions_give_their_memory_back_to_a_new_client(launcher, model_pa
     hoard = launcher.start_server_in_process(model_path, "0:3", [], "--cache-tokens", "64",
                                              "--max-peer-cache-share", "0.5", "--reclaim-idle-after", "1",
                                              "--peer-rate", "1000", "--peer-burst", "1000",
-                                            "--max-peer-queue-seconds", "0.05")
+                                             "--new-peer-cache-share", "0.5")
     loop = LoopThread()
     nodes = [loop.run(start_dht([hoard.maddr], host="127.0.0.1", client_mode=True)) for _ in range(3)]
     (first, _), (second, _), (honest, _) = nodes

@@ -131,7 +131,10 @@ def build_parser() -> Parser:
                                                 "new session does not fit (the biggest holder's first)")
     limits.add_argument("--max-peer-cache-share", type=positive(float), default=peers.max_peer_cache_share,
                         metavar="FRACTION", help="fraction of --cache-tokens one peer's open sessions may reserve "
-                                                 "together (batch x max_length)")
+                                                 "together (batch x max_length), once it has earned it")
+    limits.add_argument("--new-peer-cache-share", type=positive(float), default=peers.new_peer_cache_share,
+                        metavar="FRACTION", help="the same for a peer new to this server; it grows with the "
+                                                 "positions computed for the peer, up to --max-peer-cache-share")
     limits.add_argument("--max-peer-queue-seconds", type=positive(float), default=peers.max_queued_seconds,
                         metavar="SECONDS", help="predicted compute one peer's requests may have queued at once; "
                                                 "beyond it, its requests are refused as busy")
@@ -170,7 +173,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     peers = PeerLimits(max_sessions_per_peer=args.max_sessions_per_peer, max_sessions=args.max_sessions,
                        max_session_batch=args.max_session_batch, max_peer_cache_share=args.max_peer_cache_share,
                        rate=args.peer_rate, burst=args.peer_burst, reclaim_idle_after=args.reclaim_idle_after,
-                       max_queued_seconds=args.max_peer_queue_seconds)
+                       max_queued_seconds=args.max_peer_queue_seconds,
+                       new_peer_cache_share=args.new_peer_cache_share)
     limits = Limits(max_message_bytes=int(args.max_message_mb * 1024**2), max_batch_tokens=args.max_batch_tokens,
                     max_session_length=args.max_session_length, session_timeout=args.session_timeout, peers=peers,
                     batch_decode=args.batch_decode, max_decode_batch=args.max_decode_batch,

@@ -37,7 +37,12 @@ class PeerLimits:
     max_sessions_per_peer: int = 8  # inference sessions one peer may hold open on this server at once
     max_sessions: int = 64  # inference sessions open on this server at once, all peers together
     max_session_batch: int = 64  # batch rows of one inference session
-    max_peer_cache_share: float = 0.5  # fraction of the cache budget one peer's open sessions may reserve together
+    # Fraction of the cache budget one peer's open sessions may reserve together: a peer new here starts at
+    # new_peer_cache_share, which grows by the positions the server has computed for it (as a fraction of the budget)
+    # up to max_peer_cache_share; and while k other peers hold sessions, no more than 1/(k+1) (but new_peer_cache_share
+    # at least). So free identities start small, and each new holder shrinks the others' room for more.
+    max_peer_cache_share: float = 0.5
+    new_peer_cache_share: float = 0.25
     # s without a step after which a session's memory may be taken back for a new session that does not fit
     # (the biggest holder's idle sessions first); None: never
     reclaim_idle_after: float | None = 10.0
@@ -52,7 +57,7 @@ class PeerLimits:
     def __post_init__(self):
         if min(self.max_sessions_per_peer, self.max_sessions, self.max_session_batch, self.burst,
                self.max_peers) < 1 or not (self.rate > 0 and 0 < self.max_peer_cache_share <= 1 and self.max_wait >= 0
-                                           and self.max_queued_seconds > 0):
+                                           and self.max_queued_seconds > 0 and self.new_peer_cache_share > 0):
             raise ValueError(f"invalid per-peer limits: {self}")
 
 

@@ -134,8 +134,8 @@ def open_session(handler: Handler, peer: str, message: dict) -> ServerSession:
     state = blocks.open_session(message, handler.bounds)
     handler.admission.check_open(peer, getattr(state, "batch_size", None) or _sample_batch(state))
     peers = handler.limits.peers
-    session = handler.sessions.open(peer, state, peer_share=peers.max_peer_cache_share,
-                                    reclaim_idle_after=peers.reclaim_idle_after)
+    share = handler.sessions.share_of(peer, peers.new_peer_cache_share, peers.max_peer_cache_share)
+    session = handler.sessions.open(peer, state, peer_share=share, reclaim_idle_after=peers.reclaim_idle_after)
     session.upstream = get_field(message, "upstream", str, default=None)
     return session
 

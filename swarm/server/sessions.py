@@ -70,6 +70,21 @@ class SessionTable:
         """Free room in the announced unit (batch x positions a new full-span session could still reserve)."""
         return max(0, self.capacity - self.used) // self.unit_bytes
 
+    MAX_USAGE_PEERS = 10_000  # peers whose finished usage is remembered (the biggest users beyond)
+
+    def usage(self, peer: str) -> int:
+        """What this server has computed for ``peer`` (its closed sessions and open ones), in usage units."""
+        live = sum(s.tokens_processed for s in self.sessions.values() if s.peer == peer)
+        return self.finished_usage.get(peer, 0) + live
+
+    def share_of(self, peer: str, new_share: float, max_share: float) -> float:
+        """The fraction of the budget ``peer``'s sessions may hold together: ``new_share`` for a peer new here,
+        growing by the work done for it (usage x unit, as a fraction of the budget) up to ``max_share``; at most
+        1/(k+1) while k other peers hold sessions (but never below ``new_share``)."""
+        earned = min(max_share, new_share + self.usage(peer) * self.unit_bytes / max(1, self.capacity))
+        holders = {s.peer for s in self.sessions.values()} - {peer}
+        return max(min(new_share, max_share), min(earned, 1.0 / (1 + len(holders))))
+
     def open(self, peer: str, state: BlockSession, peer_share: float = 1.0,
              reclaim_idle_after: float | None = None) -> ServerSession:
         """Reserve ``state.reserved`` bytes for a new session of ``peer``, whose open sessions may hold at most
@@ -89,8 +104,9 @@ class SessionTable:
         held = sum(s.reserved for s in self.sessions.values() if s.peer == peer)
         if held + need > peer_share * self.capacity:
             raise Busy(f"per-peer cache limit: the session needs {self.amount(need)}, peer {peer[-8:]} already holds "
-                       f"{self.amount(held, bare=True)}, and one peer may hold at most "
-                       f"{self.amount(int(peer_share * self.capacity))} ({peer_share:.0%} of this server's cache)")
+                       f"{self.amount(held, bare=True)}, and it may hold at most "
+                       f"{self.amount(int(peer_share * self.capacity))} ({peer_share:.0%} of this server's cache; a "
+                       f"peer's share starts small and grows with the work done for it here)")
         session = ServerSession(uuid.uuid4().hex, peer, state)
         self.sessions[session.session_id] = session
         return session
@@ -144,6 +160,9 @@ class SessionTable:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.finished_usage[session.peer] = self.finished_usage.get(session.peer, 0) + session.tokens_processed
+            if len(self.finished_usage) > self.MAX_USAGE_PEERS:  # many identities: keep the biggest users' half
+                keep = sorted(self.finished_usage.items(), key=lambda item: -item[1])[: self.MAX_USAGE_PEERS // 2]
+                self.finished_usage = dict(keep)
 
 
 def _size(nbytes: int) -> str:
