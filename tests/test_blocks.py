@@ -58,7 +58,9 @@ def test_sub_range_of_a_span_with_cache_and_rewind(tiny_model):
         compat.truncate_cache(cache, 8)  # rewind the two wrong positions
         second_part = span(hidden[:, 8:], positions[:, 8:], cache=cache, first=2, last=6)
     assert not torch.allclose(wrong, full[:, 8:10], atol=1e-3)
-    assert torch.allclose(torch.cat([first_part, second_part], 1), full, atol=1e-5)
+    # values reach ~30 here: a cached and a full pass differ by float noise of up to ~1.5e-5 on some CPUs (AMD EPYC,
+    # matmuls of other shapes), where a rewind gone wrong differs by O(1)
+    assert torch.allclose(torch.cat([first_part, second_part], 1), full, atol=1e-4)
     assert compat.cache_layer_lengths(cache)[:2] == [0, 0]  # layers outside the sub-range stay empty
 
 

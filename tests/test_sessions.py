@@ -392,3 +392,24 @@ def test_a_draft_model_speculates_and_rejected_drafts_rewind_the_servers(swarm, 
             model.generate(prompt(seed=9, batch=2), max_new_tokens=4, do_sample=False)
     finally:
         model.shutdown()
+
+
+def test_a_server_slower_than_it_claims_loses_its_place_with_push_on(launcher, tiny_model, monkeypatch):
+    """A server announcing 1e6 steps/s but taking ~50 ms per layer is chosen first; the decode steps this client
+    sees it take (pushed from server to server, as by default) raise its cost, and the next route avoids it."""
+    path = tiny_model("llama")
+    first = launcher.start_server_in_process(path, "3:6", [], "--throughput", "100")
+    monkeypatch.setenv("SWARM_TEST_FAULT", "slow-pieces:0.05")  # read once, by the next server's handler
+    slow = launcher.start_server_in_process(path, "0:3", [first.maddr], "--throughput", "1000000")
+    monkeypatch.delenv("SWARM_TEST_FAULT")
+    honest = launcher.start_server_in_process(path, "0:3", [first.maddr], "--throughput", "100")
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none",
+                                                            model_id="tiny-llama", verify_probability=0.0)
+    try:
+        assert model.route()[0].peer_id == slow.peer_id
+        with model.inference_session(max_length=32) as session:
+            model.generate(prompt(seed=5), max_new_tokens=8, do_sample=False)
+            assert session.chain[0].peer_id == slow.peer_id  # it did the work, slowly
+        assert model.route()[0].peer_id == honest.peer_id
+    finally:
+        model.shutdown()
