@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -125,13 +126,18 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         assert model.get_attribute("data-healthy") == "true"
         blocks = model.locator(".coverage .block")
         assert blocks.count() == 6
-        assert [blocks.nth(i).get_attribute("data-servers") for i in range(6)] == ["1"] * 4 + ["2"] * 2
+        # the black hole answers info but serves nothing: it does not count as covering its blocks
+        assert [blocks.nth(i).get_attribute("data-servers") for i in range(6)] == ["1"] * 6
         rows = model.locator("table.servers tbody tr.server")
         assert rows.count() == 4
         spans = sorted(rows.nth(i).locator("td").nth(2).inner_text() for i in range(4))
         assert spans == ["0:2", "2:4", "4:6", "4:6"]
         assert "no answer" in model.locator(f"tr.server[data-peer='{hole.peer_id}'] td.speed").inner_text()
         assert "first <server>" in model.inner_text()  # shown as text, escaped, not as markup
+        assert "1 model (1 healthy)" in page.locator("#totals").inner_text()
+        assert "2+ servers" in page.locator("#legend").inner_text()
+        headers = model.locator("thead").inner_text()
+        assert "throughput (tokens/s)" in headers and "free cache (tokens)" in headers and "RTT (ms)" in headers
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "health-page.png"), full_page=True)
 
@@ -139,13 +145,14 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         lost.signal(signal.SIGKILL)  # its DHT record says online until it expires; the probe finds it silent
         state = service.wait_for_state(lambda s: s["models"][0]["missing_blocks"] == 2)
         jsonschema.validate(state, STATE_SCHEMA)
-        assert state["models"][0]["coverage"] == [1, 1, 0, 0, 2, 2] and not state["models"][0]["healthy"]
+        assert state["models"][0]["coverage"] == [1, 1, 0, 0, 1, 1] and not state["models"][0]["healthy"]
 
         load(page, service.url + "/")  # the page also reloads itself every refresh period
         assert model.get_attribute("data-healthy") == "false"
         assert [blocks.nth(i).get_attribute("class") for i in (2, 3)] == ["block missing"] * 2
         row = model.locator(f"tr.server[data-peer='{lost.peer_id}']")
         assert row.get_attribute("class") == "server unreachable" and row.locator("td.reachable").inner_text() == "no"
+        assert row.locator("td.state").inner_text() == "offline (not answering)"  # its record still says online
         page.screenshot(path=str(ARTIFACTS / "health-page-broken.png"), full_page=True)
 
         values = metrics(service)
@@ -164,6 +171,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         page = browser.new_page()
         load(page, restarted.url + "/")
         assert page.locator("svg.chart polyline").count() == 2
+        assert page.locator("svg.chart text.axis").count() == 5  # 0, the top value, and three times
         page.close()
     finally:
         restarted.stop()
@@ -175,6 +183,9 @@ def test_healthz_and_schema_endpoints(launcher, tiny_model, tmp_path):
     try:
         assert json.loads(service.get("/healthz"))["ok"] is True
         assert json.loads(service.get("/api/v1/schema")) == json.loads(json.dumps(STATE_SCHEMA))
+        for path in ("/docs", "/redoc"):  # FastAPI's pages would load scripts from a CDN: not offered
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                service.get(path)
         jsonschema.validate(service.state(), STATE_SCHEMA)
     finally:
         service.stop()

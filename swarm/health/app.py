@@ -22,7 +22,8 @@ def create_app(monitor: Monitor, history_hours: float = 6.0) -> FastAPI:
         await monitor.stop()
         monitor.history.close()
 
-    app = FastAPI(title="swarm health", lifespan=lifespan)
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN, which a monitor's host may not reach
+    app = FastAPI(title="swarm health", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -31,8 +31,8 @@ class ServerStatus:
     version: str
     adapters: list[str] = field(default_factory=list)  # LoRA adapters served beside its blocks
     measured_rps: float | None = None  # decode steps/s of the monitor's one-position forward through its span
-    # "ok"; "slower than claimed" (measured below a tenth of its announced inference_rps); "no answer" (takes the
-    # request, never answers: a black hole); None: not probed
+    # "ok"; "slower than claimed" (over 10x its announced step time, plus 0.1 s); "no answer" (takes the request,
+    # never answers: a black hole); None: not probed
     claim: str | None = None
 
 
@@ -42,7 +42,7 @@ class ModelStatus:
     num_blocks: int
     repository: str | None
     healthy: bool  # every block has an online, reachable server
-    coverage: list[int]  # per block: online, reachable servers holding it
+    coverage: list[int]  # per block: online, reachable servers holding it (black holes excluded)
     block_states: list[str]  # per block: "ok" (2+ servers), "weak" (1), "missing" (0)
     servers: list[ServerStatus]
     throughput_sum: float  # announced throughput of the online, reachable servers
@@ -71,7 +71,10 @@ class SwarmState:
                 "models": [{**dataclasses.asdict(m), "missing_blocks": m.missing_blocks} for m in self.models]}
 
 
-CLAIM_FACTOR = 10.0  # a server measured this many times slower than it announces is flagged
+# A server whose one-position forward takes over CLAIM_FACTOR times the step time it announces, plus CLAIM_SLACK
+# seconds for what the probe adds beyond compute (decoding the request, the queue, a first call), is flagged.
+CLAIM_FACTOR = 10.0
+CLAIM_SLACK = 0.1
 
 
 def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
@@ -92,7 +95,7 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
             inference_rps=record.inference_rps, cache_tokens_left=record.cache_tokens_left, load=record.load,
             version=record.version, adapters=list(record.adapters),
             **_claim_check(record, measured.get(peer) if reachable else None)))
-        if reachable:
+        if reachable and measured.get(peer) != "no answer":  # a black hole answers info but serves nothing
             for block in range(record.start, min(record.end, info.num_blocks)):
                 coverage[block] += 1
                 throughput[block] += record.throughput or 0.0
@@ -100,7 +103,7 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
     return ModelStatus(
         model_id=model_id, num_blocks=info.num_blocks, repository=info.repository, healthy=all(coverage),
         coverage=coverage, block_states=states, servers=statuses,
-        throughput_sum=sum((s.throughput or 0.0) for s in statuses if s.reachable),
+        throughput_sum=sum((s.throughput or 0.0) for s in statuses if s.reachable and s.claim != "no answer"),
         weakest_block_throughput=min(throughput) if throughput else 0.0)
 
 
@@ -109,7 +112,7 @@ def _claim_check(record: ServerInfo, measured: float | str | None) -> dict:
         return {}
     if isinstance(measured, str):
         return {"claim": measured}
-    slow = record.inference_rps is not None and measured * CLAIM_FACTOR < record.inference_rps
+    slow = bool(record.inference_rps) and 1.0 / measured > CLAIM_FACTOR / record.inference_rps + CLAIM_SLACK
     return {"measured_rps": measured, "claim": "slower than claimed" if slow else "ok"}
 
 
@@ -138,7 +141,8 @@ _SERVER_SCHEMA = {
                          "description": "decode steps/s of the monitor's one-position forward through its span"},
         "claim": {"enum": ["ok", "slower than claimed", "no answer", None],
                   "description": "its announced speed against the monitor's measurement: ok; slower than claimed "
-                                 "(over 10x); no answer (takes requests, never answers); null: not probed"},
+                                 "(over 10x its announced step time, plus 0.1 s); no answer (takes requests, never "
+                                 "answers); null: not probed"},
         "adapters": {"type": "array", "items": {"type": "string"},
                      "description": "LoRA adapters served beside its blocks (a request names one to use it)"},
     },
