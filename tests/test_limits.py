@@ -175,11 +175,12 @@ def test_too_many_sessions_from_one_peer(peers, server, span):
 
 
 def test_too_big_a_session_and_a_share_that_grows_with_work(peers, server, span):
-    """A peer new to the server may reserve a quarter of its cache (128 of 512 tokens); the positions computed for
-    it raise that, up to half."""
+    """While another peer holds a session, a peer new to the server may reserve a quarter of its cache (128 of 512
+    tokens); the positions computed for it raise that, up to half."""
     loop, (alice, bob, _) = peers
     with pytest.raises(RemoteError, match=r"batch_size 5 exceeds this server's limit of 4 rows per session"):
         Session(loop, alice, server, batch_size=5)
+    small = Session(loop, bob, server, max_length=8)  # alice is not alone on the server
     with pytest.raises(RemoteError, match=r"per-peer cache limit: .* peer \w+ already holds 0, and it may hold at "
                                           r"most 128 tokens \(25% of this server's cache; a peer's share starts small"):
         Session(loop, alice, server, max_length=200)
@@ -187,14 +188,14 @@ def test_too_big_a_session_and_a_share_that_grows_with_work(peers, server, span)
     hidden = torch.randn(1, 100, HIDDEN)
     assert torch.allclose(first.step(hidden, 0), span(hidden, torch.arange(100)[None]), atol=1e-4)
     first.close()
-    wait_for_sessions(loop, bob, server, 0)
+    wait_for_sessions(loop, bob, server, 1)
     big = Session(loop, alice, server, max_length=200)  # 100 positions computed: 25% + 100/512 of the cache
-    other = Session(loop, bob, server, max_length=120)  # the rest of the cache is still there for others
+    other = Session(loop, bob, server, max_length=100)  # the rest of the cache is still there for others
     hidden = torch.randn(1, 7, HIDDEN)
     assert torch.allclose(other.step(hidden, 0), span(hidden, torch.arange(7)[None]), atol=1e-5)
     assert_serves(loop, bob, server, span)
-    big.close()
-    other.close()
+    for session in (big, other, small):
+        session.close()
     wait_for_sessions(loop, bob, server, 0)
 
 
@@ -203,14 +204,15 @@ def test_a_peers_share_shrinks_as_more_peers_hold_sessions():
     from swarm.server.sessions import SessionTable
 
     table = SessionTable(1000)
+    assert table.share_of("newcomer", 0.25, 0.5) == 0.5  # alone on the server: free room costs nobody anything
     veteran = table.open("veteran", BlockSession(0, 1, 100))
     veteran.tokens_processed = 1000  # all the work it had done here: its share is the most a peer may have
+    table.open("a", BlockSession(0, 1, 10))
     assert table.share_of("veteran", 0.25, 0.5) == 0.5
     assert table.share_of("newcomer", 0.25, 0.5) == 0.25  # free identities start small
     table.open("b", BlockSession(0, 1, 10))
-    table.open("c", BlockSession(0, 1, 10))
     assert table.share_of("veteran", 0.25, 0.5) == pytest.approx(1 / 3)  # two other holders
-    for peer in "defg":
+    for peer in "cdefg":
         table.open(peer, BlockSession(0, 1, 10))
     assert table.share_of("veteran", 0.25, 0.5) == 0.25  # never below a newcomer's
 

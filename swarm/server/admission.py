@@ -37,10 +37,11 @@ class PeerLimits:
     max_sessions_per_peer: int = 8  # inference sessions one peer may hold open on this server at once
     max_sessions: int = 64  # inference sessions open on this server at once, all peers together
     max_session_batch: int = 64  # batch rows of one inference session
-    # Fraction of the cache budget one peer's open sessions may reserve together: a peer new here starts at
-    # new_peer_cache_share, which grows by the positions the server has computed for it (as a fraction of the budget)
-    # up to max_peer_cache_share; and while k other peers hold sessions, no more than 1/(k+1) (but new_peer_cache_share
-    # at least). So free identities start small, and each new holder shrinks the others' room for more.
+    # Fraction of the cache budget one peer's open sessions may reserve together: max_peer_cache_share while no other
+    # peer holds a session; otherwise a peer new here starts at new_peer_cache_share, which grows by the positions the
+    # server has computed for it (as a fraction of the budget) up to max_peer_cache_share, and no more than 1/(k+1)
+    # while k other peers hold sessions (but new_peer_cache_share at least). So free identities start small, and each
+    # new holder shrinks the others' room for more.
     max_peer_cache_share: float = 0.5
     new_peer_cache_share: float = 0.25
     # s without a step after which a session's memory may be taken back for a new session that does not fit

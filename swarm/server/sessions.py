@@ -78,11 +78,14 @@ class SessionTable:
         return self.finished_usage.get(peer, 0) + live
 
     def share_of(self, peer: str, new_share: float, max_share: float) -> float:
-        """The fraction of the budget ``peer``'s sessions may hold together: ``new_share`` for a peer new here,
-        growing by the work done for it (usage x unit, as a fraction of the budget) up to ``max_share``; at most
-        1/(k+1) while k other peers hold sessions (but never below ``new_share``)."""
-        earned = min(max_share, new_share + self.usage(peer) * self.unit_bytes / max(1, self.capacity))
+        """The fraction of the budget ``peer``'s sessions may hold together: ``max_share`` while nobody else holds
+        any (taking free room then costs nobody anything); otherwise ``new_share`` for a peer new here, growing by
+        the work done for it (usage x unit, as a fraction of the budget) up to ``max_share``, and at most 1/(k+1)
+        while k other peers hold sessions (but never below ``new_share``)."""
         holders = {s.peer for s in self.sessions.values()} - {peer}
+        if not holders:
+            return max_share
+        earned = min(max_share, new_share + self.usage(peer) * self.unit_bytes / max(1, self.capacity))
         return max(min(new_share, max_share), min(earned, 1.0 / (1 + len(holders))))
 
     def open(self, peer: str, state: BlockSession, peer_share: float = 1.0,
