@@ -178,7 +178,7 @@ def attach_adapters(layers: nn.ModuleList, start: int, adapters: dict[str, dict]
 
 def _lora_hook(adapter_set: AdapterSet, weights: dict[str, LoraWeights]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        pair = weights.get(adapter_set.active) if adapter_set.active is not None else None
+        pair = weights.get(adapter_set.active)
         if pair is None:
             return None  # the base module's output as it is
         x = args[0].to(pair.lora_a.dtype)

@@ -65,8 +65,7 @@ class HopSession(ChainHop):
         deep prompts, added to the step's first positions (sent exactly: they are small)."""
         extra = {"type": "step", "session_id": self.session_id, "position": position, "step_id": step_id,
                  "push": push}
-        if prompts is not None:
-            extra["prompts"] = serialize_tensor(prompts.detach().contiguous())
+        extra.update(messages.prompts_field(prompts))
         if trace:
             extra["trace"] = True
         if hypo_ids is not None:

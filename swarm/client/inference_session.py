@@ -21,6 +21,7 @@ from swarm.blocks import compat
 from swarm.client.chain import Attempts, open_chain, output_codec
 from swarm.client.config import ClientConfig
 from swarm.client.hop_session import HopSession
+from swarm.client.remote_forward import span_prompts
 from swarm.client.routing import Hop, MissingBlocksError, RemoteSpan, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.client.trace import HopTiming, StepTiming, Trace
@@ -153,10 +154,10 @@ class InferenceSession:
         timing, began = self.trace.begin() if self.trace is not None else (None, time.perf_counter())
         if timing is not None:
             timing.tokens = tokens
-        if prompts is not None:
-            self.prompts = prompts.detach()
+        if self.position == 0:  # (a first step that failed may have left another's)
+            self.prompts = None if prompts is None else prompts.detach()
         output = self.manager.loop.run(self._step(hidden.detach(), position_ids.long(), attention_mask, timing,
-                                                  began, prompts is not None))
+                                                  began))
         if timing is not None:
             self.trace.end(timing, began)
         self._position += tokens
@@ -173,7 +174,7 @@ class InferenceSession:
         return new if history is None else torch.cat([history, new], dim=1)
 
     async def _step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    timing: StepTiming | None = None, began: float = 0.0, prompted: bool = False) -> torch.Tensor:
+                    timing: StepTiming | None = None, began: float = 0.0) -> torch.Tensor:
         if timing is not None:
             timing.handoff = time.perf_counter() - began
         if not self.hops:
@@ -181,8 +182,7 @@ class InferenceSession:
             await self._link()
         hypo_ids, self._pending_hypo_ids = self._pending_hypo_ids, None
         for _ in range(self.config.max_retries + 1):
-            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids, timing,
-                                                          prompted)
+            sent, received, output = await self._run_hops(hidden, position_ids, attention_mask, hypo_ids, timing)
             hypo_ids = None  # applied: a re-run of this step must not reorder the caches again
             liar = await self._verify(sent, received, position_ids, attention_mask)
             if liar is None:
@@ -196,13 +196,12 @@ class InferenceSession:
         return deserialize_tensor(output)
 
     async def _run_hops(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        hypo_ids: torch.Tensor | None, timing: StepTiming | None = None,
-                        prompted: bool = False) -> tuple[dict, dict, dict]:
-        """One pass of the step along the chain; returns what each hop was sent and answered, and the output.
-        ``prompted``: the step carries the session's deep prompts (relayed by the client: each hop needs its own)."""
+                        hypo_ids: torch.Tensor | None, timing: StepTiming | None = None) -> tuple[dict, dict, dict]:
+        """One pass of the step along the chain; returns what each hop was sent and answered, and the output."""
         config = self.config
         reordered_before = set(self.hops)  # replacement hops replay an already reordered history
-        step_id, push = next(self._step_ids), config.push and len(self.hops) > 1 and not prompted
+        # a step with deep prompts is relayed by the client: each hop needs its own part of them
+        step_id, push = next(self._step_ids), config.push and len(self.hops) > 1 and not self._prompted_step
         sent: dict[HopSession, dict] = {}  # recorded in the histories only once every hop succeeded
         received: dict[HopSession, dict] = {}
         encoding = time.perf_counter()
@@ -210,7 +209,7 @@ class InferenceSession:
         hop_timings: list[HopTiming] = []
         if timing is not None:
             timing.encode = time.perf_counter() - encoding
-        await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push, prompted)
+        await self._send(self.hops[0], payload, position_ids, attention_mask, hypo_ids, step_id, push)
         mark, pushed_in = time.perf_counter(), False
         sent_at: float | None = mark  # when the client sent the current hop its input (None: pushed to it)
         ready_at = mark  # when the current hop's input was ready (sent, or the previous hop's output came back)
@@ -246,8 +245,7 @@ class InferenceSession:
                     rebuilt.add(index)
                     relinked = True
                     await self._replace_hop(index, ban=False)
-                    await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False,
-                                     prompted)
+                    await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
                     ready_at = time.perf_counter()
                     continue
                 # A server that dies, stalls past the timeout or errs mid-generation is replaced; an error that
@@ -258,8 +256,7 @@ class InferenceSession:
                 with self.manager.rerouting_after(e, hop.span.peer_id):
                     # a busy server (its memory taken back for someone else) did nothing wrong: not banned
                     await self._replace_hop(index, ban=not (isinstance(e, RemoteError) and e.busy))
-                await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False,
-                                 prompted)
+                await self._send(self.hops[index], payload, position_ids, attention_mask, None, step_id, False)
                 ready_at = time.perf_counter()
                 continue
             if decode:  # (from its input being ready, relayed or pushed, to its reply)
@@ -277,7 +274,7 @@ class InferenceSession:
             if index + 1 < len(self.hops) and not pushed:  # the client relays it
                 next_hop = self.hops[index + 1]
                 await self._send(next_hop, payload, position_ids, attention_mask,
-                                 hypo_ids if next_hop in reordered_before else None, step_id, push, prompted)
+                                 hypo_ids if next_hop in reordered_before else None, step_id, push)
                 sent_at = time.perf_counter()
             index += 1
         if relinked:
@@ -325,18 +322,22 @@ class InferenceSession:
 
     async def _send(self, hop: HopSession, payload: dict, position_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None, hypo_ids: torch.Tensor | None, step_id: int,
-                    push: bool, prompted: bool = False) -> None:
+                    push: bool) -> None:
         try:
             await hop.send_step(payload, position_ids, attention_mask, self.position, hypo_ids, step_id, push,
-                                trace=self.trace is not None, prompts=self._prompts_of(hop) if prompted else None)
+                                trace=self.trace is not None,
+                                prompts=self._prompts_of(hop) if self._prompted_step else None)
         except PeerUnavailable:
             pass  # the broken stream shows when its reply is awaited, where failover happens
 
+    @property
+    def _prompted_step(self) -> bool:
+        """Whether the step being sent carries deep prompts: the session has them and the step starts at 0."""
+        return self.prompts is not None and self._position == 0
+
     def _prompts_of(self, hop: HopSession) -> torch.Tensor | None:
         """``hop``'s blocks' part of the session's deep prompts."""
-        if self.prompts is None:
-            return None
-        return self.prompts[hop.span.start - self.first_block:hop.span.end - self.first_block]
+        return span_prompts(hop.span, self.prompts, self.first_block)
 
     async def _link(self) -> None:
         """Tell every server of the chain whom it pushes to and whom it accepts pushes from."""

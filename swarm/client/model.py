@@ -167,11 +167,6 @@ class DistributedPreTrainedModel(PreTrainedModel):
         the base model); outside, the ``active_adapter`` given to ``from_pretrained`` applies."""
         return self.get_remote().use_adapter(name)
 
-    @property
-    def active_adapter_name(self) -> str | None:
-        """The adapter this thread's requests run with now."""
-        return self.get_remote().active_adapter
-
     def route(self) -> list[RemoteSpan]:
         """The chain of servers a decoding session would take now."""
         return self.get_remote().route()

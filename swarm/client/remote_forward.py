@@ -44,11 +44,9 @@ async def _call_span(manager: SequenceManager, span: RemoteSpan, handler: str, m
     return reply
 
 
-def _prompts_for(span: RemoteSpan, prompts: torch.Tensor | None, first: int) -> dict:
-    """The request field with ``span``'s deep prompts (``prompts`` covers blocks from ``first`` on), if any."""
-    if prompts is None:
-        return {}
-    return {"prompts": serialize_tensor(prompts[span.start - first:span.end - first].detach().contiguous())}
+def span_prompts(span: RemoteSpan, prompts: torch.Tensor | None, first: int) -> torch.Tensor | None:
+    """``span``'s part of deep ``prompts`` that cover blocks from ``first`` on (None: no prompts)."""
+    return None if prompts is None else prompts[span.start - first:span.end - first]
 
 
 async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: torch.Tensor,
@@ -71,7 +69,7 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
         try:
             output = (await _call_span(manager, span, protocol.FORWARD,
                                        span_request(span, hidden, position_ids, attention_mask, codec,
-                                                    **_prompts_for(span, prompts, start),
+                                                    **messages.prompts_field(span_prompts(span, prompts, start)),
                                                     **messages.adapter_field(adapter)), ("hidden",)))["hidden"]
         except RETRYABLE as e:
             attempts.failed(e)  # raised if the request is at fault or out of retries
@@ -80,9 +78,9 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
             continue
         if random.random() < manager.config.verify_probability:
-            own = None if prompts is None else prompts[span.start - start:span.end - start]
             verdict = await check_output(manager, span, deserialize_tensor(hidden), position_ids, attention_mask,
-                                         deserialize_tensor(output), codec, adapter, own)
+                                         deserialize_tensor(output), codec, adapter,
+                                         span_prompts(span, prompts, start))
             if span.peer_id in verdict.struck:  # caught returning a wrong output: recompute this hop elsewhere
                 attempts.failed(RuntimeError(f"redundant checks keep failing on blocks {span.start}:{span.end}"),
                                 span.peer_id)
@@ -108,7 +106,7 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
         try:
             reply = await _call_span(manager, span, protocol.BACKWARD,
                                      span_request(span, inputs, position_ids, attention_mask, codec, grad_output=grad,
-                                                  **_prompts_for(span, prompts, first),
+                                                  **messages.prompts_field(span_prompts(span, prompts, first)),
                                                   **messages.adapter_field(adapter)),
                                      ("grad_input",) if prompts is None else ("grad_input", "grad_prompts"))
             grad = reply["grad_input"]
@@ -118,7 +116,7 @@ async def backward_chain(manager: SequenceManager, record: Record, grad_output: 
             attempts.failed(e, span.peer_id)  # raised when out of retries
             # The replacement must see exactly what the failed server saw: the decoded input, sent losslessly.
             exact_inputs = serialize_tensor(deserialize_tensor(inputs), "none")
-            own = None if prompts is None else prompts[span.start - first:span.end - first]
+            own = span_prompts(span, prompts, first)
             _, sub_record = await forward_chain(manager, exact_inputs, position_ids, attention_mask,
                                                 span.start, span.end, prompts=own, adapter=adapter)
             grad, sub_grads = await backward_chain(manager, sub_record, grad, position_ids, attention_mask, attempts,

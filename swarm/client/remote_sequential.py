@@ -105,8 +105,11 @@ class RemoteSequential(nn.Module):
     @property
     def active_adapter(self) -> str | None:
         """The adapter this thread's requests run with: ``use_adapter``'s, else the client's ``active_adapter``."""
+        return self._adapter_for(self.client_config)
+
+    def _adapter_for(self, config: ClientConfig) -> str | None:
         choice = getattr(self._adapter_choice, "name", _UNSET)
-        return self.client_config.active_adapter if choice is _UNSET else choice
+        return config.active_adapter if choice is _UNSET else choice
 
     @contextlib.contextmanager
     def use_adapter(self, name: str | None) -> Iterator[None]:
@@ -131,9 +134,8 @@ class RemoteSequential(nn.Module):
         ``dataclasses.replace`` of the client's), used by it alone."""
         if self.active_session is not None:
             raise RuntimeError("an inference session is already active for this model")
-        choice = getattr(self._adapter_choice, "name", _UNSET)
-        adapter = (config or self.client_config).active_adapter if choice is _UNSET else choice
-        session = InferenceSession(self.manager, max_length, config, self.sliced, adapter)
+        session = InferenceSession(self.manager, max_length, config, self.sliced,
+                                   self._adapter_for(config or self.client_config))
         self._local.session = session
         try:
             yield session

@@ -113,11 +113,9 @@ def other_holders(manager: SequenceManager, span: RemoteSpan, exclude: set[str],
 async def recompute(manager: SequenceManager, peer: str, span: RemoteSpan, inputs: torch.Tensor,
                     position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     adapter: str | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
-    extra = messages.adapter_field(adapter)
-    if prompts is not None:
-        extra["prompts"] = serialize_tensor(prompts.detach().contiguous())
     message = messages.span_inputs(span.start, span.end, serialize_tensor(inputs, "none"), position_ids,
-                                   attention_mask, "none", **extra)
+                                   attention_mask, "none", **messages.adapter_field(adapter),
+                                   **messages.prompts_field(prompts))
     reply = await call(manager.p2p, peer, protocol.FORWARD, message, timeout=manager.config.request_timeout)
     return deserialize_tensor(reply.get("hidden"))
 

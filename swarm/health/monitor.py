@@ -24,7 +24,7 @@ from swarm.dht.schema import ServerState
 from swarm.health.history import History
 from swarm.health.state import SwarmState, model_status
 from swarm.rpc import protocol
-from swarm.rpc.client import RemoteError, call, measure_rtt
+from swarm.rpc.client import RemoteError, call
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,20 @@ PROBE_TIMEOUT = 5.0  # s: a server slower than this to answer counts as unreacha
 COMPUTE_PROBE_TIMEOUT = 5.0  # s: a one-position forward not answered in this time counts as "no answer"
 
 
-async def probe_compute(p2p: P2P, peer: str, start: int, end: int, rtt: float) -> float | None | str:
-    """Decode steps/s that ``peer`` measures at on a one-position forward through blocks [start, end) (its time
-    less ``rtt``); "no answer" if it takes the request and never answers; None if it cannot be probed (not a
-    transformer span, or it refuses forward passes, e.g. to unpaid callers)."""
+async def probe_info(p2p: P2P, peer: str) -> tuple[float, dict] | None:
+    """``peer``'s info reply and its round trip in seconds; None if it did not answer."""
+    started = time.perf_counter()
     try:
         info = await call(p2p, peer, protocol.INFO, {}, timeout=PROBE_TIMEOUT)
     except Exception:
         return None
+    return time.perf_counter() - started, info
+
+
+async def probe_compute(p2p: P2P, peer: str, start: int, end: int, rtt: float, info: dict) -> float | None | str:
+    """Decode steps/s that ``peer`` measures at on a one-position forward through blocks [start, end) (its time
+    less ``rtt``); "no answer" if it takes the request and never answers; None if it cannot be probed (not a
+    transformer span by its ``info``, or it refuses forward passes, e.g. to unpaid callers)."""
     hidden = info.get("hidden_size")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden <= 2**16:
         return None
@@ -91,12 +97,14 @@ class Monitor:
                                                                         list(range(info.num_blocks))))
         online = {peer for servers in per_model.values() for peer, record in servers.items()
                   if record.state == ServerState.ONLINE}
-        rtts = await asyncio.gather(*(measure_rtt(self.p2p, peer, PROBE_TIMEOUT) for peer in sorted(online)))
-        probes = dict(zip(sorted(online), rtts, strict=True))
+        answers = dict(zip(sorted(online), await asyncio.gather(*(probe_info(self.p2p, peer)
+                                                                   for peer in sorted(online))), strict=True))
+        probes = {peer: None if answer is None else answer[0] for peer, answer in answers.items()}
+        rtts = list(probes.values())
         spans = {peer: (record.start, record.end) for servers in per_model.values()
                  for peer, record in servers.items() if peer in online}
-        reachable = [peer for peer in sorted(online) if probes[peer] is not None]
-        speeds = await asyncio.gather(*(probe_compute(self.p2p, peer, *spans[peer], probes[peer])
+        reachable = [peer for peer in sorted(online) if answers[peer] is not None]
+        speeds = await asyncio.gather(*(probe_compute(self.p2p, peer, *spans[peer], *answers[peer])
                                         for peer in reachable))
         measured = dict(zip(reachable, speeds, strict=True))
         state = SwarmState(updated_at=time.time(), rtts_ms=[r * 1000 for r in rtts if r is not None])

@@ -36,6 +36,11 @@ def open_span(start: int, end: int, max_length: int, batch_size: int, output_cod
             "output_codec": output_codec, "upstream": upstream, **adapter_field(adapter)}
 
 
+def prompts_field(prompts: torch.Tensor | None) -> dict:
+    """The field carrying a request's deep prompts (sent exactly: they are small), if any."""
+    return {} if prompts is None else {"prompts": serialize_tensor(prompts.detach().contiguous())}
+
+
 def adapter_field(adapter: str | None) -> dict:
     """The field naming a request's LoRA adapter (none for the base model, which old servers understand)."""
     return {} if adapter is None else {"active_adapter": adapter}
