@@ -130,9 +130,16 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         assert [blocks.nth(i).get_attribute("data-servers") for i in range(6)] == ["1"] * 6
         rows = model.locator("table.servers tbody tr.server")
         assert rows.count() == 4
-        spans = sorted(rows.nth(i).locator("td").nth(2).inner_text() for i in range(4))
+        spans = sorted(rows.nth(i).locator("td.blocks .span-text").inner_text() for i in range(4))
         assert spans == ["0:2", "2:4", "4:6", "4:6"]
-        assert "no answer" in model.locator(f"tr.server[data-peer='{hole.peer_id}'] td.speed").inner_text()
+        assert model.get_attribute("data-can-generate") == "true"
+        assert model.locator("#verdict").inner_text() == "can generate now"
+        hole_row = model.locator(f"tr.server[data-peer='{hole.peer_id}']")
+        assert "no answer" in hole_row.locator("td.speed").inner_text()
+        assert "never answers" in hole_row.locator("td.warnings").inner_text()
+        assert {rows.nth(i).locator("td.reachability").inner_text() for i in range(4)} == {"direct"}
+        # each server's bar covers its share of the model: 2 of 6 blocks
+        assert model.locator(".spanbar span").first.get_attribute("style") == "left:0.0%;width:33.3%"
         assert "first <server>" in model.inner_text()  # shown as text, escaped, not as markup
         assert "1 model (1 healthy)" in page.locator("#totals").inner_text()
         assert "2+ servers" in page.locator("#legend").inner_text()
@@ -149,9 +156,13 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
 
         load(page, service.url + "/")  # the page also reloads itself every refresh period
         assert model.get_attribute("data-healthy") == "false"
+        assert model.get_attribute("data-can-generate") == "false"
+        assert "blocks 2-3" in model.locator("h2").inner_text()
         assert [blocks.nth(i).get_attribute("class") for i in (2, 3)] == ["block missing"] * 2
         row = model.locator(f"tr.server[data-peer='{lost.peer_id}']")
-        assert row.get_attribute("class") == "server unreachable" and row.locator("td.reachable").inner_text() == "no"
+        assert row.get_attribute("class") == "server unreachable"
+        assert row.locator("td.reachability").inner_text() == "unreachable"
+        assert row.locator("td.warnings").inner_text() == "not answering"
         assert row.locator("td.state").inner_text() == "offline (not answering)"  # its record still says online
         page.screenshot(path=str(ARTIFACTS / "health-page-broken.png"), full_page=True)
 
@@ -171,7 +182,8 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         page = browser.new_page()
         load(page, restarted.url + "/")
         assert page.locator("svg.chart polyline").count() == 2
-        assert page.locator("svg.chart text.axis").count() == 5  # 0, the top value, and three times
+        # 0, the top value, and between one and six times of day at round steps
+        assert 3 <= page.locator("svg.chart text.axis").count() <= 8
         page.close()
     finally:
         restarted.stop()
@@ -189,3 +201,52 @@ def test_healthz_and_schema_endpoints(launcher, tiny_model, tmp_path):
         jsonschema.validate(service.state(), STATE_SCHEMA)
     finally:
         service.stop()
+
+
+def test_warnings_verdict_contributors_and_chart_from_records():
+    """The page's judgments from records alone: reachability, warnings, "can generate now", settlement totals, and a
+    chart over hours with round time labels and a gap where the monitor was stopped."""
+    import re
+
+    from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
+    from swarm.health.page import render_page
+    from swarm.health.state import SwarmState, model_status
+
+    def record(start: int, end: int, **kwargs) -> ServerInfo:
+        return ServerInfo(**{"state": ServerState.ONLINE, "start": start, "end": end, "version": "0.2.0",
+                             "cache_tokens_left": 100, "inference_rps": 10.0, **kwargs})
+
+    servers = {"peer-direct": record(0, 3), "peer-relay": record(3, 6, using_relay=True),
+               "peer-old": record(3, 6, version="0.1.9", cache_tokens_left=0), "peer-gone": record(0, 6)}
+    probes = {"peer-direct": 0.01, "peer-relay": 0.05, "peer-old": 0.01, "peer-gone": None}
+    settlement = {"peer-direct": {"backend": "ledger", "account": "a", "earnings": 120, "credited": 100,
+                                  "receipts_settled": 3},
+                  "peer-relay": {"earnings": -1, "credited": 0, "receipts_settled": 0}}  # malformed: ignored
+    model = model_status("m", ModelInfo(num_blocks=6), servers, probes, {"peer-relay": 5.0}, settlement)
+    by_peer = {s.peer_id: s for s in model.servers}
+    assert {p: s.reachability for p, s in by_peer.items()} == {
+        "peer-direct": "direct", "peer-relay": "relay", "peer-old": "direct", "peer-gone": "unreachable"}
+    assert by_peer["peer-relay"].warnings == ["behind relay: slower"]
+    assert by_peer["peer-old"].warnings == ["no free cache", "old version (0.1.9)"]
+    assert by_peer["peer-gone"].warnings == ["not answering"]
+    assert by_peer["peer-direct"].warnings == []
+    assert model.healthy and model.can_generate  # blocks 3-5: the relayed server has free cache
+
+    state = SwarmState(updated_at=time.time(), models=[model])
+    assert state.contributors == [{"peer_id": "peer-direct", "public_name": None, "backend": "ledger",
+                                   "account": "a", "receipts_settled": 3, "earnings": 120, "credited": 100}]
+    jsonschema.validate(state.to_json(), STATE_SCHEMA)
+
+    relay_full = dict(servers, **{"peer-relay": record(3, 6, using_relay=True, cache_tokens_left=0)})
+    blocked = model_status("m", ModelInfo(num_blocks=6), relay_full, probes)
+    assert blocked.healthy and not blocked.can_generate
+    assert blocked.why_not == "no reachable server with free cache for blocks 3-5"
+
+    # three hours sampled every 30 s, with the monitor stopped for 20 minutes in the middle
+    t0 = 1_700_000_000.0
+    samples = [(t0 + i * 30, 4, 6, 6) for i in range(360) if not 150 <= i < 190]
+    html = render_page(state, {"m": samples}, refresh_seconds=30)
+    assert "can generate now" in html and 'id="contributors"' in html
+    assert html.count("<polyline") == 4  # two lines, each broken once at the gap
+    labels = re.findall(r'<text class="axis"[^>]*text-anchor="middle">([^<]+)</text>', html)
+    assert 2 <= len(labels) <= 6 and all(re.fullmatch(r"\d\d:(00|30)", label) for label in labels), labels

@@ -49,6 +49,7 @@ class ServerInfo:
     price: int = 0  # per token with settlement on (0: none); clients refuse receipts above it by default
     payment_required: bool = False  # sessions without settlement are refused
     adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base weights (requests name one to use it)
+    using_relay: bool = False  # behind NAT: reached through a circuit relay (slower than a direct connection)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -69,7 +70,7 @@ class ServerInfo:
             kwargs = {"state": state, "start": start, "end": end}
             for name, kind in (("dtype", str), ("quantization", str), ("version", str), ("public_name", str),
                                ("cache_tokens_left", int), ("max_session_length", int), ("price", int),
-                               ("payment_required", bool)):
+                               ("payment_required", bool), ("using_relay", bool)):
                 value = data.get(name)
                 if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) and (
                         kind is not int or value >= 0):

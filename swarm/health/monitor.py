@@ -108,7 +108,8 @@ class Monitor:
                                         for peer in reachable))
         measured = dict(zip(reachable, speeds, strict=True))
         state = SwarmState(updated_at=time.time(), rtts_ms=[r * 1000 for r in rtts if r is not None])
-        state.models = [model_status(model_id, models[model_id], servers, probes, measured)
+        settlement = {peer: answer[1].get("settlement") for peer, answer in answers.items() if answer is not None}
+        state.models = [model_status(model_id, models[model_id], servers, probes, measured, settlement)
                         for model_id, servers in per_model.items()]
         self.state = state
         self.history.record(state)

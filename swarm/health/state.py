@@ -34,6 +34,11 @@ class ServerStatus:
     # "ok"; "slower than claimed" (over 10x its announced step time, plus 0.1 s); "no answer" (takes the request,
     # never answers: a black hole); None: not probed
     claim: str | None = None
+    # "direct", "relay" (behind NAT, answered through a circuit relay), "unreachable" (did not answer the
+    # monitor); None: not probed (not online)
+    reachability: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what an operator should look at, in words
+    settlement: dict | None = None  # its settlement totals as it reports them (info), with settlement on
 
 
 @dataclass
@@ -47,6 +52,9 @@ class ModelStatus:
     servers: list[ServerStatus]
     throughput_sum: float  # announced throughput of the online, reachable servers
     weakest_block_throughput: float  # per block sum of those throughputs, minimum over blocks
+    # a client could generate right now: every block has a reachable server that computes and has free cache
+    can_generate: bool = False
+    why_not: str | None = None  # when it cannot: which blocks lack such a server
 
     @property
     def missing_blocks(self) -> int:
@@ -68,22 +76,36 @@ class SwarmState:
 
     def to_json(self) -> dict:
         return {"updated_at": self.updated_at, "totals": self.totals,
-                "models": [{**dataclasses.asdict(m), "missing_blocks": m.missing_blocks} for m in self.models]}
+                "models": [{**dataclasses.asdict(m), "missing_blocks": m.missing_blocks} for m in self.models],
+                "contributors": self.contributors}
+
+    @property
+    def contributors(self) -> list[dict]:
+        """Settlement totals per server that reports settlement on (its own figures, from its info reply)."""
+        servers = {s.peer_id: s for m in self.models for s in m.servers if s.settlement}
+        return [{"peer_id": peer, "public_name": server.public_name, "backend": server.settlement.get("backend"),
+                 "account": server.settlement.get("account"),
+                 **{key: server.settlement.get(key, 0) for key in SETTLEMENT_TOTALS}}
+                for peer, server in sorted(servers.items())]
 
 
 # A server whose one-position forward takes over CLAIM_FACTOR times the step time it announces, plus CLAIM_SLACK
 # seconds for what the probe adds beyond compute (decoding the request, the queue, a first call), is flagged.
 CLAIM_FACTOR = 10.0
 CLAIM_SLACK = 0.1
+SETTLEMENT_TOTALS = ("receipts_settled", "earnings", "credited")  # integers from a server's settlement stats
 
 
 def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
                  probes: dict[str, float | None],
-                 measured: dict[str, float | str | None] | None = None) -> ModelStatus:
+                 measured: dict[str, float | str | None] | None = None,
+                 settlement: dict[str, dict] | None = None) -> ModelStatus:
     """``probes``: RTT in seconds of each online server that answered, None for those that did not; ``measured``:
-    the compute probe of each (monitor.py ``probe_compute``)."""
-    measured = measured or {}
+    the compute probe of each (monitor.py ``probe_compute``); ``settlement``: the settlement stats each reported."""
+    measured, settlement = measured or {}, settlement or {}
+    newest = max((_version_key(record.version) for record in servers.values()), default=())
     statuses, coverage, throughput = [], [0] * info.num_blocks, [0.0] * info.num_blocks
+    usable = [0] * info.num_blocks  # servers a client could use now: reachable, computing, with free cache
     for peer, record in sorted(servers.items(), key=lambda item: (item[1].start, item[0])):
         online = record.state == ServerState.ONLINE
         rtt = probes.get(peer) if online else None
@@ -94,17 +116,74 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
             dtype=record.dtype, quantization=record.quantization, throughput=record.throughput,
             inference_rps=record.inference_rps, cache_tokens_left=record.cache_tokens_left, load=record.load,
             version=record.version, adapters=list(record.adapters),
+            reachability=None if reachable is None else "unreachable" if not reachable else
+            "relay" if record.using_relay else "direct",
+            settlement=_settlement_totals(settlement.get(peer)) if reachable else None,
             **_claim_check(record, measured.get(peer) if reachable else None)))
+        statuses[-1].warnings = _warnings(statuses[-1], record, newest)
         if reachable and measured.get(peer) != "no answer":  # a black hole answers info but serves nothing
             for block in range(record.start, min(record.end, info.num_blocks)):
                 coverage[block] += 1
                 throughput[block] += record.throughput or 0.0
+                usable[block] += record.cache_tokens_left > 0
     states = ["missing" if n == 0 else "weak" if n == 1 else "ok" for n in coverage]
+    lacking = [block for block, n in enumerate(usable) if n == 0]
     return ModelStatus(
         model_id=model_id, num_blocks=info.num_blocks, repository=info.repository, healthy=all(coverage),
         coverage=coverage, block_states=states, servers=statuses,
         throughput_sum=sum((s.throughput or 0.0) for s in statuses if s.reachable and s.claim != "no answer"),
-        weakest_block_throughput=min(throughput) if throughput else 0.0)
+        weakest_block_throughput=min(throughput) if throughput else 0.0,
+        can_generate=not lacking,
+        why_not=f"no reachable server with free cache for block{'s' if len(lacking) > 1 else ''} "
+                f"{_ranges(lacking)}" if lacking else None)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """"0.10.1" -> (0, 10, 1): versions compare by number; what does not parse sorts first."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _warnings(server: ServerStatus, record: ServerInfo, newest: tuple[int, ...]) -> list[str]:
+    warnings = []
+    if server.reachable is False:
+        warnings.append("not answering")
+    if server.claim == "no answer":
+        warnings.append("takes requests, never answers")
+    elif server.claim == "slower than claimed":
+        warnings.append("slower than it claims")
+    if server.reachability == "relay":
+        warnings.append("behind relay: slower")
+    if server.state == "online" and server.reachable and record.cache_tokens_left == 0:
+        warnings.append("no free cache")
+    if _version_key(record.version) < newest:
+        warnings.append(f"old version ({record.version or 'unknown'})")
+    return warnings
+
+
+def _settlement_totals(stats: object) -> dict | None:
+    if not isinstance(stats, dict):
+        return None
+    totals = {key: stats.get(key) for key in SETTLEMENT_TOTALS}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in totals.values()):
+        return None
+    return {**totals, **{key: stats[key] for key in ("backend", "account") if isinstance(stats.get(key), str)}}
+
+
+def _ranges(blocks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][-1] + 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
 def _claim_check(record: ServerInfo, measured: float | str | None) -> dict:
@@ -145,6 +224,13 @@ _SERVER_SCHEMA = {
                                  "answers); null: not probed"},
         "adapters": {"type": "array", "items": {"type": "string"},
                      "description": "LoRA adapters served beside its blocks (a request names one to use it)"},
+        "reachability": {"enum": ["direct", "relay", "unreachable", None],
+                         "description": "direct; relay (behind NAT, reached through a circuit relay); unreachable "
+                                        "(did not answer the monitor); null: not probed (not online)"},
+        "warnings": {"type": "array", "items": {"type": "string"},
+                     "description": "what an operator should look at, e.g. 'behind relay: slower', 'old version'"},
+        "settlement": {"type": ["object", "null"],
+                       "description": "settlement totals the server reports (receipts_settled, earnings, credited)"},
     },
 }
 
@@ -180,8 +266,19 @@ STATE_SCHEMA = {
                     "throughput_sum": {"type": "number"},
                     "weakest_block_throughput": {"type": "number"},
                     "servers": {"type": "array", "items": _SERVER_SCHEMA},
+                    "can_generate": {"type": "boolean",
+                                     "description": "every block has a reachable server that computes and has free "
+                                                    "cache: a client could generate now"},
+                    "why_not": {"type": ["string", "null"], "description": "when it cannot: the blocks lacking one"},
                 },
             },
+        },
+        "contributors": {
+            "type": "array", "description": "settlement totals per server with settlement on, as each reports them",
+            "items": {"type": "object", "required": ["peer_id", *SETTLEMENT_TOTALS],
+                      "properties": {"peer_id": {"type": "string"}, "public_name": {"type": ["string", "null"]},
+                                     "backend": {"type": ["string", "null"]}, "account": {"type": ["string", "null"]},
+                                     **{key: {"type": "integer", "minimum": 0} for key in SETTLEMENT_TOTALS}}},
         },
     },
 }
