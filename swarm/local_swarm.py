@@ -31,6 +31,7 @@ from swarm.utils.multiaddrs import peer_id_of
 
 if TYPE_CHECKING:
     from swarm.server.in_process import InProcessServer
+    from swarm.utils.emulated_hosts import Host
 
 SERVER_READY = "Join this swarm with: --initial-peers "
 DHT_READY = "--initial-peers "
@@ -105,12 +106,14 @@ def _signals_held(deliver: bool = True) -> Iterator[None]:
 class SwarmProcess:
     """A ``python -m swarm.server`` / ``python -m swarm.dht`` process writing to a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, ready_marker: str, env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], log_path: Path, ready_marker: str, env: dict[str, str] | None = None,
+                 on: Host | None = None):
         self.args, self.log_path, self.ready_marker = args, log_path, ready_marker
         self.log = open(log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, *args], stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        command = [sys.executable, *args]  # on an emulated host, `ip netns exec` execs python: the PID is python's
+        self.proc = subprocess.Popen(on.command(command) if on else command, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.maddr: str | None = None
 
     def wait_ready(self, timeout: float = 300) -> SwarmProcess:
@@ -207,16 +210,18 @@ class LocalSwarm:
             else:
                 print(f"The local swarm's logs are in {self.directory}", file=sys.stderr, flush=True)
 
-    def start_dht(self) -> SwarmProcess:
-        return self._start(["-m", "swarm.dht", "--host", "127.0.0.1"], DHT_READY, "dht").wait_ready()
+    def start_dht(self, *extra: str, on: Host | None = None) -> SwarmProcess:
+        """``python -m swarm.dht`` on 127.0.0.1, or on emulated host ``on`` (listening on its address)."""
+        args = ["-m", "swarm.dht", "--host", on.address if on else "127.0.0.1", *extra]
+        return self._start(args, DHT_READY, f"dht-{on.name}" if on else "dht", on=on).wait_ready()
 
     def start_server(self, model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str], *extra: str,
-                     wait: bool = True, env: dict[str, str] | None = None) -> SwarmProcess:
+                     wait: bool = True, env: dict[str, str] | None = None, on: Host | None = None) -> SwarmProcess:
         """``python -m swarm.server [model] --blocks ... --host 127.0.0.1``; ``model=None``: the embedded one;
-        ``blocks=None``: pass ``--num-blocks N`` in ``extra``."""
-        name = f"server-{blocks.replace(':', '-')}" if blocks else "server-auto"
-        process = self._start(["-m", "swarm.server", *_server_args(model, blocks, initial_peers, extra)],
-                              SERVER_READY, name, env)
+        ``blocks=None``: pass ``--num-blocks N`` in ``extra``; ``on``: on that emulated host, on its address."""
+        name = (f"server-{blocks.replace(':', '-')}" if blocks else "server-auto") + (f"-{on.name}" if on else "")
+        args = _server_args(model, blocks, initial_peers, extra, host=on.address if on else "127.0.0.1")
+        process = self._start(["-m", "swarm.server", *args], SERVER_READY, name, env, on=on)
         return process.wait_ready() if wait else process
 
     def start_server_in_process(self, model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str],
@@ -237,9 +242,10 @@ class LocalSwarm:
                 "--rtt-ms", str(rtt_ms)] + (["--mbit", str(mbit)] if mbit else [])
         return self._start(args, PROXY_READY, f"proxy-{listen_port}").wait_ready()
 
-    def _start(self, args: list[str], marker: str, name: str, env: dict[str, str] | None = None) -> SwarmProcess:
+    def _start(self, args: list[str], marker: str, name: str, env: dict[str, str] | None = None,
+               on: Host | None = None) -> SwarmProcess:
         with _signals_held():
-            process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker, env)
+            process = SwarmProcess(args, self.directory / f"{len(self.processes)}-{name}.log", marker, env, on)
             self.processes.append(process)
         return process
 
@@ -255,9 +261,10 @@ class LocalSwarm:
 
 
 def _server_args(model: str | os.PathLike | None, blocks: str | None, initial_peers: list[str],
-                 extra: tuple[str, ...]) -> list[str]:
-    """``swarm.server``'s arguments for a loopback server of ``model`` (None: the embedded one) on ``blocks``."""
-    args = ([str(model)] if model else []) + ["--host", "127.0.0.1"] + (["--blocks", blocks] if blocks else [])
+                 extra: tuple[str, ...], host: str = "127.0.0.1") -> list[str]:
+    """``swarm.server``'s arguments for a server of ``model`` (None: the embedded one) on ``blocks``, listening on
+    ``host``."""
+    args = ([str(model)] if model else []) + ["--host", host] + (["--blocks", blocks] if blocks else [])
     return args + (["--initial-peers", *initial_peers] if initial_peers else []) + list(extra)
 
 
@@ -285,7 +292,8 @@ def free_port() -> int:
 
 
 def start_process(swarm: LocalSwarm, args: list[str], ready_marker: str, name: str,
-                  timeout: float = 300) -> SwarmProcess:
+                  timeout: float = 300, on: Host | None = None) -> SwarmProcess:
     """``python ARGS`` as one of ``swarm``'s processes (its own process group and log file, stopped with the
-    others); returns once ``ready_marker`` appears in its output (e.g. an API gateway, a chat)."""
-    return swarm._start(args, ready_marker, name).wait_ready(timeout)
+    others), on emulated host ``on`` if given; returns once ``ready_marker`` appears in its output (e.g. an API
+    gateway, a chat)."""
+    return swarm._start(args, ready_marker, name, on=on).wait_ready(timeout)

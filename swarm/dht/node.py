@@ -51,6 +51,27 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or ipaddress.ip_address(host).is_loopback
 
 
+def tcp_port(maddrs: Sequence[str]) -> int:
+    """The TCP port of the first multiaddr that has one (what a daemon listens on)."""
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if "tcp" in parts:
+            return int(parts[parts.index("tcp") + 1])
+    raise ValueError(f"no TCP port in {list(maddrs)}")
+
+
+def public_host(host: str, maddrs: Sequence[str]) -> str | None:
+    """The address others reach us at: ``host`` if we listen on one address, else the first non-loopback IPv4 of
+    our multiaddrs."""
+    if host not in ("0.0.0.0", "::"):
+        return host
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and not is_loopback(parts[2]):
+            return parts[2]
+    return None
+
+
 async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0", port: int = 0,
                     announce_maddrs: Sequence[str] | None = None, client_mode: bool = False,
                     identity: Identity | None = None) -> tuple[P2P, DHTNode]:

@@ -8,6 +8,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.dht.schema import MODELS_KEY, ModelInfo, ServerInfo, ServerState, block_key
+from swarm.utils.peer_addresses import lookup, remember
 
 
 async def announce_span(node: DHTNode, model_id: str, info: ServerInfo, model_info: ModelInfo | None,
@@ -39,6 +40,8 @@ async def fetch_block_infos(node: DHTNode, model_id: str, block_indices: list[in
                 info = ServerInfo.from_dict(getattr(item, "value", None))
                 if isinstance(peer, str) and info is not None:
                     servers[peer] = info
+                    if info.relay_addrs or lookup(peer):  # behind NAT: dialed through its relay
+                        remember(peer, info.relay_addrs)
         result.append(servers)
     return result
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 MODELS_KEY = "_swarm.models"  # subkey: model id, value: ModelInfo
 MAX_ADAPTERS = 64  # adapter names read from one record
+MAX_RELAY_ADDRS = 4
 
 
 def block_key(model_id: str, block_index: int) -> str:
@@ -49,12 +50,14 @@ class ServerInfo:
     price: int = 0  # per token with settlement on (0: none); clients refuse receipts above it by default
     payment_required: bool = False  # sessions without settlement are refused
     adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base weights (requests name one to use it)
-    using_relay: bool = False  # behind NAT: reached through a circuit relay (slower than a direct connection)
+    using_relay: bool = False  # behind NAT: reached through a relay (slower than a direct connection)
+    relay_addrs: tuple[str, ...] = ()  # where to dial it then: the relay's port for it, ending in /p2p/<its id>
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["state"] = int(self.state)
         data["adapters"] = list(self.adapters)
+        data["relay_addrs"] = list(self.relay_addrs)
         return data
 
     @classmethod
@@ -83,6 +86,10 @@ class ServerInfo:
             adapters = data.get("adapters")
             if isinstance(adapters, (list, tuple)):
                 kwargs["adapters"] = tuple(a for a in adapters[:MAX_ADAPTERS] if isinstance(a, str))
+            relay_addrs = data.get("relay_addrs")
+            if isinstance(relay_addrs, (list, tuple)):
+                kwargs["relay_addrs"] = tuple(a for a in relay_addrs[:MAX_RELAY_ADDRS]
+                                              if isinstance(a, str) and len(a) <= 256)
             pings = data.get("next_pings")
             if isinstance(pings, dict):
                 kwargs["next_pings"] = {k: float(v) for k, v in pings.items()

@@ -37,6 +37,7 @@ class ServerStatus:
     # "direct", "relay" (behind NAT, answered through a circuit relay), "unreachable" (did not answer the
     # monitor); None: not probed (not online)
     reachability: str | None = None
+    relay: str | None = None  # behind NAT: the relay it is reached through, as host:port
     warnings: list[str] = field(default_factory=list)  # what an operator should look at, in words
     settlement: dict | None = None  # its settlement totals as it reports them (info), with settlement on
 
@@ -118,6 +119,7 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
             version=record.version, adapters=list(record.adapters),
             reachability=None if reachable is None else "unreachable" if not reachable else
             "relay" if record.using_relay else "direct",
+            relay=_relay_of(record),
             settlement=_settlement_totals(settlement.get(peer)) if reachable else None,
             **_claim_check(record, measured.get(peer) if reachable else None)))
         statuses[-1].warnings = _warnings(statuses[-1], record, newest)
@@ -136,6 +138,12 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
         can_generate=not lacking,
         why_not=f"no reachable server with free cache for block{'s' if len(lacking) > 1 else ''} "
                 f"{_ranges(lacking)}" if lacking else None)
+
+
+def _relay_of(record: ServerInfo) -> str | None:
+    """"/ip4/H/tcp/P/p2p/ID" -> "H:P" (the first relayed address), None if it announces none."""
+    parts = record.relay_addrs[0].split("/") if record.relay_addrs else []
+    return f"{parts[2]}:{parts[4]}" if len(parts) > 4 and parts[3] == "tcp" else None
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -227,6 +235,7 @@ _SERVER_SCHEMA = {
         "reachability": {"enum": ["direct", "relay", "unreachable", None],
                          "description": "direct; relay (behind NAT, reached through a circuit relay); unreachable "
                                         "(did not answer the monitor); null: not probed (not online)"},
+        "relay": {"type": ["string", "null"], "description": "behind NAT: the relay it is reached through (host:port)"},
         "warnings": {"type": "array", "items": {"type": "string"},
                      "description": "what an operator should look at, e.g. 'behind relay: slower', 'old version'"},
         "settlement": {"type": ["object", "null"],

@@ -7,9 +7,11 @@ import time
 from contextlib import suppress
 
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.rpc import protocol
 from swarm.rpc.framing import DEFAULT_MAX_MESSAGE_BYTES, read_message, write_message
+from swarm.utils.peer_addresses import lookup
 
 
 class RemoteError(RuntimeError):
@@ -29,6 +31,14 @@ class PeerUnavailable(ConnectionError):
         self.peer = peer
 
 
+async def connect(p2p: P2P, peer: PeerID, addresses: tuple[str, ...]) -> None:
+    """Connect to ``peer`` at ``addresses`` (a NATed server's relayed ones, from its record): libp2p's peer routing
+    only knows the private address such a server listens on. A no-op round trip to the daemon when connected."""
+    # hivemind's P2P has no public call for a connect with addresses; its daemon client does (CONNECT request),
+    # taking transport addresses without the trailing /p2p/<id>
+    await p2p._client.connect(peer, [Multiaddr(address.rsplit("/p2p/", 1)[0]) for address in addresses])
+
+
 class Stream:
     """A bidirectional message stream to one peer's handler."""
 
@@ -40,6 +50,8 @@ class Stream:
     async def open(cls, p2p: P2P, peer: PeerID | str, handler: str, timeout: float | None = None) -> Stream:
         peer = PeerID.from_base58(peer) if isinstance(peer, str) else peer
         try:
+            if relayed := lookup(peer.to_base58()):
+                await asyncio.wait_for(connect(p2p, peer, relayed), timeout)
             _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, handler), timeout)
         except TimeoutError as e:
             raise PeerUnavailable(f"server {peer.to_base58()[-8:]} did not accept a stream in {timeout} s",

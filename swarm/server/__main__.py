@@ -70,7 +70,13 @@ def build_parser() -> Parser:
                          help="interface to listen on (127.0.0.1: loopback only)")
     network.add_argument("--port", type=port, default=0, help="TCP port (0: any free port)")
     parser.add_maddrs(network, "--announce-maddrs",
-                      help="multiaddrs to announce instead of the listening ones (NAT, proxies)")
+                      help="multiaddrs to announce instead of the listening ones (port forwarding, proxies)")
+    network.add_argument("--reachability", choices=("auto", "direct", "relay"), default="auto",
+                         help="auto: ask a relay to dial this server back and serve through a relay if it cannot "
+                              "(behind NAT); direct: never use a relay; relay: always")
+    network.add_argument("--relay", action=argparse.BooleanOptionalAction, default=False,
+                         help="relay connections for servers behind NAT (for a server others can reach directly)")
+    network.add_argument("--relay-port", type=port, default=0, help="TCP port of that relay (0: any free port)")
     network.add_argument("--identity", default=None, metavar="KEYFILE",
                          help="private key file, for a stable peer id across restarts (created if missing)")
     network.add_argument("--public-name", default=None, help="a name shown to others (e.g. on the health page)")
@@ -189,7 +195,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model=args.model, start=args.blocks[0] if args.blocks else None, end=args.blocks[1] if args.blocks else None,
         num_blocks=args.num_blocks, balance_period=args.balance_period, initial_peers=args.initial_peers,
-        host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, device=args.device,
+        host=args.host, port=args.port, announce_maddrs=args.announce_maddrs, reachability=args.reachability,
+        relay=args.relay, relay_port=args.relay_port, device=args.device,
         dtype=args.dtype, quantization=args.quantize, adapters=args.adapters, cache_tokens=args.cache_tokens,
         public_name=args.public_name, model_id=args.model_id, update_period=args.update_period,
         identity_path=args.identity, announcers=announcers, throughput=args.throughput,

@@ -27,8 +27,9 @@ from swarm.blocks.served import SpanSpeed
 from swarm.blocks.span import BlockSpan, load_config
 from swarm.compression import blockwise
 from swarm.dht.identity import Identity
-from swarm.dht.node import start_dht, stop_dht, visible_maddrs
+from swarm.dht.node import is_loopback, public_host, start_dht, stop_dht, tcp_port, visible_maddrs
 from swarm.dht.records import announce_span, fetch_block_infos, merge_records
+from swarm.dht.relay import RelayService, Reservation, announce_relay, fetch_relays, probe
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
@@ -45,6 +46,7 @@ from swarm.utils.threads import call_in_serial_thread, run_torch_serially_in_thi
 
 if TYPE_CHECKING:
     from hivemind.dht.node import DHTNode
+    from hivemind.p2p import P2P
 
     from swarm.blocks.unet import UNetLevels
 
@@ -67,6 +69,11 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 0
     announce_maddrs: list[str] | None = None  # what others should dial, if not the listening address
+    # "auto": ask a relay to dial us back, and serve through a relay if it cannot (behind NAT); "direct": never use
+    # a relay; "relay": always (e.g. a firewall that the dial-back cannot see)
+    reachability: str = "auto"
+    relay: bool = False  # offer relaying to servers behind NAT (a server others can reach directly)
+    relay_port: int = 0  # the relay's TCP port (0: any free one; it is announced in the DHT)
     device: str = "cpu"
     dtype: str = "float32"
     quantization: str = "none"  # weights: none / int8 / nf4 (bitsandbytes)
@@ -106,6 +113,8 @@ class Server:
         self.maddrs: list[str] = []  # where others dial us, once ready
         self.next_pings: dict[str, float] = {}  # peer -> EMA of RTT (s) to servers holding the block after ours
         self.started_at = time.time()  # announced: clients tell a restarted server from the one they banned
+        self.reservation: Reservation | None = None  # behind NAT: our port on a relay (swarm/dht/relay.py)
+        self.relay_service: RelayService | None = None  # with --relay: relaying for others
 
     # ---- what we announce
 
@@ -123,6 +132,8 @@ class Server:
             next_pings=dict(self.next_pings), started=self.started_at, announced=time.time(),
             price=cfg.price if cfg.settlement else 0, payment_required=cfg.require_payment,
             adapters=tuple(self.span.adapters.names) if isinstance(self.span, BlockSpan) else (),
+            using_relay=self.reservation is not None,
+            relay_addrs=(self.reservation.maddr,) if self.reservation is not None else (),
         )
 
     def rpc_info(self) -> dict:
@@ -167,6 +178,10 @@ class Server:
         identity = await asyncio.to_thread(Identity.load_or_create, cfg.identity_path)
         p2p, node = await start_dht(cfg.initial_peers, host=cfg.host, port=cfg.port,
                                     announce_maddrs=cfg.announce_maddrs, identity=identity)
+        if not is_loopback(cfg.host) and cfg.reachability != "direct":
+            p2p, node = await self.reach_through_relay_if_needed(p2p, node, identity)
+        if cfg.relay and self.reservation is None:
+            await self.start_relay_service(p2p)
         self.node = node
         if threading.current_thread() is threading.main_thread():  # not for a server on a thread (in_process.py)
             loop = asyncio.get_running_loop()
@@ -210,17 +225,30 @@ class Server:
                 self.handler.shutdown()
                 if self.handler.settlement is not None:  # settles what is still queued
                     await asyncio.to_thread(self.handler.settlement.stop)
+            if self.reservation is not None:
+                await self.reservation.close()
+            if self.relay_service is not None:
+                await self.relay_service.stop()
             await stop_dht(p2p, node)
 
     async def serve_until_stopped(self, source: ModelSource) -> None:
         next_balance = self._next_balance_check()
         while not self.stopped.is_set():
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), self.config.update_period)
+            # a lost relay does not wait for the next announcement: clients cannot reach us meanwhile
+            events = [self.stopped] + ([self.reservation.lost] if self.reservation is not None
+                                       and not self.reservation.lost.is_set() else [])
+            waiters = [asyncio.ensure_future(event.wait()) for event in events]
+            try:
+                await asyncio.wait(waiters, timeout=self.config.update_period, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
             if self.stopped.is_set():
                 return
             with suppress(Exception):
                 await self.ping_next_servers()
+            if self.reservation is not None and self.reservation.lost.is_set():
+                await self.move_to_another_relay()
             await self.announce()
             if self.config.num_blocks is not None and time.monotonic() >= next_balance:
                 next_balance = self._next_balance_check()
@@ -240,9 +268,84 @@ class Server:
     async def announce(self, with_model: bool = True) -> None:
         await announce_span(self.node, self.model_id, self.info(), self.model_info if with_model else None,
                             self.expiration)
+        if self.relay_service is not None and with_model:
+            with suppress(Exception):
+                await announce_relay(self.node, self.relay_service.public_host, self.relay_service.port,
+                                     self.expiration)
         if with_model:
             for announcer in self.config.announcers:
                 await announcer(self.node, self.model_id, self.expiration)
+
+    # ---- behind NAT
+
+    async def reach_through_relay_if_needed(self, p2p: P2P, node: DHTNode,
+                                            identity: Identity) -> tuple[P2P, DHTNode]:
+        """Ask a relay whether it can dial us; if not (or with ``reachability="relay"``), reserve a port on one and
+        rejoin the DHT as a client (others could not reach us to store or look up records), announcing the relayed
+        address. Returns the (possibly new) daemon and node."""
+        cfg = self.config
+        own_port = tcp_port(await visible_maddrs(p2p))
+        relays = await fetch_relays(node)
+        random.shuffle(relays)
+        if not relays:
+            if cfg.reachability == "relay":
+                await stop_dht(p2p, node)
+                raise UserError("--reachability relay: no relay is announced in this swarm (bootstrap nodes offer "
+                                "one unless started with --no-relay; servers with --relay)")
+            logger.info("No relay is announced: serving without a reachability check")
+            return p2p, node
+        if cfg.reachability == "auto":
+            for host, port in relays[:3]:
+                try:
+                    reachable = await probe(host, port, own_port)
+                except (OSError, TimeoutError, ConnectionError) as e:
+                    logger.info(f"Relay {host}:{port} did not answer a probe ({e})")
+                    continue
+                if reachable:
+                    logger.info(f"Reachable directly (relay {host}:{port} dialed us back)")
+                    return p2p, node
+                break
+            else:
+                logger.warning("No relay answered a reachability probe: serving without one")
+                return p2p, node
+        self.own_port = own_port
+        if not await self.reserve_on_a_relay(relays, node.peer_id.to_base58()):
+            logger.warning("Not reachable, and no relay took a reservation: others cannot dial this server")
+            return p2p, node
+        logger.info(f"Behind NAT: serving through the relay at {self.reservation.maddr}")
+        await stop_dht(p2p, node)
+        return await start_dht(cfg.initial_peers, host=cfg.host, port=own_port, client_mode=True, identity=identity,
+                               announce_maddrs=[self.reservation.maddr.rsplit("/p2p/", 1)[0]])
+
+    async def reserve_on_a_relay(self, relays: list[tuple[str, int]], peer: str) -> bool:
+        local = ("127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host, self.own_port)
+        for host, port in relays:
+            reservation = Reservation(host, port, peer, local)
+            try:
+                await reservation.open()
+            except (OSError, TimeoutError, ConnectionError) as e:
+                logger.info(f"Relay {host}:{port} took no reservation ({e})")
+                continue
+            self.reservation = reservation
+            return True
+        return False
+
+    async def move_to_another_relay(self) -> None:
+        lost = (self.reservation.relay_host, self.reservation.relay_port)
+        relays = [relay for relay in await fetch_relays(self.node) if relay != lost]
+        random.shuffle(relays)
+        if await self.reserve_on_a_relay(relays + [lost], self.peer_id):
+            logger.info(f"Moved to the relay at {self.reservation.maddr}")
+
+    async def start_relay_service(self, p2p: P2P) -> None:
+        """With --relay: forward connections to servers behind NAT (announced in the DHT with every announcement)."""
+        public = public_host(self.config.host, await visible_maddrs(p2p))
+        if public is None:
+            logger.warning("--relay: no address others could reach a relay at; not relaying")
+            return
+        self.relay_service = RelayService(self.config.host, self.config.relay_port, public_host=public)
+        await self.relay_service.start()
+        logger.info(f"Relaying for servers behind NAT at {public}:{self.relay_service.port}")
 
     async def fetch_servers(self) -> dict[str, ServerInfo]:
         """Every server of this model, one record each (its online one if it announces several spans)."""

@@ -7,5 +7,7 @@
 - cache.py: ``cache_root`` / ``cache_path``: the cache directory (``$SWARM_CACHE`` or ``~/.cache/swarm``)
 - loop_thread.py: ``LoopThread``: an asyncio event loop in a daemon thread, for synchronous callers
 - threads.py: torch computes in parallel on one thread per process; helper threads run it serially (libgomp)
+- peer_addresses.py: relayed addresses of NATed servers, noted from their records for the RPC layer to dial
+- emulated_hosts.py: ``EmulatedNetwork``: hosts in network namespaces, public or behind NAT (tests, benchmarks)
 - wan_proxy.py: ``WanProxy``: a TCP proxy on 127.0.0.1 adding a one-way delay and a bandwidth cap (benchmarks)
 """
