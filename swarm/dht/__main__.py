@@ -13,6 +13,17 @@ from swarm.utils.ports import check_can_listen
 RELAY_ANNOUNCE_PERIOD = 30.0  # s between announcements of the relay in the DHT
 
 
+def port_range(text: str) -> range:
+    first, _, last = text.partition("-")
+    try:
+        ports = range(port(first), port(last) + 1)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST (e.g. 7500-7599), got {text!r}") from None
+    if not ports or ports.start == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty range")
+    return ports
+
+
 def build_parser() -> Parser:
     parser = Parser("swarm.dht", "Run a bootstrap DHT node for a swarm.", initial_peers=True)
     network = parser.add_argument_group("swarm and network")
@@ -23,6 +34,8 @@ def build_parser() -> Parser:
     network.add_argument("--relay", action=argparse.BooleanOptionalAction, default=None,
                          help="relay connections for servers behind NAT (default: on, unless on loopback)")
     network.add_argument("--relay-port", type=port, default=0, help="TCP port of that relay (0: any free port)")
+    network.add_argument("--relay-ports", type=port_range, default=None, metavar="FIRST-LAST",
+                         help="ports the relay hands to servers behind NAT (default: any free port)")
     network.add_argument("--identity", default=None, metavar="KEYFILE",
                          help="private key file, for a stable peer id across restarts (created if missing)")
     parser.add_alias("--identity_path", "--identity")  # Petals' name
@@ -55,7 +68,7 @@ async def _run(args: argparse.Namespace) -> None:
     maddrs = await visible_maddrs(p2p)
     service = None
     if relay and (public := public_host(args.host, maddrs)) is not None:
-        service = RelayService(args.host, args.relay_port, public_host=public)
+        service = RelayService(args.host, args.relay_port, public_host=public, ports=args.relay_ports)
         await service.start()
         print(f"Relaying for servers behind NAT at {public}:{service.port}", flush=True)
     print("DHT node ready. Join this swarm with:", flush=True)

@@ -100,9 +100,11 @@ class RelayService:
     """The relay's side (see the module docstring): ``await start()``, announce ``(host, port)``, ``await stop()``."""
 
     def __init__(self, host: str, port: int = 0, public_host: str | None = None,
-                 max_reservations: int = MAX_RESERVATIONS):
-        """Listens on ``host:port``; ``public_host``: the address others reach it at (default: ``host``)."""
-        self.host, self.port, self.max_reservations = host, port, max_reservations
+                 max_reservations: int = MAX_RESERVATIONS, ports: range | None = None):
+        """Listens on ``host:port``; ``public_host``: the address others reach it at (default: ``host``);
+        ``ports``: where reserved ports are taken from (a firewall's opening; default: any free port)."""
+        self.host, self.port, self.ports = host, port, ports
+        self.max_reservations = min(max_reservations, len(ports)) if ports else max_reservations
         self.public_host = public_host or host
         self.server: asyncio.AbstractServer | None = None
         self.reservations: dict[int, _Reservation] = {}  # public port -> reservation
@@ -156,8 +158,17 @@ class RelayService:
             await writer.drain()
             return
         reservation = _Reservation(peer, writer)
-        reservation.listener = await asyncio.start_server(
-            lambda r, w: self._inbound(reservation, r, w), self.host, 0)
+        for port in [p for p in self.ports if p not in self.reservations] if self.ports else [0]:
+            try:
+                reservation.listener = await asyncio.start_server(
+                    lambda r, w: self._inbound(reservation, r, w), self.host, port)
+                break
+            except OSError:  # taken by something else
+                continue
+        if reservation.listener is None:
+            _write_line(writer, {"error": "this relay has no free port"})
+            await writer.drain()
+            return
         port = reservation.listener.sockets[0].getsockname()[1]
         self.reservations[port] = reservation
         logger.info(f"Relaying port {port} to {peer[-8:]}")

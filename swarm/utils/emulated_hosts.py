@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,37 @@ class Host:
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         self.network.processes.append(proc)
         return proc
+
+    def delay_inbound(self, port: int, rtt_ms: float, log: IO) -> None:
+        """Add ``rtt_ms`` of round trip to every connection others open to ``port`` here: a WAN proxy on this host
+        takes them (iptables REDIRECT; the kernels here have no netem) and forwards them to the port. The port's
+        listener then sees them come from this host itself."""
+        proxy_port = self._wan_proxy(self.namespace, self.address, port, rtt_ms, log)
+        # only connections arriving from outside (PREROUTING): the proxy's own, made here, go straight to the port
+        _run("iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", str(port), "-j", "REDIRECT",
+             "--to-ports", str(proxy_port), namespace=self.namespace)
+
+    def delay_outbound(self, address: str, port: int, rtt_ms: float, log: IO) -> None:
+        """A home host's connections to ``address:port`` cross ``rtt_ms`` of round trip at its router (a WAN
+        proxy there; what the other end sees them come from is the router's address, as with NAT)."""
+        router = self.network.router_of(self)
+        proxy_port = self._wan_proxy(router, address, port, rtt_ms, log)
+        _run("iptables", "-t", "nat", "-A", "PREROUTING", "-i", "eth1", "-p", "tcp", "-d", address, "--dport",
+             str(port), "-j", "REDIRECT", "--to-ports", str(proxy_port), namespace=router)
+
+    def _wan_proxy(self, namespace: str, address: str, port: int, rtt_ms: float, log: IO) -> int:
+        proxy_port = port + 10000 if port < 55000 else port - 10000
+        command = [sys.executable, "-m", "swarm.utils.wan_proxy", "--listen-host", "0.0.0.0", "--listen-port",
+                   str(proxy_port), "--target-host", address, "--target-port", str(port), "--rtt-ms", str(rtt_ms)]
+        proc = subprocess.Popen(["ip", "netns", "exec", namespace, *command], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.network.processes.append(proc)
+        deadline = time.monotonic() + 60
+        while "WAN proxy ready" not in Path(log.name).read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the WAN proxy for {address}:{port} in {namespace} did not start")
+            time.sleep(0.1)
+        return proxy_port
 
     def cap(self, mbit: float) -> None:
         """Cap this host's uplink and downlink at ``mbit`` Mbit/s each (tbf on both ends of its veth)."""

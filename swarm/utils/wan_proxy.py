@@ -1,4 +1,4 @@
-"""A TCP proxy on 127.0.0.1 that makes a loopback link look like a WAN link: fixed one-way delay, bandwidth cap.
+"""A TCP proxy (on 127.0.0.1 unless told) that makes a link look like a WAN link: fixed one-way delay, bandwidth cap.
 
 This machine has no netem qdisc, so benchmarks put one proxy in front of each server (which announces the proxy's
 address with ``--announce-maddrs``) to show what routing and compression do at realistic latency and bandwidth.
@@ -52,20 +52,22 @@ class _Link:
 
 
 class WanProxy:
-    def __init__(self, target_port: int, rtt_ms: float, mbit_s: float | None, listen_port: int = 0):
+    def __init__(self, target_port: int, rtt_ms: float, mbit_s: float | None, listen_port: int = 0,
+                 listen_host: str = "127.0.0.1", target_host: str = "127.0.0.1"):
         self.target_port, self.listen_port = target_port, listen_port
+        self.listen_host, self.target_host = listen_host, target_host
         self.delay = rtt_ms / 2000.0  # one way
         self.rate = mbit_s * 1e6 / 8 if mbit_s else None
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
+        self.server = await asyncio.start_server(self._handle, self.listen_host, self.listen_port)
         self.listen_port = self.server.sockets[0].getsockname()[1]
         return self.listen_port
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            server_reader, server_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             client_writer.close()
             return
@@ -78,14 +80,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Delay and bandwidth-limit TCP traffic to a local port.")
     parser.add_argument("--listen-port", type=int, required=True)
     parser.add_argument("--target-port", type=int, required=True)
+    parser.add_argument("--listen-host", default="127.0.0.1", help="(emulated hosts: 0.0.0.0)")
+    parser.add_argument("--target-host", default="127.0.0.1")
     parser.add_argument("--rtt-ms", type=float, default=50.0, help="round-trip time added (half each way)")
     parser.add_argument("--mbit", type=float, default=None, help="bandwidth cap per direction, Mbit/s")
     args = parser.parse_args()
 
     async def run() -> None:
-        proxy = WanProxy(args.target_port, args.rtt_ms, args.mbit, args.listen_port)
+        proxy = WanProxy(args.target_port, args.rtt_ms, args.mbit, args.listen_port, args.listen_host,
+                         args.target_host)
         await proxy.start()
-        print(f"WAN proxy ready: 127.0.0.1:{proxy.listen_port} -> 127.0.0.1:{args.target_port}, "
+        print(f"WAN proxy ready: {args.listen_host}:{proxy.listen_port} -> {args.target_host}:{args.target_port}, "
               f"RTT +{args.rtt_ms} ms, {args.mbit or 'unlimited'} Mbit/s", flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
