@@ -111,7 +111,7 @@ def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, brow
         server.wait_ready()
     history = tmp_path / "history.sqlite3"
     service = HealthService([first.maddr], history)
-    page = browser.new_page(viewport={"width": 1100, "height": 600})
+    page = browser.new_page(viewport={"width": 1400, "height": 600})
     try:
         state = service.wait_for_state(lambda s: s["totals"]["servers_online"] == 4)
         jsonschema.validate(state, STATE_SCHEMA)
