@@ -10,6 +10,7 @@ from tiny_diffusion import UNET_KINDS, tiny_unet, tiny_unet_inputs
 
 from swarm import AutoDistributedPipeline, LatentShiftUNet
 from swarm.blocks.unet import UNetLevels, num_levels, run_head, run_tail
+from swarm.client.pipeline import latent_shift_pipeline
 from swarm.compression import serialize_tensor
 from swarm.hub.tiny_diffusion import save_tiny_sd, save_tiny_sdxl, save_tiny_text_to_video
 from swarm.rpc import protocol
@@ -206,6 +207,47 @@ def test_latent_shift_through_the_swarm_equals_local(served_pipeline):
             assert torch.equal(remote(latents, 20, ehs).sample, local(latents, 20, ehs).sample)
     finally:
         served_pipeline["remote"].unet.close_session()
+
+
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
+def test_latent_shift_text_to_video_in_one_call_equals_local(served_pipeline):
+    """An SD directory becomes a Latent-Shift text-to-video pipeline in one call; its frames equal the same
+    algorithm run locally, and the call closes its swarm session."""
+    path, peers = served_pipeline["path"], served_pipeline["peers"]
+    remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=peers, compression="none", latent_shift=True)
+    local = latent_shift_pipeline(DiffusionPipeline.from_pretrained(path))
+    try:
+        kwargs = dict(num_frames=3, height=64, width=64)
+        out, ref = _generate(remote, kwargs).frames, _generate(local, kwargs).frames
+        assert out.shape == ref.shape == (1, 3, 64, 64, 3) and (out == ref).all()
+        assert not (ref[0, 0] == ref[0, 1]).all()  # frames differ: a video, not one image repeated
+        assert remote.unet.session is None
+    finally:
+        remote.unet.shutdown()
+
+
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
+def test_what_would_be_a_silent_no_op_remotely_is_refused(served_pipeline):
+    """Attention processors, FreeU, hooks on blocks and their submodules would act on blocks that run on the
+    servers: a clear error instead of an accepted call that changes nothing. The pipeline works afterwards."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = served_pipeline["remote"]
+    with pytest.raises(NotImplementedError, match="FreeU"):
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    pipe.disable_freeu()  # nothing was enabled: undoing it is fine
+    with pytest.raises(NotImplementedError, match="attention processors"):
+        pipe.unet.set_attn_processor(AttnProcessor())
+    with pytest.raises(NotImplementedError, match="attention processors"):
+        dict(pipe.unet.attn_processors)
+    with pytest.raises(NotImplementedError, match="never fire"):
+        pipe.unet.up_blocks[1].register_forward_hook(lambda *args: None)
+    with pytest.raises(AttributeError, match="runs in the swarm"):
+        list(pipe.unet.up_blocks[1].resnets)
+    with pytest.raises(NotImplementedError, match="cross_attention_kwargs"):
+        _generate(pipe, served_pipeline["kwargs"], cross_attention_kwargs={"scale": 0.5})
+    out = _generate(pipe, served_pipeline["kwargs"]).images
+    assert (out == _generate(served_pipeline["local"], served_pipeline["kwargs"]).images).all()
 
 
 def test_generation_survives_a_killed_server(tmp_path, models_dir):

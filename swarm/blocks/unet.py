@@ -91,7 +91,8 @@ def run_head(unet: nn.Module, sample: torch.Tensor, timestep, encoder_hidden_sta
         captured.update(block_kwargs)
         raise _StopAtFirstBlock
 
-    hook = unet.down_blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+    # nn.Module's own method: a client's stand-in block refuses hooks from users (they would never fire there)
+    hook = nn.Module.register_forward_pre_hook(unet.down_blocks[0], capture, with_kwargs=True)
     try:
         unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
         raise RuntimeError("the U-Net returned without calling its first down block")
@@ -635,7 +636,9 @@ def build_unet_skeleton(config: dict) -> nn.Module:
 
 
 class _RemoteBlock(nn.Module):
-    """Stands for a block computed elsewhere: holds no weights, and must never be called."""
+    """Stands for a block computed elsewhere: holds no weights, and must never be called. What a diffusers user
+    would do to a block (hooks, its submodules, FreeU's factors) is refused with a clear error rather than accepted
+    and silently ignored."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -644,6 +647,20 @@ class _RemoteBlock(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("this U-Net block runs in the swarm, not here")
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raise AttributeError(f"{name!r}: this U-Net block runs in the swarm; its submodules and settings "
+                                 "(resnets, attentions, processors, FreeU factors) are on the servers") from None
+
+    def _refuse_hook(self, *args, **kwargs):
+        raise NotImplementedError("a hook on a U-Net block that runs in the swarm would never fire here; hook the "
+                                  "U-Net itself (its input and output are computed locally)")
+
+    register_forward_hook = register_forward_pre_hook = _refuse_hook
+    register_full_backward_hook = register_full_backward_pre_hook = _refuse_hook
 
 
 def up_factor(unet: nn.Module) -> int:

@@ -152,6 +152,10 @@ class DiffusionSession:
         self.hops = []
 
 
+_NOT_REMOTE = ("{} would change what the U-Net's blocks compute, and those run on the swarm's servers: not "
+               "supported through the swarm (refused rather than silently ignored)")
+
+
 class RemoteUNet(ModelMixin):
     """Stands in for a pipeline's ``unet``: same call, same ``config``; blocks computed by the swarm. A
     ``ModelMixin``, because pipelines check their components' base class when given one."""
@@ -180,6 +184,27 @@ class RemoteUNet(ModelMixin):
             self.session = DiffusionSession(self.manager, head, self.carry_skips)
         output = run_tail(self.local, self.session.evaluate(head), head)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+    # What changes the blocks' computation runs on the servers, so setting it here would be a silent no-op: refused.
+    # (Memory settings such as attention slicing change no result and stay accepted.)
+    @property
+    def attn_processors(self) -> dict:
+        raise NotImplementedError(_NOT_REMOTE.format("attention processors"))
+
+    def set_attn_processor(self, *args, **kwargs) -> None:
+        raise NotImplementedError(_NOT_REMOTE.format("attention processors"))
+
+    def set_default_attn_processor(self) -> None:
+        raise NotImplementedError(_NOT_REMOTE.format("attention processors"))
+
+    def fuse_qkv_projections(self) -> None:
+        raise NotImplementedError(_NOT_REMOTE.format("fused QKV projections"))
+
+    def enable_freeu(self, *args, **kwargs) -> None:
+        raise NotImplementedError(_NOT_REMOTE.format("FreeU"))
+
+    def disable_freeu(self) -> None:
+        pass  # never enabled here: nothing to undo
 
     def close_session(self) -> None:
         if self.session is not None:

@@ -8,8 +8,9 @@ import os
 from collections.abc import Sequence
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, TextToVideoSDPipeline
 
+from swarm.blocks.latent_shift import LatentShiftUNet
 from swarm.blocks.unet import load_head_and_tail
 from swarm.client.config import ClientConfig
 from swarm.client.diffusion import RemoteUNet
@@ -20,9 +21,14 @@ class AutoDistributedPipeline:
     @staticmethod
     def from_pretrained(model_name_or_path: str | os.PathLike, *, initial_peers: Sequence[str] = (),
                         model_id: str | None = None, client_config: ClientConfig | None = None,
-                        dtype: torch.dtype = torch.float32, **client_options: object) -> DiffusionPipeline:
+                        dtype: torch.dtype = torch.float32, latent_shift: bool = False,
+                        **client_options: object) -> DiffusionPipeline:
         """The pipeline of ``model_name_or_path`` with ``pipe.unet`` replaced by a ``RemoteUNet``. Keywords as for
-        ``AutoDistributedModelForCausalLM.from_pretrained`` (``compression``, ``routing_policy``, ...)."""
+        ``AutoDistributedModelForCausalLM.from_pretrained`` (``compression``, ``routing_policy``, ...).
+
+        ``latent_shift=True``: a Latent-Shift text-to-video pipeline (diffusers' ``TextToVideoSDPipeline``) made
+        from an image model's components (an SD directory), its U-Net shifting features across frames on the
+        servers (swarm/blocks/latent_shift.py). Like every pipeline here, each call closes its swarm session."""
         client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
@@ -33,8 +39,22 @@ class AutoDistributedPipeline:
         # its unet is replaced, as diffusers lets one swap a pipeline's component.
         pipe = DiffusionPipeline.from_pretrained(source.config_path, unet=head_and_tail, dtype=dtype)
         pipe.unet = RemoteUNet(head_and_tail, client_config, model_id)
+        if latent_shift:
+            pipe = latent_shift_pipeline(pipe)
         pipe.__class__ = _closing_sessions(type(pipe))
         return pipe
+
+
+def latent_shift_pipeline(image_pipe: DiffusionPipeline) -> TextToVideoSDPipeline:
+    """A text-to-video pipeline from an image pipeline's components, its U-Net (local or remote) wrapped in
+    ``LatentShiftUNet``."""
+    if image_pipe.unet.config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel" or not all(
+            hasattr(image_pipe, name) for name in ("vae", "text_encoder", "tokenizer", "scheduler")):
+        raise ValueError("latent_shift=True needs an image model with one text encoder (a Stable Diffusion 1.x/2.x "
+                         f"directory); got {type(image_pipe).__name__}")
+    return TextToVideoSDPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder,
+                                 tokenizer=image_pipe.tokenizer, unet=LatentShiftUNet(image_pipe.unet),
+                                 scheduler=image_pipe.scheduler)
 
 
 @functools.cache
