@@ -3,6 +3,8 @@ U-Net runs on real servers (U-shaped: skips stay on the servers) equal the local
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -14,7 +16,7 @@ from swarm.client.pipeline import latent_shift_pipeline
 from swarm.compression import serialize_tensor
 from swarm.hub.tiny_diffusion import save_tiny_sd, save_tiny_sdxl, save_tiny_text_to_video
 from swarm.rpc import protocol
-from swarm.rpc.client import RemoteError, Stream
+from swarm.rpc.client import RemoteError, Stream, call
 
 
 def staged(unet, args: tuple, kwargs: dict, split: int) -> torch.Tensor:
@@ -224,6 +226,38 @@ def test_latent_shift_text_to_video_in_one_call_equals_local(served_pipeline):
         assert remote.unet.session is None
     finally:
         remote.unet.shutdown()
+
+
+@pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
+def test_a_hand_built_pipeline_frees_its_servers_when_idle(served_pipeline):
+    """A pipeline built around a RemoteUNet by hand never says when its generation ends: the client closes a U-Net
+    session left idle (here 1 s), and the servers hold no session for it afterwards."""
+    from diffusers import TextToVideoSDPipeline
+
+    image = AutoDistributedPipeline.from_pretrained(served_pipeline["path"], initial_peers=served_pipeline["peers"],
+                                                    compression="none", diffusion_idle_close=1.0)
+    manager = image.unet.manager
+    peers = [maddr.rsplit("/p2p/", 1)[1] for maddr in served_pipeline["peers"]]
+
+    def server_sessions() -> int:
+        async def count() -> int:
+            servers = {hop.span.peer_id for hop in image.unet.session.hops} if image.unet.session else set(peers)
+            return sum([(await call(manager.p2p, peer, protocol.INFO, {}, 10))["sessions"] for peer in servers])
+
+        return manager.loop.run(count())
+
+    video = TextToVideoSDPipeline(vae=image.vae, text_encoder=image.text_encoder, tokenizer=image.tokenizer,
+                                  unet=LatentShiftUNet(image.unet), scheduler=image.scheduler)
+    try:
+        _generate(video, dict(num_frames=3, height=64, width=64))
+        assert image.unet.session is not None and server_sessions() >= 2  # still open: nobody closed it
+        deadline = time.monotonic() + 15
+        while image.unet.session is not None:
+            assert time.monotonic() < deadline, "the idle session was not closed"
+            time.sleep(0.2)
+        assert server_sessions() == 0
+    finally:
+        image.unet.shutdown()
 
 
 @pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)

@@ -27,6 +27,9 @@ class ClientConfig:
     first_step_floor: float | None = 5.0
     update_period: float = 15.0  # re-read the DHT when the cached view is older than this
     ban_time: float = 30.0  # a server that failed is avoided for this long
+    # A U-Net's swarm session left idle this long is closed (a pipeline built by hand around a RemoteUNet never says
+    # when its generation ends; servers would hold its state until their own timeout). None: only at pipeline end.
+    diffusion_idle_close: float | None = 30.0
     local_blocks: int = 0  # the first k blocks run on the client too: servers never see the embeddings' output
     verify_probability: float = 0.05  # chance that a step's hop is recomputed by another server and compared
     # When a check is one server's output against another's, the client computes the span itself (its weights loaded

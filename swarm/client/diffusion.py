@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +168,9 @@ class RemoteUNet(ModelMixin):
         self.manager = SequenceManager(client_config, model_id, local.swarm_num_levels)
         self.session: DiffusionSession | None = None
         self.carry_skips = False  # benchmarks only: make skips cross the network, as a linear chain would
+        self._session_lock = threading.Lock()  # an evaluation against the idle closer
+        self._last_used = 0.0
+        self._closer: threading.Thread | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -179,11 +184,34 @@ class RemoteUNet(ModelMixin):
         (see ``swarm.blocks.latent_shift.LatentShiftUNet``)."""
         head = run_head(self.local, sample, timestep, encoder_hidden_states, **kwargs)
         head.latent_shift_frames = latent_shift_frames
-        if self.session is None or not self.session.matches(head):
-            self.close_session()
-            self.session = DiffusionSession(self.manager, head, self.carry_skips)
-        output = run_tail(self.local, self.session.evaluate(head), head)
+        with self._session_lock:
+            if self.session is None or not self.session.matches(head):
+                self._close_session()
+                self.session = DiffusionSession(self.manager, head, self.carry_skips)
+            evaluated = self.session.evaluate(head)
+            self._last_used = time.monotonic()
+        self._watch_idle_session()
+        output = run_tail(self.local, evaluated, head)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+    def _watch_idle_session(self) -> None:
+        idle = self.manager.config.diffusion_idle_close
+        if idle is None or (self._closer is not None and self._closer.is_alive()):
+            return
+
+        def close_when_idle() -> None:
+            while True:
+                time.sleep(idle / 4)
+                with self._session_lock:
+                    if self.session is None:
+                        return  # closed by its pipeline or by a new generation's start
+                    if time.monotonic() - self._last_used >= idle:
+                        logger.info(f"Closing a U-Net session idle for {idle:.0f} s")
+                        self._close_session()
+                        return
+
+        self._closer = threading.Thread(target=close_when_idle, name="unet-idle-close", daemon=True)
+        self._closer.start()
 
     # What changes the blocks' computation runs on the servers, so setting it here would be a silent no-op: refused.
     # (Memory settings such as attention slicing change no result and stay accepted.)
@@ -207,6 +235,10 @@ class RemoteUNet(ModelMixin):
         pass  # never enabled here: nothing to undo
 
     def close_session(self) -> None:
+        with self._session_lock:
+            self._close_session()
+
+    def _close_session(self) -> None:
         if self.session is not None:
             self.session.close()
             self.session = None
