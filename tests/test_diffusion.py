@@ -260,16 +260,40 @@ def test_a_hand_built_pipeline_frees_its_servers_when_idle(served_pipeline):
         image.unet.shutdown()
 
 
+@pytest.mark.parametrize("served_pipeline", ["sd", "video"], indirect=True)
+def test_freeu_on_the_servers_equals_local_freeu(served_pipeline):
+    """``pipe.enable_freeu`` applies FreeU's factors on the servers, in this client's sessions only: the output equals
+    the local pipeline's with the same factors (and differs from the plain one); disabling it restores the plain
+    output, and a request with factors out of range is refused."""
+    remote, local, kwargs = served_pipeline["remote"], served_pipeline["local"], served_pipeline["kwargs"]
+    images = "frames" if served_pipeline["name"] == "video" else "images"
+    plain = getattr(_generate(local, kwargs), images)
+    factors = dict(s1=0.6, s2=0.4, b1=1.5, b2=1.6)
+    remote.enable_freeu(**factors)
+    local.enable_freeu(**factors)
+    try:
+        out, ref = getattr(_generate(remote, kwargs), images), getattr(_generate(local, kwargs), images)
+        assert (out == ref).all() and not (ref == plain).all()
+    finally:
+        remote.disable_freeu()
+        local.disable_freeu()
+    assert (getattr(_generate(remote, kwargs), images) == plain).all()
+
+    remote.unet.freeu = {"s1": 1.0, "s2": 1.0, "b1": 1e9, "b2": 1.0}  # what enable_freeu would never send
+    try:
+        with pytest.raises(RemoteError, match="freeu must map"):
+            _generate(remote, kwargs)
+    finally:
+        remote.unet.freeu = None
+
+
 @pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
 def test_what_would_be_a_silent_no_op_remotely_is_refused(served_pipeline):
-    """Attention processors, FreeU, hooks on blocks and their submodules would act on blocks that run on the
+    """Attention processors, hooks on blocks and their submodules would act on blocks that run on the
     servers: a clear error instead of an accepted call that changes nothing. The pipeline works afterwards."""
     from diffusers.models.attention_processor import AttnProcessor
 
     pipe = served_pipeline["remote"]
-    with pytest.raises(NotImplementedError, match="FreeU"):
-        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    pipe.disable_freeu()  # nothing was enabled: undoing it is fine
     with pytest.raises(NotImplementedError, match="attention processors"):
         pipe.unet.set_attn_processor(AttnProcessor())
     with pytest.raises(NotImplementedError, match="attention processors"):

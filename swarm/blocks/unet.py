@@ -55,6 +55,7 @@ class HeadOutput:
     num_frames: int | None = None  # None for image models
     forward_upsample_size: bool = False  # latent size not a multiple of the total upsampling factor
     latent_shift_frames: int | None = None  # Latent-Shift along this many frames folded in the batch (latent_shift.py)
+    freeu: dict | None = None  # FreeU factors (s1, s2, b1, b2) applied in the up blocks, as enable_freeu sets them
 
 
 def unet_class(config: dict) -> type[nn.Module]:
@@ -149,6 +150,19 @@ class LevelStash:
 # ---- the served-block protocol (served.py): one session per generation, down and up passes
 
 EXTRA_KEYS = {"num_frames": int, "image_only_indicator": "tensor"}  # block arguments a client may set
+FREEU_KEYS = ("s1", "s2", "b1", "b2")  # diffusers' FreeU factors: skip (s) and backbone (b) scales of two stages
+MAX_FREEU = 10.0
+
+
+def read_freeu(message: dict) -> dict | None:
+    """A session's FreeU factors: absent/None (off), or each of s1, s2, b1, b2 a number in [0, MAX_FREEU]."""
+    freeu = message.get("freeu")
+    if freeu is None:
+        return None
+    if not isinstance(freeu, dict) or set(freeu) != set(FREEU_KEYS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_FREEU for v in freeu.values()):
+        raise RequestError(f"freeu must map {', '.join(FREEU_KEYS)} to numbers in [0, {MAX_FREEU:g}]")
+    return {key: float(freeu[key]) for key in FREEU_KEYS}
 
 
 @dataclass(eq=False)
@@ -160,6 +174,7 @@ class LevelsSession(BlockSession):
     extra: dict = field(default_factory=dict)
     forward_upsample_size: bool = False
     latent_shift_frames: int | None = None  # frames folded in the batch to shift along (Latent-Shift)
+    freeu: dict | None = None  # FreeU factors for this session's up passes (None: off)
     carry_skips: bool = False  # for comparison only: send skips back to the client instead of keeping them
     sample_shape: tuple[int, int, int, int] | None = None  # (batch, channels, height, width) at level 0, reserved
     temb: torch.Tensor | None = None
@@ -345,7 +360,7 @@ class _LevelsProtocol(ServedBlocks):
                              encoder_hidden_states=ehs,
                              extra=self._read_extra(message.get("extra") or {}, bounds),
                              forward_upsample_size=get_field(message, "forward_upsample_size", bool, default=False),
-                             latent_shift_frames=frames, sample_shape=shape,
+                             latent_shift_frames=frames, sample_shape=shape, freeu=read_freeu(message),
                              carry_skips=get_field(message, "carry_skips", bool, default=False))
 
     def _read_sample_shape(self, message: dict, ehs: torch.Tensor | None, bounds: Bounds) -> tuple[int, ...]:
@@ -534,7 +549,8 @@ class _LevelsProtocol(ServedBlocks):
             size = self.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
             stash = session.stashes.pop(level)
             with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
-                sample = self.up(level, sample, session.temb, session.encoder_hidden_states, session.extra, stash, size)
+                sample = self.up(level, sample, session.temb, session.encoder_hidden_states, session.extra, stash, size,
+                                 freeu=session.freeu)
         session.temb = None
         session.evaluations += 1
         return sample
@@ -595,10 +611,14 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         return output, LevelStash([sample, *resnet_outputs])
 
     def up(self, level: int, sample: torch.Tensor, temb: torch.Tensor, ehs: torch.Tensor | None, extra: dict,
-           stash: LevelStash, upsample_size: tuple[int, int] | None) -> torch.Tensor:
+           stash: LevelStash, upsample_size: tuple[int, int] | None, freeu: dict | None = None) -> torch.Tensor:
         sample, temb, ehs, extra = (self._on_device(x) for x in (sample, temb, ehs, extra))
         skips = tuple(self._on_device(skip) for skip in stash.skips)
         block = self.unet.up_blocks[self.n - 1 - level]
+        # the block reads FreeU's factors from its attributes (diffusers' enable_freeu sets them): set for this
+        # call alone, every call, so one session's factors never reach another's
+        for key in FREEU_KEYS:
+            setattr(block, key, freeu[key] if freeu else None)
         return block(**_block_kwargs(block, sample, temb, ehs, extra, res_hidden_states_tuple=skips,
                                      upsample_size=upsample_size))
 

@@ -51,7 +51,7 @@ class LevelsHop(ChainHop):
                    carry_skips: bool = False) -> LevelsHop:
         message = messages.open_levels(hop.span.start, hop.span.end, codec, head.encoder_hidden_states, head.extra,
                                        head.forward_upsample_size, head.latent_shift_frames,
-                                       list(head.sample.shape), carry_skips)
+                                       list(head.sample.shape), carry_skips, head.freeu)
         stream, reply = await cls.open_stream(manager, hop, protocol.DIFFUSION, message)
         return cls(manager, hop, stream, reply.get("session_id"), codec)
 
@@ -83,7 +83,7 @@ class DiffusionSession:
         same_ehs = (mine is None and other is None) or (
             mine is not None and other is not None and mine.shape == other.shape and torch.equal(mine, other))
         return same_ehs and self.head.forward_upsample_size == head.forward_upsample_size and \
-            self.head.latent_shift_frames == head.latent_shift_frames and \
+            self.head.latent_shift_frames == head.latent_shift_frames and self.head.freeu == head.freeu and \
             self.head.extra.keys() == head.extra.keys() and all(
                 torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
                 for a, b in ((self.head.extra[k], head.extra[k]) for k in head.extra))
@@ -168,6 +168,7 @@ class RemoteUNet(ModelMixin):
         self.manager = SequenceManager(client_config, model_id, local.swarm_num_levels)
         self.session: DiffusionSession | None = None
         self.carry_skips = False  # benchmarks only: make skips cross the network, as a linear chain would
+        self.freeu: dict | None = None  # FreeU factors the servers apply in this client's sessions (enable_freeu)
         self._session_lock = threading.Lock()  # an evaluation against the idle closer
         self._last_used = 0.0
         self._closer: threading.Thread | None = None
@@ -183,7 +184,7 @@ class RemoteUNet(ModelMixin):
         """As the U-Net's forward; ``latent_shift_frames``: frames folded in the batch to apply Latent-Shift along
         (see ``swarm.blocks.latent_shift.LatentShiftUNet``)."""
         head = run_head(self.local, sample, timestep, encoder_hidden_states, **kwargs)
-        head.latent_shift_frames = latent_shift_frames
+        head.latent_shift_frames, head.freeu = latent_shift_frames, self.freeu
         with self._session_lock:
             if self.session is None or not self.session.matches(head):
                 self._close_session()
@@ -228,11 +229,13 @@ class RemoteUNet(ModelMixin):
     def fuse_qkv_projections(self) -> None:
         raise NotImplementedError(_NOT_REMOTE.format("fused QKV projections"))
 
-    def enable_freeu(self, *args, **kwargs) -> None:
-        raise NotImplementedError(_NOT_REMOTE.format("FreeU"))
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """As diffusers' ``enable_freeu``: the servers apply these factors in the up blocks of this client's
+        sessions (sent when a session opens; the next evaluation opens a new one)."""
+        self.freeu = {"s1": float(s1), "s2": float(s2), "b1": float(b1), "b2": float(b2)}
 
     def disable_freeu(self) -> None:
-        pass  # never enabled here: nothing to undo
+        self.freeu = None
 
     def close_session(self) -> None:
         with self._session_lock:

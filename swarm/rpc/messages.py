@@ -48,7 +48,7 @@ def adapter_field(adapter: str | None) -> dict:
 
 def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: torch.Tensor | None, extra: dict,
                 forward_upsample_size: bool, latent_shift_frames: int | None, sample_shape: list[int] | None,
-                carry_skips: bool = False) -> dict:
+                carry_skips: bool = False, freeu: dict | None = None) -> dict:
     """Open a generation on U-Net levels: what stays fixed for all its evaluations, and the shape of its samples
     (batch, channels, height, width), from which the server reserves memory for the skips it keeps."""
     message = {"type": "open", "start": start, "end": end, "output_codec": output_codec,
@@ -58,6 +58,8 @@ def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: 
                "carry_skips": carry_skips}
     if sample_shape is not None:
         message["sample_shape"] = list(sample_shape)
+    if freeu is not None:
+        message["freeu"] = dict(freeu)
     if encoder_hidden_states is not None:
         message["encoder_hidden_states"] = serialize_tensor(encoder_hidden_states, output_codec)
     return message
