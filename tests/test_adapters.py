@@ -135,7 +135,7 @@ def test_records_and_the_health_page_list_adapters_and_unknown_ones_are_refused(
     status = model_status("tiny-llama", ModelInfo(6), manager.servers, {})
     rows = {server.peer_id: server for server in status.servers}
     assert rows[served["plain"]].adapters == [] and "<td class='adapters'>alpha, beta</td>" in _server_row(
-        rows[min(served["with_adapters"])])
+        rows[min(served["with_adapters"])], 6)
 
     with model.use_adapter("nope"), pytest.raises(MissingBlocksError, match="does not serve adapter 'nope'"):
         model(ids())
