@@ -63,13 +63,11 @@ model.shutdown()
 
 
 class Client:
-    def __init__(self, host, net, peers: list[str]):
+    def __init__(self, host, peers: list[str]):
         from swarm.hub.embedded import EMBEDDED_MODEL
 
-        self.proc = subprocess.Popen(host.command([sys.executable, "-c", CLIENT, EMBEDDED_MODEL, *peers]),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        net.processes.append(self.proc)
+        self.proc = host.popen([sys.executable, "-c", CLIENT, EMBEDDED_MODEL, *peers], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=None, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
     def ask(self, command: dict):
@@ -138,7 +136,7 @@ def measure(args: argparse.Namespace, cache: str) -> None:
         started = time.time()
         pub2 = swarm.start_server(None, "15:30", [boot.maddr], "--port", str(PORTS["pub2"]), on=hosts["pub2"],
                                   wait=False)
-        client = Client(hosts["cl"], net, [boot.maddr])
+        client = Client(hosts["cl"], [boot.maddr])
         direct_start = client.ask({"op": "first", "since": started})
         direct = client.ask({"op": "bench", "runs": args.runs, "tokens": args.tokens})
         client.stop()
@@ -146,7 +144,7 @@ def measure(args: argparse.Namespace, cache: str) -> None:
               f"request {direct_start:.1f} s after its start", flush=True)
 
         pub2.stop()  # announces itself offline: blocks 15:30 only on home1 from now on
-        client = Client(hosts["cl"], net, [boot.maddr])
+        client = Client(hosts["cl"], [boot.maddr])
         started = time.time()
         swarm.start_server(None, "15:30", [boot.maddr], "--port", str(PORTS["home1"]), on=hosts["home1"],
                            wait=False)

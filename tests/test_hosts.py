@@ -28,11 +28,10 @@ PROMPT = [1, 5, 9, 17]
 class Client:
     """tests/host_client.py on an emulated host: one model object, a generation per request."""
 
-    def __init__(self, host: Host, net: EmulatedNetwork, model: Path, peers: list[str]):
-        self.proc = subprocess.Popen(host.command([sys.executable, CLIENT, str(model), *peers]),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, start_new_session=True)
-        net.processes.append(self.proc)  # stopped by PID with the network, whatever happens
+    def __init__(self, host: Host, model: Path, peers: list[str]):
+        # stopped by PID with the network, whatever happens
+        self.proc = host.popen([sys.executable, CLIENT, str(model), *peers], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
     def generate(self, prompt: list[int]) -> list[int]:
@@ -95,7 +94,7 @@ def servers_by_name(state: dict, servers: dict) -> dict[str, dict]:
 def test_a_server_behind_nat_serves_through_the_relay(hosts):
     h, servers = hosts["hosts"], hosts["servers"]
     # the NATed client reaches the NATed server only through the relay: blocks 3:6 have no other server yet
-    client = Client(h["home2"], hosts["net"], hosts["path"], [hosts["boot"].maddr])
+    client = Client(h["home2"], hosts["path"], [hosts["boot"].maddr])
     hosts["client"] = client
     assert client.generate(PROMPT) == hosts["expected"]
 
@@ -130,7 +129,7 @@ def test_the_swarm_outlives_its_bootstrap_node(hosts):
     """With the bootstrap node gone, any server is an entry point: a new client entering through one public server
     generates, and a new monitor entering through the other sees every server at its first refresh."""
     h, servers = hosts["hosts"], hosts["servers"]
-    client = Client(h["home2"], hosts["net"], hosts["path"], [servers["pub2"].maddr])
+    client = Client(h["home2"], hosts["path"], [servers["pub2"].maddr])
     assert client.generate(PROMPT) == hosts["expected"]
 
     # a refresh period longer than the test: what it shows is what its first refresh found

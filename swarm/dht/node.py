@@ -12,6 +12,7 @@ from hivemind.p2p import P2P
 
 from swarm.dht.identity import Identity
 from swarm.dht.validation import SignedRecordValidator
+from swarm.utils.multiaddrs import ip_and_port
 from swarm.utils.ports import check_can_listen
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -51,25 +52,32 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or ipaddress.ip_address(host).is_loopback
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # listening on every interface
+
+
 def tcp_port(maddrs: Sequence[str]) -> int:
     """The TCP port of the first multiaddr that has one (what a daemon listens on)."""
     for maddr in maddrs:
-        parts = maddr.split("/")
-        if "tcp" in parts:
-            return int(parts[parts.index("tcp") + 1])
+        if (found := ip_and_port(maddr)) is not None:
+            return found[1]
     raise ValueError(f"no TCP port in {list(maddrs)}")
 
 
 def public_host(host: str, maddrs: Sequence[str]) -> str | None:
     """The address others reach us at: ``host`` if we listen on one address, else the first non-loopback IPv4 of
     our multiaddrs."""
-    if host not in ("0.0.0.0", "::"):
+    if host not in WILDCARD_HOSTS:
         return host
     for maddr in maddrs:
-        parts = maddr.split("/")
-        if len(parts) > 2 and parts[1] == "ip4" and not is_loopback(parts[2]):
-            return parts[2]
+        found = ip_and_port(maddr)
+        if found is not None and maddr.startswith("/ip4/") and not is_loopback(found[0]):
+            return found[0]
     return None
+
+
+def local_host(host: str) -> str:
+    """Where this machine dials a daemon listening on ``host``."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
 
 
 async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0", port: int = 0,

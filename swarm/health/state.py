@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
+from swarm.utils.multiaddrs import ip_and_port
 
 
 @dataclass
@@ -142,8 +143,8 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
 
 def _relay_of(record: ServerInfo) -> str | None:
     """"/ip4/H/tcp/P/p2p/ID" -> "H:P" (the first relayed address), None if it announces none."""
-    parts = record.relay_addrs[0].split("/") if record.relay_addrs else []
-    return f"{parts[2]}:{parts[4]}" if len(parts) > 4 and parts[3] == "tcp" else None
+    found = ip_and_port(record.relay_addrs[0]) if record.relay_addrs else None
+    return f"{found[0]}:{found[1]}" if found else None
 
 
 def _version_key(version: str) -> tuple[int, ...]:

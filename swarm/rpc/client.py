@@ -11,6 +11,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.rpc import protocol
 from swarm.rpc.framing import DEFAULT_MAX_MESSAGE_BYTES, read_message, write_message
+from swarm.utils.multiaddrs import transport_of
 from swarm.utils.peer_addresses import lookup
 
 
@@ -34,9 +35,8 @@ class PeerUnavailable(ConnectionError):
 async def connect(p2p: P2P, peer: PeerID, addresses: tuple[str, ...]) -> None:
     """Connect to ``peer`` at ``addresses`` (a NATed server's relayed ones, from its record): libp2p's peer routing
     only knows the private address such a server listens on. A no-op round trip to the daemon when connected."""
-    # hivemind's P2P has no public call for a connect with addresses; its daemon client does (CONNECT request),
-    # taking transport addresses without the trailing /p2p/<id>
-    await p2p._client.connect(peer, [Multiaddr(address.rsplit("/p2p/", 1)[0]) for address in addresses])
+    # hivemind's P2P has no public call for a connect with addresses; its daemon client does (CONNECT request)
+    await p2p._client.connect(peer, [Multiaddr(transport_of(address)) for address in addresses])
 
 
 class Stream:

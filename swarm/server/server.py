@@ -27,7 +27,7 @@ from swarm.blocks.served import SpanSpeed
 from swarm.blocks.span import BlockSpan, load_config
 from swarm.compression import blockwise
 from swarm.dht.identity import Identity
-from swarm.dht.node import is_loopback, public_host, start_dht, stop_dht, tcp_port, visible_maddrs
+from swarm.dht.node import is_loopback, local_host, public_host, start_dht, stop_dht, tcp_port, visible_maddrs
 from swarm.dht.records import announce_span, fetch_block_infos, merge_records
 from swarm.dht.relay import RelayService, Reservation, announce_relay, fetch_relays, probe
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
@@ -42,6 +42,7 @@ from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import get_span_speed
 from swarm.utils.cli import interrupt_requested
 from swarm.utils.errors import UserError
+from swarm.utils.multiaddrs import transport_of
 from swarm.utils.threads import call_in_serial_thread, run_torch_serially_in_this_thread
 
 if TYPE_CHECKING:
@@ -308,17 +309,16 @@ class Server:
             else:
                 logger.warning("No relay answered a reachability probe: serving without one")
                 return p2p, node
-        self.own_port = own_port
-        if not await self.reserve_on_a_relay(relays, node.peer_id.to_base58()):
+        if not await self.reserve_on_a_relay(relays, node.peer_id.to_base58(), (local_host(cfg.host), own_port)):
             logger.warning("Not reachable, and no relay took a reservation: others cannot dial this server")
             return p2p, node
         logger.info(f"Behind NAT: serving through the relay at {self.reservation.maddr}")
         await stop_dht(p2p, node)
         return await start_dht(cfg.initial_peers, host=cfg.host, port=own_port, client_mode=True, identity=identity,
-                               announce_maddrs=[self.reservation.maddr.rsplit("/p2p/", 1)[0]])
+                               announce_maddrs=[transport_of(self.reservation.maddr)])
 
-    async def reserve_on_a_relay(self, relays: list[tuple[str, int]], peer: str) -> bool:
-        local = ("127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host, self.own_port)
+    async def reserve_on_a_relay(self, relays: list[tuple[str, int]], peer: str, local: tuple[str, int]) -> bool:
+        """Reserve on the first relay of ``relays`` that takes us, tunnelling to ``local`` (our daemon's port)."""
         for host, port in relays:
             reservation = Reservation(host, port, peer, local)
             try:
@@ -334,7 +334,7 @@ class Server:
         lost = (self.reservation.relay_host, self.reservation.relay_port)
         relays = [relay for relay in await fetch_relays(self.node) if relay != lost]
         random.shuffle(relays)
-        if await self.reserve_on_a_relay(relays + [lost], self.peer_id):
+        if await self.reserve_on_a_relay(relays + [lost], self.peer_id, self.reservation.local):
             logger.info(f"Moved to the relay at {self.reservation.maddr}")
 
     async def start_relay_service(self, p2p: P2P) -> None:

@@ -93,12 +93,10 @@ class Host:
         """Run ``args`` in this host to completion (output captured as text)."""
         return subprocess.run(self.command(args), capture_output=True, text=True, timeout=timeout, **kwargs)
 
-    def popen(self, args: Sequence[str], log: IO | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start ``args`` in this host, in a process group of its own; stopped by PID when the network closes."""
-        proc = subprocess.Popen(self.command(args), stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-        self.network.processes.append(proc)
-        return proc
+    def popen(self, args: Sequence[str], log: IO | None = None, env: dict[str, str] | None = None,
+              **popen) -> subprocess.Popen:
+        """Start ``args`` in this host (see ``EmulatedNetwork.spawn``)."""
+        return self.network.spawn(self.namespace, args, log, env, **popen)
 
     def delay_inbound(self, port: int, rtt_ms: float, log: IO) -> None:
         """Add ``rtt_ms`` of round trip to every connection others open to ``port`` here: a WAN proxy on this host
@@ -121,9 +119,7 @@ class Host:
         proxy_port = port + 10000 if port < 55000 else port - 10000
         command = [sys.executable, "-m", "swarm.utils.wan_proxy", "--listen-host", "0.0.0.0", "--listen-port",
                    str(proxy_port), "--target-host", address, "--target-port", str(port), "--rtt-ms", str(rtt_ms)]
-        proc = subprocess.Popen(["ip", "netns", "exec", namespace, *command], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.network.processes.append(proc)
+        proc = self.network.spawn(namespace, command, log)
         deadline = time.monotonic() + 60
         while "WAN proxy ready" not in Path(log.name).read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -191,6 +187,16 @@ class EmulatedNetwork:
         for namespace in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         self.namespaces.clear()
+
+    def spawn(self, namespace: str, args: Sequence[str], log: IO | None = None, env: dict[str, str] | None = None,
+              **popen) -> subprocess.Popen:
+        """Start ``args`` in ``namespace``, in a process group of its own, output to ``log`` (other ``Popen``
+        arguments, e.g. pipes, pass through); stopped by PID when the network closes."""
+        options = {"stdout": log or subprocess.DEVNULL, "stderr": subprocess.STDOUT, **popen}
+        proc = subprocess.Popen(["ip", "netns", "exec", namespace, *args], env={**os.environ, **(env or {})},
+                                start_new_session=True, **options)
+        self.processes.append(proc)
+        return proc
 
     def public_host(self, name: str) -> Host:
         """A host with an address on the emulated internet: anyone on it can connect to it."""

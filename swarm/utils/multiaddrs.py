@@ -29,6 +29,19 @@ def peer_id_of(maddr: str) -> str:
     return maddr.rsplit("/p2p/", 1)[1]
 
 
+def transport_of(maddr: str) -> str:
+    """A multiaddr without its trailing ``/p2p/<peer id>``: where to dial, as a daemon's CONNECT takes it."""
+    return maddr.rsplit("/p2p/", 1)[0]
+
+
+def ip_and_port(maddr: str) -> tuple[str, int] | None:
+    """``/ip4/H/tcp/P[/...]`` (or ip6) -> (H, P); None for other forms (dns, no TCP port)."""
+    parts = maddr.split("/")
+    if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp" and parts[4].isdigit():
+        return parts[2], int(parts[4])
+    return None
+
+
 def split_maddrs(text: str) -> list[str]:
     """Multiaddrs separated by whitespace and/or commas (the format of ``SWARM_INITIAL_PEERS``)."""
     return [part for part in re.split(r"[\s,]+", text.strip()) if part]
