@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from swarm.dht.relay import RelayService, Reservation, probe
+from swarm.dht.relay import RelayService, Reservation, order_relays, probe
 from swarm.local_swarm import free_port
 
 
@@ -89,3 +89,12 @@ def test_reservations_are_bounded_and_garbage_is_dropped():
         echo.close()
 
     asyncio.run(scenario())
+
+
+def test_a_natted_server_prefers_the_relays_of_the_peers_it_entered_through():
+    relays = [("10.77.0.5", 4001), ("10.77.0.2", 4001), ("10.77.0.9", 4002), ("10.77.0.2", 4002)]
+    for _ in range(20):  # (random order within each group)
+        ordered = order_relays(relays, ["/ip4/10.77.0.2/tcp/31337/p2p/QmPeer", "/dns/boot.example/tcp/1/p2p/Qm"])
+        assert sorted(ordered[:2]) == [("10.77.0.2", 4001), ("10.77.0.2", 4002)]
+        assert sorted(ordered[2:]) == [("10.77.0.5", 4001), ("10.77.0.9", 4002)]
+    assert {tuple(order_relays(relays, [])) for _ in range(50)} != {tuple(relays)}  # load is spread

@@ -4,7 +4,8 @@
 - records.py: ``announce_span``, ``fetch_block_infos``, ``fetch_models``
 - node.py: ``start_dht``: a libp2p daemon plus a DHT node in the caller's event loop
 - relay.py: relays for servers behind NAT: a dial-back probe, and a reverse tunnel to the server's libp2p port
-  (``RelayService`` on public peers, ``Reservation`` on the NATed server), announced under ``RELAYS_KEY``
+  (``RelayService`` on public peers, ``Reservation`` on the NATed server), announced under ``RELAYS_KEY``;
+  ``order_relays``: the initial peers' relays first
 - identity.py: ``Identity``: a node's libp2p key, which also signs its DHT records; ``peer_id_of``, ``verify``
 - validation.py: ``SignedRecordValidator``: signed records whose subkeys name their signer's peer id
 - __main__.py: ``python -m swarm.dht``, a bootstrap-only node (relaying for NATed servers unless on loopback)

@@ -26,11 +26,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import secrets
 from dataclasses import dataclass
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
+
+from swarm.utils.multiaddrs import ip_and_port
 
 logger = logging.getLogger(__name__)
 
@@ -325,3 +328,10 @@ async def fetch_relays(node: DHTNode) -> list[tuple[str, int]]:
                 and not isinstance(value.get("port"), bool) and 0 < value["port"] < 65536:
             relays.append((value["host"], value["port"]))
     return relays
+
+
+def order_relays(relays: list[tuple[str, int]], initial_peers: list[str]) -> list[tuple[str, int]]:
+    """Relays on the hosts of our initial peers first (the ones the operator chose to enter through, usually
+    bootstrap nodes provisioned for it), the others after them; random within each group, spreading load."""
+    chosen = {address[0] for address in map(ip_and_port, initial_peers) if address is not None}
+    return sorted(random.sample(relays, len(relays)), key=lambda relay: relay[0] not in chosen)

@@ -29,7 +29,7 @@ from swarm.compression import blockwise
 from swarm.dht.identity import Identity
 from swarm.dht.node import is_loopback, local_host, public_host, start_dht, stop_dht, tcp_port, visible_maddrs
 from swarm.dht.records import announce_span, fetch_block_infos, merge_records
-from swarm.dht.relay import RelayService, Reservation, announce_relay, fetch_relays, probe
+from swarm.dht.relay import RelayService, Reservation, announce_relay, fetch_relays, order_relays, probe
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
 from swarm.rpc import protocol
@@ -286,8 +286,7 @@ class Server:
         address. Returns the (possibly new) daemon and node."""
         cfg = self.config
         own_port = tcp_port(await visible_maddrs(p2p))
-        relays = await fetch_relays(node)
-        random.shuffle(relays)
+        relays = order_relays(await fetch_relays(node), cfg.initial_peers)
         if not relays:
             if cfg.reachability == "relay":
                 await stop_dht(p2p, node)
@@ -332,8 +331,8 @@ class Server:
 
     async def move_to_another_relay(self) -> None:
         lost = (self.reservation.relay_host, self.reservation.relay_port)
-        relays = [relay for relay in await fetch_relays(self.node) if relay != lost]
-        random.shuffle(relays)
+        relays = order_relays([relay for relay in await fetch_relays(self.node) if relay != lost],
+                              self.config.initial_peers)
         if await self.reserve_on_a_relay(relays + [lost], self.peer_id, self.reservation.local):
             logger.info(f"Moved to the relay at {self.reservation.maddr}")
 
@@ -466,3 +465,4 @@ def _is_unet_source(source: ModelSource) -> bool:
     from swarm.blocks.unet import is_unet_source
 
     return is_unet_source(source)
+
