@@ -22,7 +22,7 @@ _MASK_BUILDERS: dict[str, Callable] = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
-_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 def layer_types(config: PretrainedConfig) -> list[str]:
@@ -67,7 +67,7 @@ def attention_masks(
             attention_mask=attention_mask,
             position_ids=position_ids,
             layer_idx=first + types.index(kind) if cache is not None else None,
-            **{_CACHE_KWARG: cache},
+            **{CACHE_KWARG: cache},
         )
     return masks
 
@@ -83,7 +83,7 @@ def call_layer(
 ) -> torch.Tensor:
     """Run one decoder layer; returns the hidden states (5.x layers return a tensor, older ones a tuple)."""
     kwargs = dict(attention_mask=mask, position_ids=position_ids, use_cache=cache is not None)
-    kwargs[_CACHE_KWARG] = cache
+    kwargs[CACHE_KWARG] = cache
     if position_embeddings is not None:
         kwargs["position_embeddings"] = position_embeddings
     out = layer(hidden, **kwargs)
