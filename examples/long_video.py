@@ -102,7 +102,7 @@ def main() -> None:
                                     vq_steps=args.vq_steps, steps=args.steps, seed=args.seed,
                                     log=lambda line: print(line, flush=True))
         stats = json.loads((models / "stats.json").read_text())
-        data = MugenLikeClips(stats["clips"], frames=stats["frames"], size=stats["size"], seed=0)
+        data = MugenLikeClips(stats["clips"], frames=stats["frames"], size=stats["size"], seed=stats["seed"])
         text = args.description or data[len(data) - 1]["text"]
         text_ids = tokenize_text(text)
         layout = TokenLayout(**stats["layout"])

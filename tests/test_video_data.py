@@ -141,6 +141,9 @@ def test_tiny_training_lowers_the_loss_and_save_load_round_trips(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert math.isfinite(stats["psnr"]) and stats["psnr"] > 8
     assert 1 <= stats["codebook_used"] <= TINY.codebook_size
+    # the held-out error per frame (8 frames) averages to the PSNR's error
+    assert len(stats["frame_mse"]) == 8
+    assert stats["psnr"] == pytest.approx(-10 * math.log10(sum(stats["frame_mse"]) / 8), rel=1e-4)
     assert stats["seconds"] > 0 and lines and not model.training
 
     video = torch.stack([clips[i]["video"] for i in range(2)])

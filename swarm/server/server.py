@@ -465,4 +465,3 @@ def _is_unet_source(source: ModelSource) -> bool:
     from swarm.blocks.unet import is_unet_source
 
     return is_unet_source(source)
-

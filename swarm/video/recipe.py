@@ -16,7 +16,7 @@ import torch
 
 from swarm.video.mugen import VOCABULARY, MugenLikeClips
 from swarm.video.transformer import TokenLayout, train_transformer
-from swarm.video.vqvae import VQConfig, frame_errors, save_vqvae, train_vqvae
+from swarm.video.vqvae import VQConfig, save_vqvae, train_vqvae
 
 
 def train_long_video_models(directory: str | Path, *, clips: int = 256, frames: int = 16, size: int = 32,
@@ -31,12 +31,11 @@ def train_long_video_models(directory: str | Path, *, clips: int = 256, frames: 
     data = MugenLikeClips(clips, frames=frames, size=size, seed=seed)
     vq, vq_stats = train_vqvae(data, vq_config, steps=vq_steps, seed=seed, log=log)
     save_vqvae(vq, directory / "vq")
-    videos = torch.stack([data[i]["video"] for i in range(len(data))])
-    texts = [data[i]["text_ids"] for i in range(len(data))]
+    items = [data[i] for i in range(len(data))]
+    texts = [item["text_ids"] for item in items]
+    videos = torch.stack([item["video"] for item in items])
     with torch.no_grad():
         codes = torch.cat([vq.encode(videos[i: i + 16]) for i in range(0, len(videos), 16)])
-        held = videos[-max(1, len(videos) // 8):]
-        errors = frame_errors(held, vq.decode(vq.encode(held)))
     code_frames, height, width = codes.shape[1:]
     layout = TokenLayout(text_vocab=len(VOCABULARY), codebook=vq.config.codebook_size,
                          text_length=max(len(t) for t in texts), frame_height=height, frame_width=width,
@@ -45,8 +44,7 @@ def train_long_video_models(directory: str | Path, *, clips: int = 256, frames: 
     model, lm_stats = train_transformer(sequences, layout, hidden=hidden, layers=layers, heads=heads, steps=steps,
                                         seed=seed, log=log)
     model.save_pretrained(directory / "transformer")
-    stats = {"clips": clips, "frames": frames, "size": size, "layout": layout.to_dict(),
-             "vq": {**vq_stats, "frame_mse": [round(float(e), 6) for e in errors]},
+    stats = {"clips": clips, "frames": frames, "size": size, "seed": seed, "layout": layout.to_dict(), "vq": vq_stats,
              "transformer": lm_stats, "seconds": time.perf_counter() - began}
     (directory / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -274,17 +274,18 @@ def _split(n: int) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def _evaluate(model: VQVAE3D, dataset: Dataset, indices: list[int], batch_size: int) -> tuple[float, int]:
-    """PSNR over ``indices`` and how many distinct codes they use."""
+def _evaluate(model: VQVAE3D, dataset: Dataset, indices: list[int], batch_size: int) -> tuple[float, int, list[float]]:
+    """PSNR over ``indices``, how many distinct codes they use, and their mean squared error per frame."""
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=_videos)
-    squared, count, used = 0.0, 0, torch.zeros(model.config.codebook_size, dtype=torch.bool)
+    summed, clips, used = [], 0, torch.zeros(model.config.codebook_size, dtype=torch.bool)
     for video in loader:
         codes = model.encode(video)
-        squared += (model.decode(codes) - video).pow(2).sum().item()
-        count += video.numel()
+        summed.append(frame_errors(video, model.decode(codes)) * len(video))
+        clips += len(video)
         used[codes.unique()] = True
-    mse = squared / count
-    return (math.inf if mse == 0 else 10 * math.log10(1 / mse)), int(used.sum())
+    per_frame = torch.stack(summed).sum(0) / clips
+    mse = float(per_frame.mean())  # (every frame has as many pixels)
+    return (math.inf if mse == 0 else 10 * math.log10(1 / mse)), int(used.sum()), per_frame.tolist()
 
 
 def train_vqvae(
@@ -300,7 +301,8 @@ def train_vqvae(
 
     Deterministic for a seed (model init, shuffling, codebook restarts). The last eighth of the dataset (up to 64
     clips; nothing below 16 clips) is held out for the PSNR and codebook usage in the returned stats:
-    ``{"psnr", "codebook_used", "steps", "seconds", "loss" (mean of the last 20 steps), "losses" (per step)}``.
+    ``{"psnr", "codebook_used", "frame_mse" (per frame), "steps", "seconds", "loss" (mean of the last 20 steps),
+    "losses" (per step)}``.
     The model comes back in eval mode.
     """
     if len(dataset) == 0:
@@ -344,10 +346,11 @@ def train_vqvae(
             if step >= steps:
                 break
     model.eval()
-    value, used = _evaluate(model, dataset, held_out, batch_size)
+    value, used, per_frame = _evaluate(model, dataset, held_out, batch_size)
     stats = {
         "psnr": value,
         "codebook_used": used,
+        "frame_mse": per_frame,
         "steps": steps,
         "seconds": time.perf_counter() - started,
         "loss": sum(losses[-20:]) / len(losses[-20:]) if losses else math.nan,
