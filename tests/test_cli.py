@@ -119,11 +119,11 @@ def test_parsers_agree_with_what_they_describe():
     """The choices the light parsers spell out equal the runtime definitions they stand for."""
     from swarm.api.__main__ import CODEC_NAMES as API_CODECS
     from swarm.blocks.quantization import QUANTIZATIONS
+    from swarm.blocks.weights import DTYPES
     from swarm.chat import CODEC_NAMES as CHAT_CODECS
     from swarm.compression import CODECS
     from swarm.server.__main__ import DTYPE_NAMES, MAX_DECODE_BATCH, QUANTIZATION_NAMES, build_parser
     from swarm.server.handler import Limits
-    from swarm.server.server import DTYPES
 
     assert sorted(DTYPE_NAMES) == sorted(DTYPES) and tuple(QUANTIZATION_NAMES) == tuple(QUANTIZATIONS)
     assert sorted(API_CODECS) == sorted(CHAT_CODECS) == sorted(CODECS)

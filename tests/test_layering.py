@@ -19,7 +19,7 @@ LAYERS = {
     "utils": 0, "compression": 1, "rpc": 2, "dht": 2, "trust": 2, "hub": 2, "settlement": 3,
     "blocks": 4,
     "server": 5, "client": 5,
-    "acceleration": 6, "api": 7, "health": 7, "chat": 7, "simulation": 7, "local_swarm": 7, "video": 7,
+    "acceleration": 6, "api": 7, "health": 7, "chat": 7, "simulation": 7, "local_swarm": 7, "video": 7, "verify": 7,
 }
 COMMANDS = {"swarm.hub.tiny_diffusion"}  # console scripts outside __main__.py files (see pyproject.toml)
 

@@ -42,6 +42,10 @@ class ClientConfig:
     settlement_options: dict = field(default_factory=dict)
     receipt_interval: int = 16  # steps between countersigned receipts sent mid-session (one is sent at close too)
     routing_policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # how to weigh servers, which to avoid
+    # Use only servers whose signed weights commitment (swarm/trust/weights.py) matches: "reference" (computed from
+    # the checkpoint the client loads, for each dtype/quantization servers announce), a checkpoint's path or name,
+    # or trusted commitments {"START:END" or "START:END:DTYPE:QUANTIZATION": hex}. None: any weights.
+    require_weights: str | dict[str, str] | None = None
     max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split
     max_parallel_chains: int = 4  # a large forward/backward batch may be split over this many chains at once

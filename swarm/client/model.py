@@ -8,6 +8,7 @@ opens an inference session over the servers' KV caches, ``forward`` with ``label
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
 from swarm.blocks.span import BlockSpan, build_skeleton, load_config, span_config
+from swarm.blocks.weights import reference_weights
 from swarm.client import speculative
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
@@ -118,6 +120,10 @@ class DistributedPreTrainedModel(PreTrainedModel):
         if not 0 <= k < config.num_hidden_layers:
             raise ValueError(f"local_blocks must be in [0, {config.num_hidden_layers}), got {k}")
         modules["local_span"] = BlockSpan.from_pretrained(source, 0, k, dtype=dtype) if k else None
+        if client_config.require_weights is not None:  # checked here: a bad value fails before any request
+            reference = reference_weights(client_config.require_weights, source)
+            client_config.routing_policy = dataclasses.replace(client_config.routing_policy,
+                                                               reference_weights=reference)
         remote = RemoteSequential(client_config, model_id, config.num_hidden_layers, first_block=k)
         model = cls._assemble(config, modules, remote)
         try:

@@ -36,6 +36,7 @@ import numpy as np
 
 from swarm.blocks.quantization import meets_precision
 from swarm.dht.schema import ServerInfo, ServerState
+from swarm.trust.weights import ReferenceWeights
 
 # Estimates used only until a measurement exists; each is replaced by measured values as soon as there are some.
 DEFAULT_RTT = 0.05  # s: until the client has pinged any server
@@ -74,6 +75,8 @@ class RoutingPolicy:
     min_precision: str = "nf4"  # weakest weight quantization accepted: "nf4" (any), "int8", "float" (none)
     quantization: str | None = None  # only servers whose weights are quantized exactly so ("none", "int8", "nf4")
     max_strikes: float = 2.0  # servers caught this often giving wrong outputs (decayed count) are not used at all
+    # Only servers announcing these weights commitments (ClientConfig.require_weights builds it); None: any weights.
+    reference_weights: ReferenceWeights | None = None
 
 
 @dataclass
@@ -259,6 +262,10 @@ def _exclusion(peer: str, info: ServerInfo, policy: RoutingPolicy, request: Rout
         return f"{info.quantization} weights, below the precision {policy.min_precision}"
     if policy.quantization is not None and info.quantization != policy.quantization:
         return f"{info.quantization} weights, not the {policy.quantization} the routing policy asks for"
+    if policy.reference_weights is not None:
+        wrong = policy.reference_weights.mismatch(info.start, info.end, info.dtype, info.quantization, info.weights)
+        if wrong is not None:
+            return wrong
     if request.adapter is not None and request.adapter not in info.adapters:
         return f"does not serve adapter {request.adapter!r}"
     if request.mode == "latency" and request.max_length:

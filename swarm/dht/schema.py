@@ -52,6 +52,7 @@ class ServerInfo:
     adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base weights (requests name one to use it)
     using_relay: bool = False  # behind NAT: reached through a relay (slower than a direct connection)
     relay_addrs: tuple[str, ...] = ()  # where to dial it then: the relay's port for it, ending in /p2p/<its id>
+    weights: str = ""  # sha256 hex commitment to the exact weights served (swarm/trust/weights.py); "": unknown
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -90,6 +91,9 @@ class ServerInfo:
             if isinstance(relay_addrs, (list, tuple)):
                 kwargs["relay_addrs"] = tuple(a for a in relay_addrs[:MAX_RELAY_ADDRS]
                                               if isinstance(a, str) and len(a) <= 256)
+            weights = data.get("weights")
+            if isinstance(weights, str) and len(weights) == 64 and all(c in "0123456789abcdef" for c in weights):
+                kwargs["weights"] = weights
             pings = data.get("next_pings")
             if isinstance(pings, dict):
                 kwargs["next_pings"] = {k: float(v) for k, v in pings.items()

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from swarm.server.server import ServerConfig
 
 # The names the server accepts, spelled out here so that parsing needs no torch (tests/test_cli.py checks them
-# against swarm.server.server.DTYPES, swarm.blocks.quantization.QUANTIZATIONS and the handler's Limits).
+# against swarm.blocks.weights.DTYPES, swarm.blocks.quantization.QUANTIZATIONS and the handler's Limits).
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 QUANTIZATION_NAMES = ("none", "int8", "nf4")
 MAX_DECODE_BATCH = 32

@@ -19,12 +19,11 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 import swarm
 from swarm.blocks.quantization import parameter_bytes
 from swarm.blocks.served import SpanSpeed
 from swarm.blocks.span import BlockSpan, load_config
+from swarm.blocks.weights import DTYPES, span_weights_commitment
 from swarm.compression import blockwise
 from swarm.dht.identity import Identity
 from swarm.dht.node import is_loopback, local_host, public_host, start_dht, stop_dht, tcp_port, visible_maddrs
@@ -40,6 +39,7 @@ from swarm.server.handler import Handler, Limits
 from swarm.server.sessions import SessionTable
 from swarm.server.settlement import SessionSettlement
 from swarm.server.throughput import get_span_speed
+from swarm.trust.faults import Faults
 from swarm.utils.cli import interrupt_requested
 from swarm.utils.errors import UserError
 from swarm.utils.multiaddrs import transport_of
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BlocksOutsideModel(UserError, ValueError):
@@ -135,6 +134,8 @@ class Server:
             adapters=tuple(self.span.adapters.names) if isinstance(self.span, BlockSpan) else (),
             using_relay=self.reservation is not None,
             relay_addrs=(self.reservation.maddr,) if self.reservation is not None else (),
+            weights=getattr(self.span, "weights_commitment", "") if self.span is not None
+            and (self.span.start, self.span.end) == (start, end) else "",
         )
 
     def rpc_info(self) -> dict:
@@ -376,6 +377,9 @@ class Server:
             span = BlockSpan.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
                                            device=cfg.device, quantization=cfg.quantization, adapters=cfg.adapters)
             logger.info(f"Blocks hold {parameter_bytes(span.layers) / (end - start) / 2**20:.1f} MiB each")
+        Faults.from_env().edit_one_weight(span)  # tests only: see swarm/trust/faults.py
+        # what clients requiring reference weights compare with their own copy's (swarm/trust/weights.py)
+        span.weights_commitment = span_weights_commitment(span)
         blockwise.warm_up()  # bitsandbytes' first call imports it (~2-3 s)
         return span
 

@@ -7,6 +7,7 @@ cannot be switched on by normal use:
 - ``random``: return random tensors of the right shape and scale
 - ``slow-pieces:SECONDS``: sleep this long before each piece of compute (a slow machine; work that is dropped)
 - ``black-hole``: accept sessions and requests, never answer them (with a made-up speed: a server that lies)
+- ``edit-weight``: serve the span with one weight changed (announcing the commitment of what it serves)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Faults:
     random: bool = False
     slow_pieces: float | None = None
     black_hole: bool = False
+    edit_weight: bool = False
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -45,6 +47,8 @@ class Faults:
             return cls(slow_pieces=float(value))
         if kind == "black-hole":
             return cls(black_hole=True)
+        if kind == "edit-weight":
+            return cls(edit_weight=True)
         raise ValueError(f"unknown {ENV} {spec!r}")
 
     @property
@@ -68,6 +72,16 @@ class Faults:
                 yield
 
         return run
+
+    def edit_one_weight(self, module: torch.nn.Module) -> None:
+        """With ``edit-weight``: add 0.01 to the first floating-point weight of ``module``."""
+        if not self.edit_weight:
+            return
+        for parameter in module.parameters():
+            if parameter.is_floating_point():
+                with torch.no_grad():
+                    parameter.view(-1)[0] += 0.01
+                return
 
     def corrupt(self, output: torch.Tensor) -> torch.Tensor:
         if self.random:
