@@ -3,6 +3,7 @@ changed one weight announces another commitment, and a client requiring the refe
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,9 @@ from transformers import AutoModelForCausalLM
 from swarm import AutoDistributedModelForCausalLM, RoutingPolicy
 from swarm.blocks.span import BlockSpan
 from swarm.blocks.weights import checkpoint_block_hashes, reference_weights, span_weights_commitment
-from swarm.dht.schema import ServerInfo, ServerState
+from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
+from swarm.health.page import render_page
+from swarm.health.state import SwarmState, model_status
 from swarm.trust.weights import ReferenceWeights, block_hash, span_commitment
 
 
@@ -46,6 +49,19 @@ def test_a_served_span_commits_to_what_the_checkpoint_gives(tiny_model, dtype, q
         weight.view(-1)[0] += 0.01 if weight.is_floating_point() else 1
     assert "differs from the reference" in reference.mismatch(2, 5, dtype, quantization,
                                                               span_weights_commitment(span))
+
+
+def test_without_a_reference_the_page_flags_the_odd_one_out():
+    records = {f"p{i}": ServerInfo(ServerState.ONLINE, 0, 2, weights=value)
+               for i, value in enumerate(["aa" * 32, "aa" * 32, "bb" * 32])}
+    records["q"] = ServerInfo(ServerState.ONLINE, 0, 2, dtype="bfloat16", weights="cc" * 32)  # another kind
+    status = model_status("m", ModelInfo(2), records, {})
+    assert [(s.peer_id, s.weights_check) for s in status.servers] == [
+        ("p0", None), ("p1", None), ("p2", "odd one out"), ("q", None)]
+    assert "weights differ from its span's other servers" in status.servers[2].warnings
+    with pytest.raises(ValueError, match="not a published weights document"):
+        ReferenceWeights.from_published([{"span": "0:2", "dtype": "float32", "quantization": "none",
+                                          "blocks": ["aa" * 32]}])
 
 
 def test_the_record_field_and_bad_references():
@@ -91,6 +107,15 @@ def test_a_client_requiring_the_reference_weights_routes_around_an_edited_server
         printed = subprocess.run([sys.executable, "-m", "swarm.verify", "commit", str(swarm["path"]), "--blocks",
                                   "0:6"], capture_output=True, text=True, check=True).stdout.strip()
         assert honest.weights == printed and edited.weights not in ("", printed)
+        # the health page: each server's commitment, checked against the published weights
+        published = json.loads(subprocess.run([sys.executable, "-m", "swarm.verify", "commit", str(swarm["path"]),
+                                               "--json"], capture_output=True, text=True, check=True).stdout)
+        status = model_status("m", ModelInfo(6), servers, {}, reference=ReferenceWeights.from_published([published]))
+        checks = {server.peer_id: (server.weights_check, server.warnings) for server in status.servers}
+        assert checks[swarm["honest"].peer_id][0] == "published"
+        assert checks[swarm["edited"].peer_id][0] == "differs"
+        assert "weights differ from the published ones" in checks[swarm["edited"].peer_id][1]
+        assert f"title='{edited.weights}'" in render_page(SwarmState(updated_at=1.0, models=[status]), {}, 30)
         # the same client with the CLI's output as a trusted list
         trusted = AutoDistributedModelForCausalLM.from_pretrained(
             swarm["path"], initial_peers=swarm["peers"], routing_policy=RoutingPolicy(latency_weight=0),

@@ -25,6 +25,7 @@ from swarm.health.history import History
 from swarm.health.state import SwarmState, model_status
 from swarm.rpc import protocol
 from swarm.rpc.client import RemoteError, call
+from swarm.trust.weights import ReferenceWeights
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ async def probe_compute(p2p: P2P, peer: str, start: int, end: int, rtt: float, i
 
 class Monitor:
     def __init__(self, initial_peers: list[str], history: History, refresh_period: float = 30.0,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", references: dict[str, ReferenceWeights] | None = None):
         self.initial_peers, self.history, self.refresh_period, self.host = initial_peers, history, refresh_period, host
+        self.references = references or {}  # model id -> its published weights (--reference-weights)
         self.state = SwarmState(updated_at=0.0)
         self.p2p: P2P | None = None
         self.node: DHTNode | None = None
@@ -109,7 +111,8 @@ class Monitor:
         measured = dict(zip(reachable, speeds, strict=True))
         state = SwarmState(updated_at=time.time(), rtts_ms=[r * 1000 for r in rtts if r is not None])
         settlement = {peer: answer[1].get("settlement") for peer, answer in answers.items() if answer is not None}
-        state.models = [model_status(model_id, models[model_id], servers, probes, measured, settlement)
+        state.models = [model_status(model_id, models[model_id], servers, probes, measured, settlement,
+                                     self.references.get(model_id))
                         for model_id, servers in per_model.items()]
         self.state = state
         self.history.record(state)

@@ -85,7 +85,8 @@ def _model_section(model: ModelStatus, samples: list[tuple[float, int, int, int]
 {_chart(samples, model.num_blocks)}
 <table class="servers" data-model="{model_id}">
 <thead><tr><th>peer</th><th>name</th><th>blocks</th><th>state</th><th>reachability</th><th>precision</th>
-<th>adapters</th><th>throughput (tokens/s)</th><th>decode steps/s (measured)</th><th>free cache (tokens)</th>
+<th>adapters</th><th>weights</th><th>throughput (tokens/s)</th><th>decode steps/s (measured)</th>
+<th>free cache (tokens)</th>
 <th>RTT (ms)</th><th>version</th><th>warnings</th></tr></thead>
 <tbody>
 {rows}
@@ -97,6 +98,8 @@ def _server_row(server: ServerStatus, num_blocks: int) -> str:
     kind = "offline" if server.state != "online" else "reachable" if server.reachable else "unreachable"
     # a server whose record says online but that does not answer has crashed or left: offline, whatever it said
     state = "offline (not answering)" if kind == "unreachable" else server.state
+
+    check = server.weights_check or ""
 
     def number(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -110,6 +113,8 @@ def _server_row(server: ServerStatus, num_blocks: int) -> str:
             f"{f' ({escape(server.relay)})' if server.relay and server.reachability == 'relay' else ''}</td>"
             f"<td>{escape(server.dtype)} / {escape(server.quantization)}</td>"
             f"<td class='adapters'>{escape(', '.join(server.adapters)) or '-'}</td>"
+            f"<td class='weights' title='{escape(server.weights)}' data-check='{escape(check)}'>"
+            f"{escape(server.weights[:12]) or '-'}{f' ({escape(check)})' if check else ''}</td>"
             f"<td>{number(server.throughput, 0)}</td><td class='speed' data-claim='{escape(server.claim or '')}'>"
             f"{number(server.inference_rps)} ({_measured(server)})</td>"
             f"<td>{server.cache_tokens_left}</td><td>{'-' if server.rtt_ms is None else f'{server.rtt_ms:.1f}'}</td>"

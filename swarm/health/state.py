@@ -7,9 +7,11 @@ a server that does not answer is *unreachable* and does not count towards covera
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
+from swarm.trust.weights import ReferenceWeights
 from swarm.utils.multiaddrs import ip_and_port
 
 
@@ -41,6 +43,11 @@ class ServerStatus:
     relay: str | None = None  # behind NAT: the relay it is reached through, as host:port
     warnings: list[str] = field(default_factory=list)  # what an operator should look at, in words
     settlement: dict | None = None  # its settlement totals as it reports them (info), with settlement on
+    weights: str = ""  # the commitment to its weights it signed into its record (swarm/trust/weights.py)
+    # "published": equals the commitment of the model's published weights (--reference-weights); "differs": does
+    # not; "odd one out": no reference, and other servers of the same span and kind of weights agree on another
+    # one; None: cannot tell
+    weights_check: str | None = None
 
 
 @dataclass
@@ -101,9 +108,11 @@ SETTLEMENT_TOTALS = ("receipts_settled", "earnings", "credited")  # integers fro
 def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
                  probes: dict[str, float | None],
                  measured: dict[str, float | str | None] | None = None,
-                 settlement: dict[str, dict] | None = None) -> ModelStatus:
+                 settlement: dict[str, dict] | None = None,
+                 reference: ReferenceWeights | None = None) -> ModelStatus:
     """``probes``: RTT in seconds of each online server that answered, None for those that did not; ``measured``:
-    the compute probe of each (monitor.py ``probe_compute``); ``settlement``: the settlement stats each reported."""
+    the compute probe of each (monitor.py ``probe_compute``); ``settlement``: the settlement stats each reported;
+    ``reference``: the model's published weights."""
     measured, settlement = measured or {}, settlement or {}
     newest = max((_version_key(record.version) for record in servers.values()), default=())
     statuses, coverage, throughput = [], [0] * info.num_blocks, [0.0] * info.num_blocks
@@ -122,6 +131,7 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
             "relay" if record.using_relay else "direct",
             relay=_relay_of(record),
             settlement=_settlement_totals(settlement.get(peer)) if reachable else None,
+            weights=record.weights, weights_check=_weights_check(record, servers, reference),
             **_claim_check(record, measured.get(peer) if reachable else None)))
         statuses[-1].warnings = _warnings(statuses[-1], record, newest)
         if reachable and measured.get(peer) != "no answer":  # a black hole answers info but serves nothing
@@ -139,6 +149,21 @@ def model_status(model_id: str, info: ModelInfo, servers: dict[str, ServerInfo],
         can_generate=not lacking,
         why_not=f"no reachable server with free cache for block{'s' if len(lacking) > 1 else ''} "
                 f"{_ranges(lacking)}" if lacking else None)
+
+
+def _weights_check(record: ServerInfo, servers: dict[str, ServerInfo],
+                   reference: ReferenceWeights | None) -> str | None:
+    if not record.weights:
+        return None
+    if reference is not None:
+        expected = reference.expected(record.start, record.end, record.dtype, record.quantization)
+        if expected is not None:
+            return "published" if record.weights == expected else "differs"
+    kind = (record.start, record.end, record.dtype, record.quantization)
+    votes = Counter(other.weights for other in servers.values() if other.weights
+                    and (other.start, other.end, other.dtype, other.quantization) == kind)
+    top, count = votes.most_common(1)[0]
+    return "odd one out" if record.weights != top and count > votes[record.weights] else None
 
 
 def _relay_of(record: ServerInfo) -> str | None:
@@ -170,6 +195,10 @@ def _warnings(server: ServerStatus, record: ServerInfo, newest: tuple[int, ...])
         warnings.append("behind relay: slower")
     if server.state == "online" and server.reachable and record.cache_tokens_left == 0:
         warnings.append("no free cache")
+    if server.weights_check == "differs":
+        warnings.append("weights differ from the published ones")
+    elif server.weights_check == "odd one out":
+        warnings.append("weights differ from its span's other servers")
     if _version_key(record.version) < newest:
         warnings.append(f"old version ({record.version or 'unknown'})")
     return warnings
@@ -241,6 +270,11 @@ _SERVER_SCHEMA = {
                      "description": "what an operator should look at, e.g. 'behind relay: slower', 'old version'"},
         "settlement": {"type": ["object", "null"],
                        "description": "settlement totals the server reports (receipts_settled, earnings, credited)"},
+        "weights": {"type": "string", "description": "sha256 commitment to the exact weights it serves (signed)"},
+        "weights_check": {"enum": ["published", "differs", "odd one out", None],
+                          "description": "published: equals the model's published weights; differs: does not; odd "
+                                         "one out: no reference, and its span's other servers agree on another; "
+                                         "null: cannot tell"},
     },
 }
 

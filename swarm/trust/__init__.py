@@ -1,5 +1,6 @@
 """Trust between peers that do not know each other.
 
 - commitment.py: short hashes of step outputs, checkable later by recomputation
+- weights.py: commitments to the exact weights a server serves (hash tree), ``ReferenceWeights`` a client accepts
 - faults.py: deliberate misbehaviour for tests (``SWARM_TEST_FAULT``), never reachable from normal use
 """

@@ -68,9 +68,9 @@ class ReferenceWeights:
     (``block_hashes(dtype, quantization)``, called once per kind of weights and cached) and/or a list it trusts
     (``trusted``: "START:END" or "START:END:DTYPE:QUANTIZATION" -> commitment)."""
 
-    block_hashes: Callable[[str, str], Sequence[str] | None] | None = None
+    block_hashes: Callable[[str, str], Sequence[str] | Mapping[int, str] | None] | None = None
     trusted: Mapping[str, str] = field(default_factory=dict)
-    _cache: dict[tuple[str, str], Sequence[str] | None] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, str], Sequence[str] | Mapping[int, str] | None] = field(default_factory=dict, repr=False)
 
     def expected(self, start: int, end: int, dtype: str, quantization: str) -> str | None:
         """The commitment a server holding blocks [start, end) in ``dtype`` with ``quantization`` must announce;
@@ -84,9 +84,26 @@ class ReferenceWeights:
         if kind not in self._cache:
             self._cache[kind] = self.block_hashes(dtype, quantization)
         hashes = self._cache[kind]
-        if hashes is None or end > len(hashes):
+        try:
+            return None if hashes is None else span_commitment(start, [hashes[i] for i in range(start, end)])
+        except (IndexError, KeyError):
             return None
-        return span_commitment(start, list(hashes[start:end]))
+
+    @classmethod
+    def from_published(cls, documents: Iterable[Mapping]) -> ReferenceWeights:
+        """From what ``python -m swarm.verify commit MODEL --json`` prints (one document per dtype/quantization):
+        ``{"span": "START:END", "dtype", "quantization", "blocks": [block hashes]}``."""
+        kinds: dict[tuple[str, str], dict[int, str]] = {}
+        for document in documents:
+            try:
+                start, end = (int(part) for part in str(document["span"]).split(":"))
+                blocks, kind = document["blocks"], (str(document["dtype"]), str(document["quantization"]))
+                if not (isinstance(blocks, list) and len(blocks) == end - start and all(map(is_commitment, blocks))):
+                    raise ValueError("blocks: one 64-hex-digit hash per block of the span")
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"not a published weights document ({e}): {str(document)[:200]}") from None
+            kinds.setdefault(kind, {}).update(zip(range(start, end), blocks, strict=True))
+        return cls(block_hashes=lambda dtype, quantization: kinds.get((dtype, quantization)))
 
     def mismatch(self, start: int, end: int, dtype: str, quantization: str, announced: str) -> str | None:
         """Why a server's announced commitment is not acceptable, or None if it matches."""
