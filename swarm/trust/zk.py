@@ -1,0 +1,220 @@
+"""Zero-knowledge proofs that a block's output follows from its input and committed weights (ezkl, halo2 + KZG).
+
+A circuit is made per (weights, input shape): the module is exported to ONNX with its weights as *fixed* columns,
+so the verifying key itself commits to the weights: a verifier who makes the keys from its own copy of the
+reference weights (or takes the verifying key from a list it trusts) accepts only proofs computed with exactly those
+weights. The input and output are public: the verifier checks that the proof's input is the one it sent (at the
+circuit's fixed-point scale) and that the output the server returned is within the circuit's quantization bound of
+the proven one.
+
+Costs (measured on a 2-core CPU, see the README): keys take tens of seconds to minutes and hundreds of MB, proofs
+take seconds to minutes, verification milliseconds. So proofs are for sampled steps, made after the reply and
+checked later.
+
+The structured reference string is made locally (``ezkl.gen_srs``), which is sound only if whoever made it threw
+its secret away: fine for tests and for a verifier that makes its own; a deployment would use a public ceremony's
+(``ezkl.get_srs``, not reachable offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_PROOF_BYTES = 16 * 2**20  # a proof of one of our circuits is ~50-200 KB; anything far larger is refused unread
+_LOCK = threading.Lock()  # ezkl's calls are not documented as thread-safe; one at a time per process
+
+
+class ProofError(ValueError):
+    """A proof that is malformed, for another input, made with other weights, or that does not verify."""
+
+
+def _ezkl():
+    try:
+        import ezkl
+    except ImportError as e:  # an optional dependency: pip install "swarm[zk]"
+        raise RuntimeError("zero-knowledge proofs need ezkl: pip install ezkl onnx") from e
+    return ezkl
+
+
+@dataclass(frozen=True)
+class CircuitStats:
+    logrows: int
+    input_scale: int
+    param_scale: int
+    setup_seconds: float
+    proving_key_bytes: int
+    verifying_key_bytes: int
+
+
+class Circuit:
+    """The circuit of ``module`` on inputs of ``shape`` (float32), with its keys, in ``directory``.
+
+    ``Circuit.make(module, shape, directory, samples)`` exports, calibrates on ``samples`` (inputs like the real
+    ones: the fixed-point scale must fit their range), compiles and makes the keys; a later ``make`` with the same
+    weights and shape in the same directory finds them there.
+    """
+
+    def __init__(self, directory: Path, shape: tuple[int, ...]):
+        self.directory, self.shape = Path(directory), tuple(shape)
+        self.settings = json.loads((self.directory / "settings.json").read_text())
+
+    @property
+    def input_scale(self) -> int:
+        return int(self.settings["run_args"]["input_scale"])
+
+    @property
+    def output_scale(self) -> int:
+        scales = self.settings.get("model_output_scales") or [self.input_scale]
+        return int(scales[0])
+
+    def path(self, name: str) -> str:
+        if name == "kzg.srs":
+            return str(self.directory.parent / (self.directory / "srs.txt").read_text())
+        return str(self.directory / name)
+
+    @classmethod
+    def make(cls, module: torch.nn.Module, shape: tuple[int, ...], directory: str | Path,
+             samples: list[torch.Tensor] | None = None, logrows: int | None = None) -> Circuit:
+        """``directory``: a cache root; the circuit lives in a subdirectory named by a hash of the weights and
+        shape. ``logrows``: force the circuit's size (default: what calibration finds)."""
+        import time
+
+        ezkl = _ezkl()
+        digest = hashlib.sha256(repr(tuple(shape)).encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().float().contiguous().numpy().tobytes())
+        root = Path(directory) / digest.hexdigest()[:24]
+        if (root / "vk.key").exists() and (root / "pk.key").exists():
+            return cls(root, shape)
+        root.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        example = torch.randn(shape) if not samples else samples[0].reshape(shape)
+        with _LOCK:
+            torch.onnx.export(module.eval(), (example,), str(root / "block.onnx"), input_names=["input"],
+                              output_names=["output"], opset_version=17, dynamo=False)
+            args = ezkl.PyRunArgs()
+            args.input_visibility, args.output_visibility, args.param_visibility = "public", "public", "fixed"
+            # a low starting scale: ezkl refuses modules whose values overflow the field at its default; calibration
+            # then raises it as far as the module's range allows
+            args.input_scale = args.param_scale = 7
+            if not ezkl.gen_settings(str(root / "block.onnx"), str(root / "settings.json"), py_run_args=args):
+                raise RuntimeError("ezkl could not make settings for this module")
+            calibration = [(s if s is not None else example).reshape(shape) for s in (samples or [example])]
+            (root / "calibration.json").write_text(json.dumps(
+                {"input_data": [torch.cat([c.flatten() for c in calibration]).tolist()]}))
+            ezkl.calibrate_settings(str(root / "calibration.json"), str(root / "block.onnx"),
+                                    str(root / "settings.json"), "resources")
+            if logrows is not None:
+                settings = json.loads((root / "settings.json").read_text())
+                settings["run_args"]["logrows"] = logrows
+                (root / "settings.json").write_text(json.dumps(settings))
+            ezkl.compile_circuit(str(root / "block.onnx"), str(root / "block.ezkl"), str(root / "settings.json"))
+            rows = json.loads((root / "settings.json").read_text())["run_args"]["logrows"]
+            srs = Path(directory) / f"kzg-{rows}.srs"  # shared by the circuits of this size (making one takes s)
+            if not srs.exists():
+                ezkl.gen_srs(str(srs), rows)
+            (root / "srs.txt").write_text(srs.name)
+            if not ezkl.setup(str(root / "block.ezkl"), str(root / "vk.key"), str(root / "pk.key"), str(srs)):
+                raise RuntimeError("ezkl setup failed")
+        (root / "made.json").write_text(json.dumps({"setup_seconds": time.perf_counter() - started}))
+        return cls(root, shape)
+
+    def stats(self) -> CircuitStats:
+        made = json.loads((self.directory / "made.json").read_text())
+        run = self.settings["run_args"]
+        return CircuitStats(int(run["logrows"]), int(run["input_scale"]), int(run["param_scale"]),
+                            float(made["setup_seconds"]), (self.directory / "pk.key").stat().st_size,
+                            (self.directory / "vk.key").stat().st_size)
+
+    def verifying_key(self) -> bytes:
+        return (self.directory / "vk.key").read_bytes()
+
+    # ---- prover
+
+    def prove(self, inputs: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """(proof as bytes, the proven output as floats) for ``inputs`` of the circuit's shape."""
+        ezkl = _ezkl()
+        if tuple(inputs.shape) != self.shape:
+            raise ValueError(f"this circuit takes inputs of shape {list(self.shape)}, got {list(inputs.shape)}")
+        import tempfile
+
+        with _LOCK, tempfile.TemporaryDirectory() as work:
+            data, witness, proof = (str(Path(work) / name) for name in ("input.json", "witness.json", "proof.json"))
+            Path(data).write_text(json.dumps({"input_data": [inputs.detach().float().flatten().tolist()]}))
+            ezkl.gen_witness(data, self.path("block.ezkl"), witness)
+            ezkl.prove(witness, self.path("block.ezkl"), self.path("pk.key"), proof, self.path("kzg.srs"))
+            blob = Path(proof).read_bytes()
+        return blob, self.proven_output(blob)
+
+    # ---- verifier
+
+    def proven_output(self, blob: bytes) -> torch.Tensor:
+        """The output a proof claims, as floats of the circuit's output shape (unchecked: see ``check``)."""
+        instances = _instances(blob)
+        count = math.prod(self.shape)
+        outputs = instances[count:]
+        if len(instances) < count or not outputs:
+            raise ProofError(f"the proof has {len(instances)} public values; this circuit has {count} inputs and "
+                             "some outputs")
+        ezkl = _ezkl()
+        values = [ezkl.felt_to_float(felt, self.output_scale) for felt in outputs]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def check(self, blob: bytes, inputs: torch.Tensor, output: torch.Tensor, tolerance: float) -> None:
+        """Raise ``ProofError`` unless ``blob`` is a valid proof, under this circuit's verifying key, that the
+        module maps ``inputs`` (the ones the verifier sent) to within ``tolerance`` (max abs) of ``output``."""
+        ezkl = _ezkl()
+        instances = _instances(blob)
+        if tuple(inputs.shape) != self.shape:
+            raise ProofError(f"inputs of shape {list(inputs.shape)}, this circuit takes {list(self.shape)}")
+        count = math.prod(self.shape)
+        if len(instances) <= count:
+            raise ProofError(f"the proof has {len(instances)} public values, fewer than the circuit's inputs + 1")
+        expected = [ezkl.float_to_felt(float(x), self.input_scale, ezkl.PyInputType.F32)
+                    for x in inputs.detach().float().flatten()]
+        if [_felt(x) for x in instances[:count]] != [_felt(x) for x in expected]:
+            raise ProofError("the proof is for another input")
+        proven = self.proven_output(blob)
+        if proven.numel() != output.numel():
+            raise ProofError(f"the proof has {proven.numel()} outputs, the reply {output.numel()}")
+        gap = (proven - output.detach().float().flatten()).abs().max().item()
+        if not gap <= tolerance:
+            raise ProofError(f"the reply differs from the proven output by {gap:.3g} (bound {tolerance:.3g})")
+        import tempfile
+
+        with _LOCK, tempfile.TemporaryDirectory() as work:
+            path = Path(work) / "proof.json"
+            path.write_bytes(blob)
+            try:
+                valid = ezkl.verify(str(path), self.path("settings.json"), self.path("vk.key"), self.path("kzg.srs"))
+            except Exception as e:  # ezkl raises on proofs it cannot parse or that fail
+                raise ProofError(f"the proof does not verify: {str(e)[:200]}") from None
+        if not valid:
+            raise ProofError("the proof does not verify")
+
+
+def _instances(blob: bytes) -> list[str]:
+    if not isinstance(blob, (bytes, bytearray)) or len(blob) > MAX_PROOF_BYTES:
+        raise ProofError(f"a proof is at most {MAX_PROOF_BYTES} bytes of JSON")
+    try:
+        proof = json.loads(blob)
+        instances = proof["instances"][0]
+        if not (isinstance(instances, list) and all(isinstance(x, str) and len(x) == 64 for x in instances)):
+            raise TypeError("instances")
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ProofError(f"malformed proof ({type(e).__name__}: {str(e)[:80]})") from None
+    return instances
+
+
+def _felt(value: str) -> str:
+    return value.lower().removeprefix("0x")
