@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,12 @@ _LOCK = threading.Lock()  # ezkl's calls are not documented as thread-safe; one 
 
 class ProofError(ValueError):
     """A proof that is malformed, for another input, made with other weights, or that does not verify."""
+
+
+def _keep_ezkl_files_in(directory: Path) -> None:
+    """ezkl caches lookup tables in $EZKL_REPO_PATH (default ~/.ezkl), read at its first use: unless the user chose
+    a place, keep them beside the circuits instead of in the home directory."""
+    os.environ.setdefault("EZKL_REPO_PATH", str(directory / "ezkl"))
 
 
 def _ezkl():
@@ -66,6 +73,7 @@ class Circuit:
 
     def __init__(self, directory: Path, shape: tuple[int, ...]):
         self.directory, self.shape = Path(directory), tuple(shape)
+        _keep_ezkl_files_in(self.directory.parent)
         self.settings = json.loads((self.directory / "settings.json").read_text())
 
     @property
@@ -89,6 +97,7 @@ class Circuit:
         shape. ``logrows``: force the circuit's size (default: what calibration finds)."""
         import time
 
+        _keep_ezkl_files_in(Path(directory))
         ezkl = _ezkl()
         digest = hashlib.sha256(repr(tuple(shape)).encode())
         for name, tensor in sorted(module.state_dict().items()):
