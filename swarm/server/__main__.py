@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from swarm.hub.source import check_model_name
 from swarm.server.admission import PeerLimits
-from swarm.utils.cli import Parser, entry_point, host, port, positive, setup_logging
+from swarm.utils.cli import Parser, entry_point, host, parse_blocks, port, positive, setup_logging
 from swarm.utils.ports import check_can_listen
 
 if TYPE_CHECKING:
@@ -23,16 +23,6 @@ if TYPE_CHECKING:
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 QUANTIZATION_NAMES = ("none", "int8", "nf4")
 MAX_DECODE_BATCH = 32
-
-
-def parse_blocks(text: str) -> tuple[int, int]:
-    try:
-        start, end = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
-    return start, end
 
 
 def parse_throughput(text: str) -> str | float:

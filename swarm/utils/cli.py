@@ -54,6 +54,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return start, end
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` with the conventions above. Add options as usual (in groups: ``add_argument_group``);
     ``add_model``, ``add_initial_peers`` and ``add_maddrs`` add the shared ones."""

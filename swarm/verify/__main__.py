@@ -6,18 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from swarm.utils.cli import entry_point
+from swarm.utils.cli import entry_point, parse_blocks
 from swarm.utils.errors import UserError
-
-
-def _blocks(text: str) -> tuple[int, int]:
-    try:
-        start, end = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
-    if not 0 <= start < end:
-        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
-    return start, end
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commit = commands.add_parser("commit", help="weights commitments of a checkpoint's blocks")
     commit.add_argument("model", metavar="MODEL", help="checkpoint directory or hub name")
-    commit.add_argument("--blocks", type=_blocks, default=None, metavar="START:END",
+    commit.add_argument("--blocks", type=parse_blocks, default=None, metavar="START:END",
                         help="the span (default: every block)")
     commit.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="the dtype servers compute in (the weights are committed as served)")
