@@ -23,6 +23,9 @@ def tiny_config(family: str) -> PretrainedConfig:
         layers = 30 if family == "llama30" else 6
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **COMMON)
+    if family == "llama16":  # hidden 16, 2 blocks: small enough for zero-knowledge circuits in tests
+        return LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, **COMMON)
     if family == "qwen2":
         # max_window_layers < num_hidden_layers: the top layers use sliding-window attention (a hybrid cache)
         return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,

@@ -9,6 +9,8 @@
 - checkpoint.py: ``Checkpoint``: selected tensors of a safetensors checkpoint, opening only the shards holding them
 - quantization.py: bitsandbytes weight quantization of a span's linear layers (``int8``, ``nf4``)
 - weights.py: the weights commitment of served blocks, from a loaded span or a checkpoint (``reference_weights``)
+- provable.py: ``ProvableSpan``: Llama-style layers restated in operations ezkl can prove (finite mask, rotary
+  tables as constants), equal to the span's forward in float32; ``PROOF_SCALES``
 - adapters.py: peft LoRA adapters served beside a span's base weights (``--adapters``), chosen per request
 - unet.py: diffusers U-Nets cut into head, levels (``UNetLevels``: down block i + up block n-1-i) and tail
 - latent_shift.py: ``LatentShiftUNet``: an image U-Net run on video by a parameter-free temporal shift

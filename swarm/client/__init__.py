@@ -13,6 +13,8 @@
 - hop_session.py: ``HopSession``: one server's part of an inference session (its steps, links, inputs sent)
 - trace.py: ``Trace``: per-step timelines of a session (``generate(..., trace=True)`` or ``SWARM_TRACE=1``)
 - verification.py: redundant execution: a span's output recomputed by another server, strikes on disagreement
+- proofs.py: ``ProofChecker``: challenged forward hops (``zk_probability``), their proofs fetched and checked in
+  the background against the client's own circuits; strikes, and receipts withheld until proofs verify
 - remote_forward.py: stateless forward/backward through a chain (training), as an autograd function
 - routing.py: ``RoutingPolicy`` and the cheapest-chain search over measured costs (pure functions)
 - sequence_manager.py: ``SequenceManager``: the DHT view, RTT pings, per-server statistics, bans with backoff

@@ -113,6 +113,12 @@ class ChainHop:
             self.stream.close()
 
     def _countersign(self) -> dict | None:
+        proofs = self.manager.proofs
+        if proofs is not None and proofs.unsettled(self.span.peer_id):
+            # paid only once its challenged proofs verify: receipts are cumulative, so a later one covers this
+            if proofs.failed(self.span.peer_id):
+                self.receipts.rejected.append("the server failed a zero-knowledge proof")
+            return None
         try:
             receipt = self.receipts.countersign(self.manager.identity, self.manager.settlement)
         except ValueError as e:  # e.g. a backend missing an option: settlement fails, serving goes on

@@ -46,6 +46,13 @@ class ClientConfig:
     # the checkpoint the client loads, for each dtype/quantization servers announce), a checkpoint's path or name,
     # or trusted commitments {"START:END" or "START:END:DTYPE:QUANTIZATION": hex}. None: any weights.
     require_weights: str | dict[str, str] | None = None
+    # Zero-knowledge proofs (swarm/client/proofs.py, needs ezkl): the chance that a forward hop is challenged (its
+    # server, if started with --zk, proves it after the reply; the client checks the proof in the background
+    # against a circuit of its own checkpoint's weights), where the client keeps its circuits and keys, and where
+    # the structured reference strings shared with the provers are (default: zk_directory).
+    zk_probability: float = 0.0
+    zk_directory: str | None = None
+    zk_srs: str | None = None
     max_pings_per_route: int = 32  # servers without a measured RTT pinged before choosing a chain
     max_batch_tokens: int = 4096  # batch x tokens per forward/backward request; larger batches are split
     max_parallel_chains: int = 4  # a large forward/backward batch may be split over this many chains at once

@@ -33,6 +33,7 @@ from swarm.client import speculative
 from swarm.client.config import ClientConfig
 from swarm.client.inference_session import InferenceSession
 from swarm.client.planner import load_planner
+from swarm.client.proofs import ProofChecker
 from swarm.client.remote_sequential import RemoteSequential
 from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.trace import Trace, enabled_by_env
@@ -132,6 +133,11 @@ class DistributedPreTrainedModel(PreTrainedModel):
             model.generation_config = GenerationConfig.from_model_config(config)
         model.name_or_path = source.name
         model._source, model._local_dtype = source, dtype  # for loading other local spans (acceleration methods)
+        if client_config.zk_probability > 0:
+            if not client_config.zk_directory:
+                raise ValueError("zk_probability needs zk_directory: where the client keeps its circuits and keys")
+            remote.manager.proofs = ProofChecker(remote.manager, source, client_config.zk_directory,
+                                                 client_config.zk_srs)
         if client_config.arbitration_blocks > 0:
             remote.manager.arbiter = LocalArbiter(source, client_config.arbitration_blocks)
         if client_config.acceleration is not None:  # a plugin (swarm/client/planner.py); loaded only when asked for

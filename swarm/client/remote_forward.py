@@ -66,11 +66,15 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
     while index < len(chain):
         span = chain[index]
         codec = output_codec(manager.config, span.end == end)
+        # a zero-knowledge proof of this hop, checked in the background (proofs.py)
+        challenge = manager.proofs is not None and random.random() < manager.config.zk_probability
         try:
-            output = (await _call_span(manager, span, protocol.FORWARD,
-                                       span_request(span, hidden, position_ids, attention_mask, codec,
-                                                    **messages.prompts_field(span_prompts(span, prompts, start)),
-                                                    **messages.adapter_field(adapter)), ("hidden",)))["hidden"]
+            reply = await _call_span(manager, span, protocol.FORWARD,
+                                     span_request(span, hidden, position_ids, attention_mask, codec,
+                                                  **messages.prompts_field(span_prompts(span, prompts, start)),
+                                                  **messages.adapter_field(adapter),
+                                                  **({"challenge": True} if challenge else {})), ("hidden",))
+            output = reply["hidden"]
         except RETRYABLE as e:
             attempts.failed(e)  # raised if the request is at fault or out of retries
             with manager.rerouting_after(e, span.peer_id):
@@ -86,6 +90,8 @@ async def forward_chain(manager: SequenceManager, hidden: dict, position_ids: to
                                 span.peer_id)
                 chain = chain[:index] + await manager.make_sequence(span.start, end, request)
                 continue
+        if challenge:
+            manager.proofs.track(span, reply, deserialize_tensor(hidden), deserialize_tensor(output))
         record.append((span, hidden))
         hidden, index = output, index + 1
     return hidden, record

@@ -67,6 +67,7 @@ class SequenceManager:
         self.ban_marks: dict[str, tuple[float, float]] = {}
         self.failure_cost = DEFAULT_FAILURE_COST  # replaced by measured failover times
         self.strikes_given = 0
+        self.proofs = None  # with zk_probability > 0: checks challenged hops' proofs (proofs.py)
         self.arbiter = None  # the client's own opinion for a redundant check between two servers (verification.py)
         self._failures_decayed_at = time.monotonic()
 
@@ -265,6 +266,8 @@ class SequenceManager:
 
     def shutdown(self) -> None:
         """Stop the libp2p daemon and the loop; calling it again does nothing."""
+        if self.proofs is not None:
+            self.proofs.shutdown()
         if not self.loop.thread.is_alive():
             return
         try:

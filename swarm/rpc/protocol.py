@@ -14,6 +14,7 @@ BACKWARD = f"swarm.v{PROTOCOL_VERSION}.backward"
 INFERENCE = f"swarm.v{PROTOCOL_VERSION}.inference"
 PUSH = f"swarm.v{PROTOCOL_VERSION}.push"  # a server hands its step output to the next server of a session
 DIFFUSION = f"swarm.v{PROTOCOL_VERSION}.diffusion"  # U-Net levels: a session per generation, down/up passes
+PROOF = f"swarm.v{PROTOCOL_VERSION}.proof"  # fetch the zero-knowledge proof of a challenged forward (--zk)
 SESSION_RPCS = {"span": INFERENCE, "levels": DIFFUSION}  # the session RPC of each kind of blocks
 # s a server waits for the next one to take a pushed step (only queue it: ms when it is alive); after that its
 # client relays it. Short, because it delays the client's failover when the next server froze.

@@ -13,5 +13,7 @@
 - admission.py: per-peer pacing (token buckets) and session limits
 - block_selection.py: which blocks to serve (``--num-blocks``) and when to move
 - throughput.py: a span's speed measured at start, cached per (model, span length, device, dtype, quantization)
+- proofs.py: ``Prover`` (``--zk``): zero-knowledge proofs of challenged forwards, made after the reply in a worker
+  process, fetched by ticket (the ``PROOF`` RPC)
 - settlement.py: receipts in step replies, countersigned ones settled in the background
 """

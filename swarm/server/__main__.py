@@ -139,6 +139,14 @@ def build_parser() -> Parser:
     limits.add_argument("--peer-burst", type=positive(int), default=peers.burst, metavar="N",
                         help="requests one peer may send at once after being idle")
 
+    zk = parser.add_argument_group("zero-knowledge proofs (off unless --zk is given; needs pip install swarm[zk])")
+    zk.add_argument("--zk", default=None, metavar="DIR",
+                    help="prove challenged forward requests (ezkl); circuits and keys are made and kept in DIR")
+    zk.add_argument("--zk-srs", default=None, metavar="DIR",
+                    help="where the structured reference strings are (kzg-ROWS.srs, e.g. from a public ceremony; "
+                         "made there if missing); the verifying clients must use the same ones (default: --zk DIR)")
+    zk.add_argument("--zk-max-positions", type=positive(int), default=8, metavar="N",
+                    help="prove sequences of at most N positions (a circuit's size grows with them)")
     settlement = parser.add_argument_group("settlement (off unless --settlement is given)")
     installed = sorted(ep.name for ep in entry_points(group="swarm.settlement"))
     settlement.add_argument("--settlement", default=None, metavar="NAME",
@@ -193,6 +201,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         limits=limits,
         settlement=args.settlement, settlement_options=parse_options(args.settlement_option), price=args.price,
         require_payment=args.require_payment, settlement_period=args.settlement_period,
+        zk=args.zk, zk_srs=args.zk_srs, zk_max_positions=args.zk_max_positions,
     )
 
 
@@ -202,6 +211,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.require_payment and not args.settlement:
         parser.error("--require-payment needs --settlement NAME: without settlement nobody could pay")
+    if args.zk and (args.dtype != "float32" or args.quantize != "none"):
+        parser.error("--zk proves float32 blocks without quantization: drop --dtype/--quantize or --zk")
     setup_logging(args.log_level)
     check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
     for spec in args.adapters:

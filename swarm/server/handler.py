@@ -75,6 +75,7 @@ class Handler:
         self.pushes = {"sent": 0, "failed": 0, "received": 0}  # server-to-server hand-offs, shown by info
         self.faults = Faults.from_env()  # tests only: see swarm/trust/faults.py
         self.settlement = None  # a SessionSettlement with --settlement (swarm/server/settlement.py)
+        self.prover = None  # a Prover with --zk (swarm/server/proofs.py)
         self.p2p: P2P | None = None
         batching = limits.batch_decode and blocks.kind == "span"
         # One compute thread, shared fairly between peers in pieces (compute.py); the event loop stays free for I/O.
@@ -95,6 +96,7 @@ class Handler:
             rpcs[protocol.FORWARD] = partial(self.rpc_one_shot, "forward", "hidden")
         if "backward" in self.blocks.one_shots:
             rpcs[protocol.BACKWARD] = partial(self.rpc_one_shot, "backward", "grad_input")
+        rpcs[protocol.PROOF] = self.rpc_proof
         return rpcs
 
     async def register(self, p2p: P2P) -> None:
@@ -123,6 +125,8 @@ class Handler:
 
     def shutdown(self) -> None:
         self.compute_queue.stop()
+        if self.prover is not None:
+            self.prover.shutdown()
 
     # ---- every request
 
@@ -271,6 +275,10 @@ class Handler:
         if self.settlement is not None and self.settlement.require_payment:
             raise RequestError(f"payment required: this server bills inference sessions only, so it does not serve "
                                f"{kind} requests")
+        challenged = kind == "forward" and message.get("challenge") is True
+        job: tuple | str = "this server makes no proofs (it runs without --zk)"
+        if challenged and self.prover is not None:  # checked before computing: the input is the caller's
+            job = self.prover.admit(peer, self.blocks, message, self.bounds)
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(_watch_eof(reader, gone))
         try:
@@ -279,7 +287,21 @@ class Handler:
             watcher.cancel()
         if kind == "backward":
             reply.pop("commitment", None)  # a gradient is not checked against commitments
+        if challenged:  # the proof is made after this reply, in the prover's own thread
+            if isinstance(job, tuple):
+                reply["proof_ticket"] = self.prover.submit(peer, job)
+            else:
+                reply["proof_refused"] = job
         await write_message(writer, reply)
+
+    async def rpc_proof(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The proof of a challenged forward, by its ticket (see swarm/server/proofs.py)."""
+        message = await self.read_request(reader, self.limits.open_timeout)
+        if message is None:
+            return
+        if self.prover is None:
+            raise RequestError("this server makes no proofs (it runs without --zk)")
+        await write_message(writer, await self.prover.reply(peer, message))
 
 
 def error_reply(error: BaseException) -> dict:

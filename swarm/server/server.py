@@ -92,6 +92,11 @@ class ServerConfig:
     settlement_period: float = 1.0  # seconds between settlement batches
     # Refuse sessions of clients that do not settle, and steps of sessions whose client stopped countersigning.
     require_payment: bool = False
+    # Zero-knowledge proofs of challenged forwards (swarm/server/proofs.py): a directory for circuits and keys
+    # (None: no proofs), where the SRS is (default: that directory), and the longest sequence proven.
+    zk: str | None = None
+    zk_srs: str | None = None
+    zk_max_positions: int = 8
     # Extra records published with every announcement, each ``await announcer(node, model_id, expiration)``: e.g.
     # the acceleration summary of --acceleration-history (swarm/acceleration/summaries.py), added by the CLI.
     announcers: list[Callable[[DHTNode, str, float], Awaitable[None]]] = field(default_factory=list)
@@ -148,7 +153,8 @@ class Server:
                            "failures": self.handler.failures,
                            "cost_refusals": self.handler.cost_refusals} if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens,
-                "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None}
+                "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None,
+                "proofs": self.handler.prover.stats() if self.handler and self.handler.prover else None}
 
     # ---- lifecycle
 
@@ -208,6 +214,10 @@ class Server:
                 self.handler.settlement = SessionSettlement(cfg.settlement, cfg.settlement_options, identity,
                                                             self.model_id, cfg.price, cfg.settlement_period,
                                                             cfg.require_payment)
+            if cfg.zk:
+                from swarm.server.proofs import Prover
+
+                self.handler.prover = Prover(cfg.zk, cfg.zk_srs, cfg.zk_max_positions, self.handler.faults)
             await self.handler.register(p2p)
 
             self.state = ServerState.ONLINE

@@ -8,6 +8,7 @@ cannot be switched on by normal use:
 - ``slow-pieces:SECONDS``: sleep this long before each piece of compute (a slow machine; work that is dropped)
 - ``black-hole``: accept sessions and requests, never answer them (with a made-up speed: a server that lies)
 - ``edit-weight``: serve the span with one weight changed (announcing the commitment of what it serves)
+- ``truncate-proof``: hand out proofs (``--zk``) cut to half their length
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Faults:
     slow_pieces: float | None = None
     black_hole: bool = False
     edit_weight: bool = False
+    truncate_proof: bool = False
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -49,6 +51,8 @@ class Faults:
             return cls(black_hole=True)
         if kind == "edit-weight":
             return cls(edit_weight=True)
+        if kind == "truncate-proof":
+            return cls(truncate_proof=True)
         raise ValueError(f"unknown {ENV} {spec!r}")
 
     @property
@@ -90,3 +94,6 @@ class Faults:
             noise = torch.randn_like(output)
             return output + noise * (self.perturb * output.norm() / noise.norm().clamp_min(1e-12))
         return output
+
+    def corrupt_proof(self, proof: bytes) -> bytes:
+        return proof[:len(proof) // 2] if self.truncate_proof else proof

@@ -18,12 +18,15 @@ its secret away: fine for tests and for a verifier that makes its own; a deploym
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,30 +88,54 @@ class Circuit:
         scales = self.settings.get("model_output_scales") or [self.input_scale]
         return int(scales[0])
 
+    @property
+    def tolerance(self) -> float:
+        """How far (max abs) an honest float output may be from the proven one: four times the error measured on
+        the calibration inputs, and at least a few steps of the output's fixed-point scale."""
+        made = json.loads((self.directory / "made.json").read_text())
+        return max(4 * float(made["measured_error"]), 8 / 2**self.output_scale)
+
     def path(self, name: str) -> str:
         if name == "kzg.srs":
-            return str(self.directory.parent / (self.directory / "srs.txt").read_text())
+            return (self.directory / "srs.txt").read_text()
         return str(self.directory / name)
 
     @classmethod
     def make(cls, module: torch.nn.Module, shape: tuple[int, ...], directory: str | Path,
-             samples: list[torch.Tensor] | None = None, logrows: int | None = None) -> Circuit:
-        """``directory``: a cache root; the circuit lives in a subdirectory named by a hash of the weights and
-        shape. ``logrows``: force the circuit's size (default: what calibration finds)."""
+             samples: list[torch.Tensor] | None = None, logrows: int | None = None,
+             srs_directory: str | Path | None = None, scales: list[int] | None = None) -> Circuit:
+        """``directory``: a cache root; the circuit lives in a subdirectory named by a hash of the weights, shape
+        and samples, so two parties that make the circuit of the same weights get the same circuit (and, with the
+        same SRS, the same verifying key). ``samples``: calibration inputs (default: fixed pseudo-random ones).
+        ``logrows``: force the circuit's size (default: what calibration finds). ``scales``: the fixed-point scales
+        (log2) calibration may choose from (default: ezkl's search, which favours precision; a lower scale shrinks
+        the lookup tables, and so the circuit, by 2x per step). ``srs_directory``: where the
+        structured reference strings are (``kzg-ROWS.srs``; made there if missing): prover and verifier must use the
+        same one (default: ``directory``)."""
+        import fcntl
         import time
 
         _keep_ezkl_files_in(Path(directory))
         ezkl = _ezkl()
-        digest = hashlib.sha256(repr(tuple(shape)).encode())
+        if not samples:  # the same on every machine: both sides of a proof must calibrate alike
+            generator = torch.Generator().manual_seed(0)
+            samples = [torch.randn(shape, generator=generator) * spread for spread in (1.0, 3.0)]
+        digest = hashlib.sha256(repr((tuple(shape), logrows, scales)).encode())
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode() + tensor.detach().float().contiguous().numpy().tobytes())
+        for sample in samples:
+            digest.update(sample.detach().float().contiguous().numpy().tobytes())
         root = Path(directory) / digest.hexdigest()[:24]
-        if (root / "vk.key").exists() and (root / "pk.key").exists():
-            return cls(root, shape)
+        srs_directory = Path(srs_directory or directory)
         root.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        example = torch.randn(shape) if not samples else samples[0].reshape(shape)
-        with _LOCK:
+        srs_directory.mkdir(parents=True, exist_ok=True)
+        # one maker per circuit, across processes (a server and a client may share the directory)
+        with open(root / ".lock", "w") as lock, _LOCK:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (root / "made.json").exists():
+                return cls(root, shape)
+            started = time.perf_counter()
+            example = samples[0].reshape(shape)
             torch.onnx.export(module.eval(), (example,), str(root / "block.onnx"), input_names=["input"],
                               output_names=["output"], opset_version=17, dynamo=False)
             args = ezkl.PyRunArgs()
@@ -118,25 +145,39 @@ class Circuit:
             args.input_scale = args.param_scale = 7
             if not ezkl.gen_settings(str(root / "block.onnx"), str(root / "settings.json"), py_run_args=args):
                 raise RuntimeError("ezkl could not make settings for this module")
-            calibration = [(s if s is not None else example).reshape(shape) for s in (samples or [example])]
             (root / "calibration.json").write_text(json.dumps(
-                {"input_data": [torch.cat([c.flatten() for c in calibration]).tolist()]}))
+                {"input_data": [torch.cat([s.reshape(shape).flatten() for s in samples]).tolist()]}))
             ezkl.calibrate_settings(str(root / "calibration.json"), str(root / "block.onnx"),
-                                    str(root / "settings.json"), "resources")
+                                    str(root / "settings.json"), "resources", scales=scales)
             if logrows is not None:
                 settings = json.loads((root / "settings.json").read_text())
                 settings["run_args"]["logrows"] = logrows
                 (root / "settings.json").write_text(json.dumps(settings))
             ezkl.compile_circuit(str(root / "block.onnx"), str(root / "block.ezkl"), str(root / "settings.json"))
             rows = json.loads((root / "settings.json").read_text())["run_args"]["logrows"]
-            srs = Path(directory) / f"kzg-{rows}.srs"  # shared by the circuits of this size (making one takes s)
-            if not srs.exists():
-                ezkl.gen_srs(str(srs), rows)
-            (root / "srs.txt").write_text(srs.name)
+            srs = _shared_srs(ezkl, srs_directory, rows)
+            (root / "srs.txt").write_text(str(srs.resolve()))
             if not ezkl.setup(str(root / "block.ezkl"), str(root / "vk.key"), str(root / "pk.key"), str(srs)):
                 raise RuntimeError("ezkl setup failed")
-        (root / "made.json").write_text(json.dumps({"setup_seconds": time.perf_counter() - started}))
-        return cls(root, shape)
+            setup_seconds = time.perf_counter() - started
+            circuit = cls(root, shape)
+            with torch.no_grad():
+                expected = module(example).float().flatten()
+            error = (circuit._witness_output(example) - expected).abs().max().item()
+            (root / "made.json").write_text(json.dumps({"setup_seconds": setup_seconds, "measured_error": error}))
+        return circuit
+
+    def _witness_output(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The circuit's own (fixed-point) output for ``inputs``, without a proof (caller holds ``_LOCK``)."""
+        import tempfile
+
+        ezkl = _ezkl()
+        with tempfile.TemporaryDirectory() as work:
+            data, witness = str(Path(work) / "input.json"), str(Path(work) / "witness.json")
+            Path(data).write_text(json.dumps({"input_data": [inputs.detach().float().flatten().tolist()]}))
+            ezkl.gen_witness(data, self.path("block.ezkl"), witness)
+            outputs = json.loads(Path(witness).read_text())["outputs"][0]
+        return torch.tensor([ezkl.felt_to_float(felt, self.output_scale) for felt in outputs])
 
     def stats(self) -> CircuitStats:
         made = json.loads((self.directory / "made.json").read_text())
@@ -210,6 +251,52 @@ class Circuit:
                 raise ProofError(f"the proof does not verify: {str(e)[:200]}") from None
         if not valid:
             raise ProofError("the proof does not verify")
+
+
+def worker() -> ProcessPoolExecutor:
+    """A process of its own for ezkl's work: ezkl holds the GIL for all of a call (keys and proofs take minutes), so
+    in a server's or client's process it would stop their event loops. One at a time (each call uses every core)."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def stop_worker(executor: ProcessPoolExecutor) -> None:
+    """Stop ``executor``'s process now, also in the middle of a proof (what it was doing is lost)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.kill()
+            process.join(5)
+
+
+def prove_with(module: torch.nn.Module, shape: tuple[int, ...], directory: str, inputs: torch.Tensor,
+               **make: object) -> bytes:
+    """In a worker: the proof of ``module`` on ``inputs`` (its circuit made with ``Circuit.make(**make)`` once)."""
+    return Circuit.make(module, shape, directory, **make).prove(inputs)[0]
+
+
+def check_with(module: torch.nn.Module, shape: tuple[int, ...], directory: str, blob: bytes, inputs: torch.Tensor,
+               output: torch.Tensor, **make: object) -> None:
+    """In a worker: ``Circuit.check`` of ``blob`` under ``module``'s circuit, at the circuit's own tolerance."""
+    circuit = Circuit.make(module, shape, directory, **make)
+    circuit.check(blob, inputs, output, circuit.tolerance)
+
+
+def _shared_srs(ezkl, directory: Path, rows: int) -> Path:
+    """``directory``'s SRS for circuits of 2**rows rows, made if missing; two processes making it at once agree on
+    one (the first to link its file wins)."""
+    import tempfile
+
+    srs = directory / f"kzg-{rows}.srs"
+    if not srs.exists():
+        with tempfile.TemporaryDirectory(dir=directory) as work:
+            made = Path(work) / "kzg.srs"
+            ezkl.gen_srs(str(made), rows)
+            try:
+                os.link(made, srs)
+            except FileExistsError:
+                pass
+    return srs
 
 
 def _instances(blob: bytes) -> list[str]:
