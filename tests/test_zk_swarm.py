@@ -10,6 +10,8 @@ servers prove; block 1's server runs without ``--zk``."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from tiny_models import VOCAB
@@ -24,6 +26,19 @@ from swarm.rpc import protocol  # noqa: E402
 from swarm.rpc.client import RemoteError, call  # noqa: E402
 
 LENGTH = 3  # positions proven: the circuits' input is (1, LENGTH, 16)
+PRICE = 3
+
+
+def earnings_after_a_session(model, peer: str) -> int:
+    """What ``peer`` earned from a generation of ``model``'s (4 positions) once settled (or not) after its close."""
+    model.generate(prompt(9), max_new_tokens=2, do_sample=False)
+    manager = model.get_remote().manager
+    deadline = time.monotonic() + 10
+    while True:
+        earnings = manager.loop.run(call(manager.p2p, peer, protocol.INFO, {}, timeout=10))["settlement"]["earnings"]
+        if earnings or time.monotonic() > deadline:
+            return earnings
+        time.sleep(0.2)
 
 
 def test_the_provable_restatement_equals_the_served_span(tiny_model):
@@ -44,10 +59,15 @@ def swarm(launcher, tiny_model, tmp_path_factory):
     path = tiny_model("llama16")
     zk = str(tmp_path_factory.mktemp("zk"))
     args = ("--zk", zk, "--zk-max-positions", "4")
-    honest = launcher.start_server_in_process(path, "0:1", [], *args)
+
+    def ledger(name: str) -> tuple[str, ...]:  # paid for sessions only once their client's challenges verified
+        return "--settlement", "ledger", "--settlement-option", f"path={zk}/{name}.sqlite", "--price", str(PRICE)
+
+    honest = launcher.start_server_in_process(path, "0:1", [], *args, *ledger("honest"))
     peers = [honest.maddr]
     second = launcher.start_server(path, "1:2", peers, wait=False)  # without --zk
-    faulty = {fault: launcher.start_server(path, "0:1", peers, *args, env={"SWARM_TEST_FAULT": fault}, wait=False)
+    faulty = {fault: launcher.start_server(path, "0:1", peers, *args, *(ledger(fault) if fault[0] == "p" else ()),
+                                           env={"SWARM_TEST_FAULT": fault}, wait=False)
               for fault in ("perturb:0.3", "edit-weight", "truncate-proof")}
     servers = {"honest": honest, "second": second.wait_ready(),
                **{fault: process.wait_ready() for fault, process in faulty.items()}}
@@ -76,7 +96,7 @@ def refusals_of(model) -> list[tuple[str, str]]:
 
 def test_an_honest_servers_challenged_forwards_verify(swarm):
     local = AutoModelForCausalLM.from_pretrained(swarm["path"]).eval()
-    model = client(swarm, "honest")
+    model = client(swarm, "honest", settlement="ledger")
     ids = prompt(0)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, local(ids).logits)  # challenged or not, the output is the model's
@@ -85,17 +105,19 @@ def test_an_honest_servers_challenged_forwards_verify(swarm):
     proofs = model.get_remote().manager.proofs
     assert not proofs.unsettled(swarm["honest"].peer_id)  # its receipts may be countersigned again
     assert all(r.seconds > 0 for r in proofs.results)
+    assert earnings_after_a_session(model, swarm["honest"].peer_id) == 4 * PRICE
 
 
 def test_a_server_that_perturbs_its_output_is_caught_by_its_proof(swarm):
-    model = client(swarm, "perturb:0.3")
+    model = client(swarm, "perturb:0.3", settlement="ledger")
     with torch.no_grad():
         model(prompt(1))
     verified, reason = results_of(model)[swarm["perturb:0.3"].peer_id]
     assert not verified and "differs from the proven output" in reason
     manager = model.get_remote().manager
     assert manager.stats_for(swarm["perturb:0.3"].peer_id).strikes >= 1
-    assert manager.proofs.unsettled(swarm["perturb:0.3"].peer_id)  # no countersigned receipts for it
+    assert manager.proofs.unsettled(swarm["perturb:0.3"].peer_id)
+    assert earnings_after_a_session(model, swarm["perturb:0.3"].peer_id) == 0  # its receipts are never countersigned
 
 
 def test_a_server_with_an_edited_weight_fails_the_commitment_check(swarm):
