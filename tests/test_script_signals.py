@@ -73,16 +73,22 @@ def test_sigterm_stops_every_process_of_a_benchmark(tmp_path):
 def test_terminating_signals_raise_while_a_swarm_is_open(tmp_path, sig):
     """In-process, no processes started: the signal becomes ``Terminated`` (exit status 128 + signal) only while a
     LocalSwarm is open, nested swarms share the handler, and the previous handler is back afterwards."""
-    before = signal.getsignal(sig)
-    with LocalSwarm(tmp_path / "outer"):
-        with pytest.raises(Terminated) as raised, LocalSwarm(tmp_path / "inner"):
-            handler = signal.getsignal(sig)
-            assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN)  # else the kill ends pytest
-            os.kill(os.getpid(), sig)
-            time.sleep(5)  # interrupted: the handler raises in the main thread
-        assert raised.value.code == 128 + sig
-        assert signal.getsignal(sig) is handler  # the outer swarm is still open
-    assert signal.getsignal(sig) == before
+    inherited = signal.getsignal(sig)
+    if inherited == signal.SIG_IGN:  # pytest run under nohup: an ignored SIGHUP stays ignored (the test below)
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        before = signal.getsignal(sig)
+        with LocalSwarm(tmp_path / "outer"):
+            with pytest.raises(Terminated) as raised, LocalSwarm(tmp_path / "inner"):
+                handler = signal.getsignal(sig)
+                assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN)  # else the kill ends it
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # interrupted: the handler raises in the main thread
+            assert raised.value.code == 128 + sig
+            assert signal.getsignal(sig) is handler  # the outer swarm is still open
+        assert signal.getsignal(sig) == before
+    finally:
+        signal.signal(sig, inherited)
 
 
 def test_an_ignored_sighup_stays_ignored(tmp_path):
