@@ -5,7 +5,7 @@ from positions at run time; ezkl's fixed-point circuits overflow on the first ("
 cannot take the second. ``ProvableSpan`` computes the same layers over a fixed number of positions (0..length-1,
 one sequence, no padding) with a finite mask (-30 before the softmax: a weight of e^-30 relative, below float32's
 resolution of the result), rotary tables as constants and grouped key/value heads expanded into the weights. In
-float32 it equals the span's own forward to float rounding (checked by tests/test_zk.py).
+float32 it equals the span's own forward to float rounding (checked by tests/test_zk_swarm.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MASKED = -30.0  # added to a masked attention score before the softmax
 FAMILIES = ("llama", "mistral", "qwen2")  # RMSNorm, rotary, gated SiLU MLP: the layers this module restates
 # The circuits' fixed-point scale (log2), the same for provers and verifiers (their circuits must be identical):
 # at 2^-8 the lookup tables of exp/rsqrt/SiLU fit in 2^15 rows for a hidden-16 block; ezkl's own choice (2^-11)
-# needs 2^18 rows, 8x the keys and proving time, for an error of 0.0015 instead of about 0.01.
+# needs 2^18 rows, 8x the keys and proving time, for an error of 0.0015 instead of 0.017.
 PROOF_SCALES = [8]
 
 

@@ -287,7 +287,7 @@ class Handler:
             watcher.cancel()
         if kind == "backward":
             reply.pop("commitment", None)  # a gradient is not checked against commitments
-        if challenged:  # the proof is made after this reply, in the prover's own thread
+        if challenged:  # the proof is made after this reply, in the prover's worker process
             if isinstance(job, tuple):
                 reply["proof_ticket"] = self.prover.submit(peer, job)
             else:

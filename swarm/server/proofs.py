@@ -3,9 +3,9 @@
 A client marks a forward request ``challenge: true``. If this server makes proofs and the request fits a circuit
 (one sequence at positions 0..n-1, n <= ``max_positions``, no mask, prompts or adapter, float32 blocks), the reply
 carries a ``proof_ticket``; otherwise a ``proof_refused`` reason (the forward itself is served either way). The
-proof is made in a thread of its own, one at a time, after the reply went out: proving takes seconds to minutes
-(a circuit's keys, once per (blocks, positions), minutes, and hundreds of MB on disk each: ``--zk-max-positions``
-bounds how many a client can make a server build). The client fetches it with the ``PROOF`` RPC
+proof is made in a worker process (ezkl holds the GIL), one at a time, after the reply went out: proving takes
+seconds to minutes (a circuit's keys, once per (blocks, positions), minutes, and hundreds of MB on disk each:
+``--zk-max-positions`` bounds how many a client can make a server build). The client fetches it with the ``PROOF`` RPC
 (``{"ticket": T, "wait": seconds}`` -> ``{"proof": bytes}``, ``{"pending": true}`` or an error) and checks it
 against the input it sent, the output it got and a verifying key it made from its own copy of the weights
 (swarm/trust/zk.py). Bounded: a few pending proofs per peer and in all, proofs kept for ``KEEP_SECONDS``.
@@ -18,6 +18,7 @@ import logging
 import math
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,9 @@ class Prover:
         self.executor = None  # the process proofs are made in (started at the first challenge)
         self.made = self.failed = 0  # shown by the server's info
         self._running: set[asyncio.Future] = set()
+        # the restated layers of each served span (weakly: a span moved away by rebalancing is freed), per
+        # (first, last, positions): built once, not at every challenge
+        self._modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ---- on a challenged forward
 
@@ -112,7 +116,11 @@ class Prover:
         from swarm.blocks.provable import PROOF_SCALES, ProvableSpan
         from swarm.trust.zk import prove_with
 
-        module = ProvableSpan(blocks, hidden.shape[1], first, last)
+        modules = self._modules.setdefault(blocks, {})
+        key = (first, last, hidden.shape[1])
+        if key not in modules:
+            modules[key] = ProvableSpan(blocks, hidden.shape[1], first, last)
+        module = modules[key]
         return partial(prove_with, module, tuple(hidden.shape), str(self.directory), hidden,
                        srs_directory=str(self.srs_directory), scales=PROOF_SCALES)
 

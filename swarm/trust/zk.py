@@ -167,17 +167,21 @@ class Circuit:
             (root / "made.json").write_text(json.dumps({"setup_seconds": setup_seconds, "measured_error": error}))
         return circuit
 
+    def _witness(self, inputs: torch.Tensor, work: str) -> str:
+        """The path of the witness of ``inputs`` (the circuit's values for them), written in ``work``; the caller
+        holds ``_LOCK``."""
+        data, witness = str(Path(work) / "input.json"), str(Path(work) / "witness.json")
+        Path(data).write_text(json.dumps({"input_data": [inputs.detach().float().flatten().tolist()]}))
+        _ezkl().gen_witness(data, self.path("block.ezkl"), witness)
+        return witness
+
     def _witness_output(self, inputs: torch.Tensor) -> torch.Tensor:
         """The circuit's own (fixed-point) output for ``inputs``, without a proof (caller holds ``_LOCK``)."""
         import tempfile
 
-        ezkl = _ezkl()
         with tempfile.TemporaryDirectory() as work:
-            data, witness = str(Path(work) / "input.json"), str(Path(work) / "witness.json")
-            Path(data).write_text(json.dumps({"input_data": [inputs.detach().float().flatten().tolist()]}))
-            ezkl.gen_witness(data, self.path("block.ezkl"), witness)
-            outputs = json.loads(Path(witness).read_text())["outputs"][0]
-        return torch.tensor([ezkl.felt_to_float(felt, self.output_scale) for felt in outputs])
+            outputs = json.loads(Path(self._witness(inputs, work)).read_text())["outputs"][0]
+        return torch.tensor([_ezkl().felt_to_float(felt, self.output_scale) for felt in outputs])
 
     def stats(self) -> CircuitStats:
         made = json.loads((self.directory / "made.json").read_text())
@@ -199,10 +203,9 @@ class Circuit:
         import tempfile
 
         with _LOCK, tempfile.TemporaryDirectory() as work:
-            data, witness, proof = (str(Path(work) / name) for name in ("input.json", "witness.json", "proof.json"))
-            Path(data).write_text(json.dumps({"input_data": [inputs.detach().float().flatten().tolist()]}))
-            ezkl.gen_witness(data, self.path("block.ezkl"), witness)
-            ezkl.prove(witness, self.path("block.ezkl"), self.path("pk.key"), proof, self.path("kzg.srs"))
+            proof = str(Path(work) / "proof.json")
+            ezkl.prove(self._witness(inputs, work), self.path("block.ezkl"), self.path("pk.key"), proof,
+                       self.path("kzg.srs"))
             blob = Path(proof).read_bytes()
         return blob, self.proven_output(blob)
 
