@@ -22,6 +22,7 @@ pytest.importorskip("ezkl", reason="the zk extra (ezkl, onnx) is part of the dev
 from swarm import AutoDistributedModelForCausalLM, RoutingPolicy  # noqa: E402
 from swarm.blocks.provable import ProvableSpan  # noqa: E402
 from swarm.blocks.span import BlockSpan  # noqa: E402
+from swarm.client.routing import MissingBlocksError  # noqa: E402
 from swarm.rpc import protocol  # noqa: E402
 from swarm.rpc.client import RemoteError, call  # noqa: E402
 
@@ -124,7 +125,8 @@ def test_a_server_with_an_edited_weight_fails_the_commitment_check(swarm):
     trusting = client(swarm, "edit-weight", zk_probability=0.0)
     assert trusting.route()[0].peer_id == swarm["edit-weight"].peer_id
     careful = client(swarm, "edit-weight", require_weights="reference", zk_probability=0.0)
-    with pytest.raises(Exception, match="weights"):  # the only server of block 0 it may use: excluded
+    # the only server of block 0 it may use: excluded
+    with pytest.raises(MissingBlocksError, match="weights commitment .* differs from the reference"):
         careful.route()
 
 
