@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -269,18 +269,25 @@ def _server_args(model: str | os.PathLike | None, blocks: str | None, initial_pe
 
 
 def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike | None,
-                         initial_peers: list[str]) -> list[str]:
+                         initial_peers: list[str], in_process: bool = False,
+                         server_args: Sequence[str] = ()) -> list[str]:
     """``initial_peers`` if given; otherwise start, inside ``stack``, a local swarm of two servers that split the
-    model's blocks in half, and return its address (for examples that also run stand-alone)."""
+    model's blocks in half (a diffusers pipeline's: its U-Net's levels), and return its address (for examples that
+    also run stand-alone). ``in_process``: the servers run on threads of this process (see
+    :meth:`LocalSwarm.start_server_in_process`), which saves each one's Python start-up. ``server_args``: more
+    options for both servers."""
     if initial_peers:
         return list(initial_peers)
     from swarm.blocks.span import load_config
     from swarm.hub.source import resolve_model
+    from swarm.hub.tiny_diffusion import unet_levels
 
-    num_blocks = load_config(resolve_model(model)).num_hidden_layers
+    source = resolve_model(model)
+    num_blocks = unet_levels(model) if source.is_diffusers_layout() else load_config(source).num_hidden_layers
     swarm = stack.enter_context(LocalSwarm())
-    first = swarm.start_server(model, f"0:{num_blocks // 2}", [])
-    swarm.start_server(model, f"{num_blocks // 2}:{num_blocks}", [first.maddr])
+    start = swarm.start_server_in_process if in_process else swarm.start_server
+    first = start(model, f"0:{num_blocks // 2}", [], *server_args)
+    start(model, f"{num_blocks // 2}:{num_blocks}", [first.maddr], *server_args)
     return [first.maddr]
 
 

@@ -1,4 +1,5 @@
-"""The examples run against a real swarm of the embedded SmolLM2 model and do what they say."""
+"""The examples run against a real swarm and do what they say: the LLM ones against the embedded SmolLM2 model's
+servers, the video ones against the two servers they start for a tiny pipeline they write."""
 
 from __future__ import annotations
 
@@ -45,3 +46,23 @@ def test_chat_keeps_one_session_across_turns(peers):
     assert first_sent == first_cached  # the first turn computes everything once
     # The second turn sends only its own positions: the first turn's prompt and answer stay on the servers.
     assert second_sent == second_cached - first_cached
+
+
+@pytest.mark.parametrize("name", ["video_interpolation.py", "video_latent_shift.py"])
+def test_video_examples_equal_their_local_run(name):
+    """Stand-alone (a tiny random pipeline, two servers of their own), with the default sizes: a 4-frame 64 px
+    video through the swarm, equal to the local run."""
+    output = run_example(name)
+    assert re.search(r"^output shape: \(1, 4, 64, 64, 3\)$", output, re.MULTILINE), output
+    difference = re.search(r"^max difference from the local run: (\S+)$", output, re.MULTILINE)
+    assert difference and float(difference.group(1)) == 0, output
+
+
+def test_training_through_a_served_unet_lowers_the_loss():
+    """Stand-alone: a tiny random SD pipeline and two servers of its own; the client's conditioning adapter learns
+    through both servers' backward steps, with the RegMixup term."""
+    output = run_example("train_unet_regmixup.py", "--steps", "8")
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", output)]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert "(down)" in output

@@ -28,6 +28,7 @@ from swarm.hub.tiny_diffusion import (
     TOKENS,
     VAE_SCALE,
     build_random,
+    tiny_i2vgenxl_unet_config,
     tiny_sd_unet_config,
     tiny_sdxl_unet_config,
     tiny_unet3d_config,
@@ -60,13 +61,7 @@ def tiny_unet(kind: str, seed: int = 0) -> torch.nn.Module:
             projection_class_embeddings_input_dim=96, num_frames=8,
         ), seed)
     if kind == "i2vgenxl":
-        # in_channels must be 4: image_latents_proj_in maps 4 channels to in_channels and is reshaped with them.
-        return build_random(I2VGenXLUNet, dict(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-            cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=32,
-        ), seed)
+        return build_random(I2VGenXLUNet, tiny_i2vgenxl_unet_config(), seed)
     if kind == "motion":
         unet2d = build_random(UNet2DConditionModel, tiny_sd_unet_config(), seed)
         # block_out_channels and motion_layers_per_block must equal the 2-D U-Net's (from_unet2d checks).

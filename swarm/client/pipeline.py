@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from diffusers import DiffusionPipeline, TextToVideoSDPipeline
+from diffusers import DiffusionPipeline, I2VGenXLPipeline, TextToVideoSDPipeline
 
 from swarm.blocks.latent_shift import LatentShiftUNet
 from swarm.blocks.unet import load_head_and_tail
@@ -28,7 +28,9 @@ class AutoDistributedPipeline:
 
         ``latent_shift=True``: a Latent-Shift text-to-video pipeline (diffusers' ``TextToVideoSDPipeline``) made
         from an image model's components (an SD directory), its U-Net shifting features across frames on the
-        servers (swarm/blocks/latent_shift.py). Like every pipeline here, each call closes its swarm session."""
+        servers (swarm/blocks/latent_shift.py). Like every pipeline here, each call closes its swarm session.
+
+        An ``I2VGenXLPipeline`` comes with working defaults (see :func:`i2vgenxl_pipeline`)."""
         client_config = ClientConfig.with_options(client_config, initial_peers, client_options)
         source = resolve_model(model_name_or_path)
         model_id = model_id or client_config.model_id or default_model_id(model_name_or_path)
@@ -41,6 +43,8 @@ class AutoDistributedPipeline:
         pipe.unet = RemoteUNet(head_and_tail, client_config, model_id)
         if latent_shift:
             pipe = latent_shift_pipeline(pipe)
+        if isinstance(pipe, I2VGenXLPipeline):
+            pipe = i2vgenxl_pipeline(pipe)
         pipe.__class__ = _closing_sessions(type(pipe))
         return pipe
 
@@ -55,6 +59,54 @@ def latent_shift_pipeline(image_pipe: DiffusionPipeline) -> TextToVideoSDPipelin
     return TextToVideoSDPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder,
                                  tokenizer=image_pipe.tokenizer, unet=LatentShiftUNet(image_pipe.unet),
                                  scheduler=image_pipe.scheduler)
+
+
+class I2VGenXLDefaultsPipeline(I2VGenXLPipeline):
+    """diffusers' ``I2VGenXLPipeline`` with two fixes, so that ``pipe(prompt=..., image=..., generator=...)`` works
+    and is reproducible as it is:
+
+    * ``clip_skip`` (default 1: I2VGen-XL conditions on the text encoder's penultimate layer) works on transformers
+      versions whose ``CLIPTextModel`` has no ``text_model`` attribute, where diffusers' clip-skip path crashes.
+    * The image's latents are the mode of the VAE's latent distribution, not a sample: diffusers draws that sample
+      from the global RNG, ignoring ``generator``, so equal seeds gave different videos. The image is a condition,
+      not something to sample (SVD's pipeline conditions on the mode too), and the VAE's spread is small.
+    """
+
+    def encode_prompt(self, *args, clip_skip: int | None = None, **kwargs):
+        text_encoder = self.text_encoder
+        if not clip_skip or hasattr(text_encoder, "text_model"):
+            return super().encode_prompt(*args, clip_skip=clip_skip, **kwargs)
+        # Skipping the last k layers then applying the final layer norm is what the encoder computes with those
+        # layers left out: run it so, and restore them.
+        layers = text_encoder.encoder.layers
+        if not 0 < clip_skip < len(layers):
+            raise ValueError(f"clip_skip={clip_skip} must leave at least one of the text encoder's {len(layers)} "
+                             "layers")
+        text_encoder.encoder.layers = layers[:len(layers) - clip_skip]
+        try:
+            return super().encode_prompt(*args, clip_skip=None, **kwargs)
+        finally:
+            text_encoder.encoder.layers = layers
+
+    def prepare_image_latents(self, image: torch.Tensor, device: torch.device, num_frames: int,
+                              num_videos_per_prompt: int) -> torch.Tensor:
+        latents = self.vae.encode(image.to(device=device)).latent_dist.mode() * self.vae.config.scaling_factor
+        latents = latents.unsqueeze(2)  # (batch, channels, 1, h, w): the first frame
+        # I2VGen-XL's position mask: frame i > 0 is a constant i / (num_frames - 1) in every channel.
+        positions = torch.tensor([i / (num_frames - 1) for i in range(1, num_frames)], dtype=latents.dtype,
+                                 device=device)  # Python floats, as diffusers computes them: the same roundings
+        masks = torch.ones_like(latents).repeat(1, 1, num_frames - 1, 1, 1) * positions.view(1, 1, -1, 1, 1)
+        latents = torch.cat([latents, masks], dim=2).repeat(num_videos_per_prompt, 1, 1, 1, 1)
+        return torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+
+
+def i2vgenxl_pipeline(pipe: I2VGenXLPipeline) -> I2VGenXLDefaultsPipeline:
+    """``pipe``'s components (its U-Net local or remote) as an :class:`I2VGenXLDefaultsPipeline`:
+    ``AutoDistributedPipeline`` does this for I2VGenXL directories; apply it to a local pipeline to run the same
+    algorithm."""
+    if not isinstance(pipe, I2VGenXLPipeline):
+        raise ValueError(f"expected an I2VGenXLPipeline; got {type(pipe).__name__}")
+    return I2VGenXLDefaultsPipeline(**pipe.components)
 
 
 @functools.cache

@@ -4,6 +4,8 @@
     python -m swarm.hub.tiny_diffusion video DIR    # TextToVideoSDPipeline
     python -m swarm.hub.tiny_diffusion sdxl DIR     # StableDiffusionXLPipeline
 
+(``save_tiny_i2vgenxl`` also writes an image-to-video ``I2VGenXLPipeline``, for the tests and examples.)
+
 writes the pipeline into DIR (a few MB, seconds), then prints the commands that serve its U-Net on two servers,
 with ``--blocks`` ranges counted from the saved U-Net's levels, and the client code that generates through them.
 The weights are random: images are noise; the point is to see the swarm work end to end, offline. The same
@@ -45,7 +47,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
 
 TOKENS = 77  # tokenizer.model_max_length == text encoder max_position_embeddings
 HIDDEN = 32  # text encoder width == SD/video U-Net cross_attention_dim
@@ -94,6 +103,29 @@ def tiny_text_encoder_with_projection(seed: int = 0) -> CLIPTextModelWithProject
 
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(_text_config(projection_dim=32)).eval()
+
+
+IMAGE_ENCODER_SIZE = 32  # pixels the tiny CLIP image encoder sees (I2VGenXL resizes its image to this)
+
+
+def tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+    """A 2-layer CLIP vision tower (32 px images in 8 px patches, width 32) projecting to ``HIDDEN``: the image
+    embedding I2VGenXL's U-Net takes at the text states' width."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=IMAGE_ENCODER_SIZE, patch_size=8, projection_dim=HIDDEN, hidden_act="gelu")
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def tiny_clip_image_processor() -> CLIPImageProcessor:
+    """CLIP's preprocessing (resize, center crop, CLIP's mean and std) to the tiny image encoder's 32 px."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_ENCODER_SIZE},
+                              crop_size={"height": IMAGE_ENCODER_SIZE, "width": IMAGE_ENCODER_SIZE})
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -156,6 +188,18 @@ def tiny_unet3d_config() -> dict:
     """The tiny text-to-video ``UNet3DConditionModel``: two down blocks (32, 64), cross-attention width 32.
 
     ``attention_head_dim`` 8 is, by a diffusers naming quirk, the number of heads of the spatial transformers."""
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def tiny_i2vgenxl_unet_config() -> dict:
+    """The tiny ``I2VGenXLUNet``: two down blocks (32, 64), cross-attention (and image embedding) width 32.
+
+    ``in_channels`` must be 4: ``image_latents_proj_in`` maps the 4 latent channels to ``in_channels`` and is
+    reshaped with them."""
     return dict(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
@@ -232,6 +276,22 @@ def save_tiny_text_to_video(directory: str | os.PathLike, seed: int = 0) -> Path
     pipe = TextToVideoSDPipeline(
         vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2), tokenizer=tiny_clip_tokenizer(),
         unet=build_random(UNet3DConditionModel, tiny_unet3d_config(), seed), scheduler=tiny_ddim_scheduler(),
+    )
+    directory = Path(directory)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_i2vgenxl(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny random image-to-video ``I2VGenXLPipeline`` (I2VGenXLUNet, a CLIP text encoder and tokenizer, a
+    CLIP image encoder with its image processor, DDIMScheduler) to ``directory`` and return it. Default size:
+    128 px (16 latents); pass ``num_frames`` (the pipeline's default is 16)."""
+    from diffusers import I2VGenXLPipeline, I2VGenXLUNet
+
+    pipe = I2VGenXLPipeline(
+        vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2), tokenizer=tiny_clip_tokenizer(),
+        image_encoder=tiny_image_encoder(seed + 3), feature_extractor=tiny_clip_image_processor(),
+        unet=build_random(I2VGenXLUNet, tiny_i2vgenxl_unet_config(), seed), scheduler=tiny_ddim_scheduler(),
     )
     directory = Path(directory)
     pipe.save_pretrained(directory)
