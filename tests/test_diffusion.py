@@ -289,15 +289,19 @@ def test_freeu_on_the_servers_equals_local_freeu(served_pipeline):
 
 @pytest.mark.parametrize("served_pipeline", ["sd"], indirect=True)
 def test_what_would_be_a_silent_no_op_remotely_is_refused(served_pipeline):
-    """Attention processors, hooks on blocks and their submodules would act on blocks that run on the
-    servers: a clear error instead of an accepted call that changes nothing. The pipeline works afterwards."""
-    from diffusers.models.attention_processor import AttnProcessor
+    """Attention processors that are code (not one of the named ones servers know), hooks on blocks and their
+    submodules would act on blocks that run on the servers: a clear error instead of an accepted call that changes
+    nothing. The pipeline works afterwards."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 
     pipe = served_pipeline["remote"]
-    with pytest.raises(NotImplementedError, match="attention processors"):
-        pipe.unet.set_attn_processor(AttnProcessor())
-    with pytest.raises(NotImplementedError, match="attention processors"):
-        dict(pipe.unet.attn_processors)
+    with pytest.raises(NotImplementedError, match="cannot run on the swarm's servers"):
+        pipe.unet.set_attn_processor(SlicedAttnProcessor(2))
+    with pytest.raises(ValueError, match="no attention layer is named 'nowhere.attn1'"):
+        pipe.unet.set_attn_processor({"nowhere.attn1.processor": AttnProcessor2_0()})
+    processors = pipe.unet.attn_processors
+    assert processors.keys() == served_pipeline["local"].unet.attn_processors.keys()
+    assert all(isinstance(p, AttnProcessor2_0) for p in processors.values())
     with pytest.raises(NotImplementedError, match="never fire"):
         pipe.unet.up_blocks[1].register_forward_hook(lambda *args: None)
     with pytest.raises(AttributeError, match="runs in the swarm"):

@@ -13,5 +13,10 @@
   tables as constants), equal to the span's forward in float32; ``PROOF_SCALES``
 - adapters.py: peft LoRA adapters served beside a span's base weights (``--adapters``), chosen per request
 - unet.py: diffusers U-Nets cut into head, levels (``UNetLevels``: down block i + up block n-1-i) and tail
+- unet_backward.py: the levels' backward steps (``up_backward``, ``down_backward``): input gradients by
+  recomputation from inputs the client resends; weights frozen, nothing kept between requests
 - latent_shift.py: ``LatentShiftUNet``: an image U-Net run on video by a parameter-free temporal shift
+- unet_modifiers.py: per-session U-Net modifiers, the same on servers and local U-Nets: named attention
+  processors (``FirstFrameAttnProcessor``), features captured in one pass and injected in another
+  (``FeatureStore``, ``LocalFeatureBank``)
 """

@@ -2,10 +2,10 @@
 
 A transformer span (span.py) and U-Net levels (unet.py) both implement ``ServedBlocks``: how a session opens and
 how many bytes it reserves, which kinds of step it serves (``step``, and the one-shot ``forward``/``backward``, for a
-span; ``down``/``up`` for levels), how each kind's inputs are checked, what a request will cost before it runs
-(floating-point operations: attention over positions x context for a span, over pixels squared for levels), and how
-fast the blocks compute (measured). The server's session loop, session table, admission and compute queue
-(swarm/server) are the same for every kind; only this differs.
+span; ``down``/``up`` and their backward steps for levels), how each kind's inputs are checked, what a request will
+cost before it runs (floating-point operations: attention over positions x context for a span, over pixels squared
+for levels), and how fast the blocks compute (measured). The server's session loop, session table, admission and
+compute queue (swarm/server) are the same for every kind; only this differs.
 """
 
 from __future__ import annotations

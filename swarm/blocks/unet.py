@@ -23,10 +23,11 @@ import diffusers
 import torch
 from torch import nn
 
-from swarm.blocks import latent_shift
+from swarm.blocks import latent_shift, unet_modifiers
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.served import BlockSession, Bounds, Prepared, ServedBlocks, SpanSpeed
 from swarm.blocks.span import read_codec
+from swarm.blocks.unet_backward import BACKWARD_STEPS, prepare_backward
 from swarm.compression import PayloadError, deserialize_tensor, serialize_tensor
 from swarm.hub.source import ModelSource
 from swarm.rpc.messages import read_block_range, read_float_tensor, read_sizes, read_tensor
@@ -152,6 +153,7 @@ class LevelStash:
 EXTRA_KEYS = {"num_frames": int, "image_only_indicator": "tensor"}  # block arguments a client may set
 FREEU_KEYS = ("s1", "s2", "b1", "b2")  # diffusers' FreeU factors: skip (s) and backbone (b) scales of two stages
 MAX_FREEU = 10.0
+MAX_FEATURE_BYTES = 2**34  # what a session may ask to keep captured (the session budget bounds it in practice)
 
 
 def read_freeu(message: dict) -> dict | None:
@@ -175,6 +177,9 @@ class LevelsSession(BlockSession):
     forward_upsample_size: bool = False
     latent_shift_frames: int | None = None  # frames folded in the batch to shift along (Latent-Shift)
     freeu: dict | None = None  # FreeU factors for this session's up passes (None: off)
+    processors: dict = field(default_factory=dict)  # attention processors by layer name (unet_modifiers.py)
+    conditioning_bytes: int = 0  # reserved for encoder hidden states (a down pass may replace them within it)
+    features: unet_modifiers.FeatureStore | None = None  # features captured in this session (None: none asked)
     carry_skips: bool = False  # for comparison only: send skips back to the client instead of keeping them
     sample_shape: tuple[int, int, int, int] | None = None  # (batch, channels, height, width) at level 0, reserved
     temb: torch.Tensor | None = None
@@ -191,7 +196,7 @@ class _LevelsProtocol(ServedBlocks):
     """UNetLevels' side of the served-block protocol (mixed into UNetLevels below)."""
 
     kind = "levels"
-    session_steps = ("down", "up")
+    session_steps = ("down", "up", *BACKWARD_STEPS)  # backward steps: unet_backward.py
     input_errors = (RuntimeError, ValueError, KeyError, IndexError)
     unet: nn.Module
     n: int
@@ -287,6 +292,38 @@ class _LevelsProtocol(ServedBlocks):
             cache[level] = (params, attentions)
         return cache[level]
 
+    def attention_names(self) -> list[str]:
+        """The U-Net's attention layers, by name (processors may be set on any; ours are the ones that run)."""
+        if "_attention_names" not in self.__dict__:
+            self.__dict__["_attention_names"] = unet_modifiers.attention_names(self.unet)
+        return self.__dict__["_attention_names"]
+
+    def feature_places(self) -> tuple[list[str], set[str]]:
+        """Every feature place of the U-Net, and those in our levels (where we capture and inject)."""
+        if "_feature_places" not in self.__dict__:
+            places = unet_modifiers.feature_places(self.unet)
+            prefixes = tuple(f"{path}." for level in range(self.start, self.end) for path in (
+                ["mid_block"] if level == self.n else [f"down_blocks.{level}", f"up_blocks.{self.n - 1 - level}"]))
+            self.__dict__["_feature_places"] = places, {p for p in places if p.startswith(prefixes)}
+        return self.__dict__["_feature_places"]
+
+    def read_features(self, message: dict, session: LevelsSession) -> unet_modifiers.Exchange | None:
+        """A pass's feature captures and injections at our levels, checked before any compute."""
+        if message.get("features") is None:
+            return None
+        known, mine = self.feature_places()
+        try:
+            request = unet_modifiers.FeatureRequest.from_message(message["features"], known).mine(mine)
+            if request.empty:
+                return None
+            if session.features is None:
+                raise unet_modifiers.FeatureError("this session keeps no features: open it with feature_bytes")
+            exchange = unet_modifiers.Exchange(request, session.features)
+            exchange.check()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        return exchange
+
     def cross_attention_width(self) -> int | None:
         """What our loaded cross-attention layers take as keys (temporal/motion self-attention does not count)."""
         for module in self.modules():
@@ -339,8 +376,7 @@ class _LevelsProtocol(ServedBlocks):
 
     # -- sessions
 
-    def open_session(self, message: dict, bounds: Bounds) -> LevelsSession:
-        start, end = read_block_range(message, self.start, self.end)
+    def _read_ehs(self, message: dict, bounds: Bounds) -> torch.Tensor | None:
         ehs = read_float_tensor(message, "encoder_hidden_states", bounds.max_numel, 3, required=False,
                                 layout="batch, tokens, width")
         width = self.cross_attention_width()
@@ -349,14 +385,29 @@ class _LevelsProtocol(ServedBlocks):
         if ehs is not None and ehs.shape[1] > bounds.max_encoder_tokens:
             raise RequestError(f"encoder_hidden_states hold {ehs.shape[1]} tokens per row; this server takes at most "
                                f"{bounds.max_encoder_tokens}")
+        return ehs
+
+    def open_session(self, message: dict, bounds: Bounds) -> LevelsSession:
+        start, end = read_block_range(message, self.start, self.end)
+        ehs = self._read_ehs(message, bounds)
         frames = get_field(message, "latent_shift_frames", int, default=None)
         if frames is not None and frames <= 0:
             raise RequestError("latent_shift_frames must be positive")
         shape = self._read_sample_shape(message, ehs, bounds)
         element = torch.tensor([], dtype=self.compute_dtype).element_size()
-        reserved = self.skip_bytes(shape[0], list(shape[2:]), start, end) + (
-            ehs.numel() * element if ehs is not None else 0)
+        feature_bytes = get_field(message, "feature_bytes", int, default=0)
+        if not 0 <= feature_bytes <= MAX_FEATURE_BYTES:
+            raise RequestError(f"feature_bytes must be in [0, {MAX_FEATURE_BYTES}]")
+        try:
+            processors = unet_modifiers.read_processors(message.get("processors"), self.attention_names())
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        # conditioning for the declared batch: a session may be given other conditioning later (reconditioning)
+        conditioning = ehs.numel() * element * -(-shape[0] // ehs.shape[0]) if ehs is not None else 0
+        reserved = self.skip_bytes(shape[0], list(shape[2:]), start, end) + conditioning + feature_bytes
         return LevelsSession(start, end, reserved, read_codec(message, "output_codec"), blocks=self,
+                             processors=processors, conditioning_bytes=conditioning,
+                             features=unet_modifiers.FeatureStore(feature_bytes) if feature_bytes else None,
                              encoder_hidden_states=ehs,
                              extra=self._read_extra(message.get("extra") or {}, bounds),
                              forward_upsample_size=get_field(message, "forward_upsample_size", bool, default=False),
@@ -411,9 +462,13 @@ class _LevelsProtocol(ServedBlocks):
     # -- passes
 
     def prepare(self, kind: str, message: dict, session: BlockSession | None, bounds: Bounds) -> Prepared:
+        if kind in BACKWARD_STEPS and isinstance(session, LevelsSession):  # training: input gradients
+            return prepare_backward(self, kind, message, session, bounds)
         if not isinstance(session, LevelsSession) or kind not in ("down", "up"):
             raise RequestError(f"U-Net levels serve 'down' and 'up' passes in a session, not {kind!r}")
         sample = read_float_tensor(message, "sample", bounds.max_numel, 4, layout="batch, channels, height, width")
+        if kind == "down" and ("encoder_hidden_states" in message or "extra" in message):
+            self._recondition(message, session, bounds)
         batch, size = sample.shape[0], list(sample.shape[2:])
         if batch * size[0] * size[1] > bounds.max_sample_pixels:
             raise RequestError(f"sample of {list(sample.shape)}: batch x height x width must be at most "
@@ -428,6 +483,17 @@ class _LevelsProtocol(ServedBlocks):
         encoder_tokens = ehs.shape[1] if ehs is not None else 0
         return (self._prepare_down if kind == "down" else self._prepare_up)(
             message, session, sample, sizes, encoder_tokens, bounds)
+
+    def _recondition(self, message: dict, session: LevelsSession, bounds: Bounds) -> None:
+        """New conditioning for this and the following evaluations (another prompt or image: e.g. a video edit's
+        inversion, then its generation, in one session that keeps the features captured meanwhile)."""
+        ehs = self._read_ehs(message, bounds)
+        element = torch.tensor([], dtype=self.compute_dtype).element_size()
+        if ehs is not None and ehs.numel() * element > session.conditioning_bytes:
+            raise RequestError(f"encoder_hidden_states of {list(ehs.shape)} exceed the {session.conditioning_bytes} "
+                               "bytes this session reserved for conditioning (declare a larger sample_shape batch)")
+        extra = self._read_extra(message.get("extra") or {}, bounds)
+        session.encoder_hidden_states, session.extra = ehs, extra
 
     def _check_chain(self, sizes: list[list[int]], level: int, size: list[int]) -> None:
         """The sizes the client reports for the levels before ``level`` must lead down to ``size`` (each level
@@ -472,6 +538,7 @@ class _LevelsProtocol(ServedBlocks):
         went_up = session.end == self.n + 1  # we hold the mid level: go straight back up through our levels
         flops = self.flops(batch, size, session.start, session.end, encoder_tokens, down=True, up=went_up)
         self.check_cost(flops, bounds)
+        exchange = self.read_features(message, session)
 
         def run():
             out_sizes, stashes = [list(s) for s in sizes], {}
@@ -483,14 +550,17 @@ class _LevelsProtocol(ServedBlocks):
                 if level < self.n:
                     out_sizes.append(list(current.shape[-2:]))
                     session.sizes[level] = list(current.shape[-2:])
-                with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
+                with torch.no_grad(), latent_shift.active(session.latent_shift_frames), \
+                        unet_modifiers.active(session.processors, exchange):
                     current, stash = self.down(level, current, temb, session.encoder_hidden_states, session.extra)
                 if stash is not None:
                     stashes[level] = stash
             session.temb, session.stashes = temb, stashes
             if went_up:
                 yield
-                current = yield from self._up_pieces(session, current, out_sizes)
+                current = yield from self._up_pieces(session, current, out_sizes, exchange)
+            if exchange is not None:  # only a pass that completed keeps what it captured
+                exchange.commit()
             return current, out_sizes
 
         def finish(result) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -533,14 +603,19 @@ class _LevelsProtocol(ServedBlocks):
         flops = self.flops(sample.shape[0], session.sizes[session.start], session.start, top, encoder_tokens,
                            down=False, up=True)
         self.check_cost(flops, bounds)
+        exchange = self.read_features(message, session)
 
         def run():
-            return (yield from self._up_pieces(session, sample, sizes))
+            output = yield from self._up_pieces(session, sample, sizes, exchange)
+            if exchange is not None:
+                exchange.commit()
+            return output
 
         return Prepared(run, flops, sample.shape[0], lambda output: ({}, {"sample": output}), sample.dtype,
                         extra={"evaluated": True})
 
-    def _up_pieces(self, session: LevelsSession, sample: torch.Tensor, sizes: list):
+    def _up_pieces(self, session: LevelsSession, sample: torch.Tensor, sizes: list,
+                   exchange: unet_modifiers.Exchange | None = None):
         """The up pass through our levels, one level a piece. Per-thread state (grad mode, Latent-Shift's frames)
         is set around each level, never across a yield, where it would leak into another job's piece."""
         for number, level in enumerate(reversed(range(session.start, min(session.end, self.n)))):
@@ -548,7 +623,8 @@ class _LevelsProtocol(ServedBlocks):
                 yield
             size = self.upsample_size(level, [tuple(s) for s in sizes], session.forward_upsample_size)
             stash = session.stashes.pop(level)
-            with torch.no_grad(), latent_shift.active(session.latent_shift_frames):
+            with torch.no_grad(), latent_shift.active(session.latent_shift_frames), \
+                    unet_modifiers.active(session.processors, exchange):
                 sample = self.up(level, sample, session.temb, session.encoder_hidden_states, session.extra, stash, size,
                                  freeu=session.freeu)
         session.temb = None
@@ -595,6 +671,7 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         levels.compute_device, levels.compute_dtype = torch.device(device), dtype
         levels.requires_grad_(False)
         latent_shift.install(levels)  # inactive unless a session asks for it
+        unet_modifiers.install(levels.unet)  # likewise: processors and feature exchange per session
         levels.opened_files = sorted(checkpoint.opened_files)
         return levels
 
@@ -694,6 +771,9 @@ def load_head_and_tail(source: ModelSource, dtype: torch.dtype = torch.float32) 
     config, subfolder = load_unet_config(source)
     unet = build_unet_skeleton(config)
     check_pairing(unet)
+    # what the client may name in processors and feature requests, read before the blocks become stand-ins
+    unet.swarm_attention_names = unet_modifiers.attention_names(unet)
+    unet.swarm_feature_places = unet_modifiers.feature_places(unet)
     unet.swarm_up_factor = up_factor(unet)
     unet.swarm_num_levels = num_levels(unet)
     unet.down_blocks = nn.ModuleList(_RemoteBlock(block) for block in unet.down_blocks)

@@ -20,7 +20,10 @@
 - sequence_manager.py: ``SequenceManager``: the DHT view, RTT pings, per-server statistics, bans with backoff
 - diffusion.py: ``RemoteUNet``: a diffusers U-Net whose blocks run in the swarm (U-shaped: skips stay on servers),
   one ``LevelsHop`` per server
-- pipeline.py: ``AutoDistributedPipeline``: a diffusers pipeline with a ``RemoteUNet``
+- unet_autograd.py: a ``RemoteUNet`` call that needs gradients: recorded evaluations and the backward through
+  the servers (``TrainingSession``), as an autograd function
+- pipeline.py: ``AutoDistributedPipeline``: a diffusers pipeline with a ``RemoteUNet``; ``latent_shift_pipeline``,
+  ``i2vgenxl_pipeline`` (I2VGenXL with working defaults: clip skip, seeded image latents)
 - config.py: ``ClientConfig``
 - planner.py: ``RequestPlanner`` and ``load_planner``: plugins (entry point group ``swarm.planners``) that choose
   each ``generate``'s settings and record how it went

@@ -4,30 +4,37 @@ Each evaluation goes down the chain of servers (each runs the down blocks of its
 and back up (each runs its up blocks on those skips): only ``sample`` and the time embedding travel. What stays
 fixed for a generation (encoder hidden states, extra block arguments) is sent once, when the session opens. A
 server failing mid-evaluation is banned, its levels are routed elsewhere, and the evaluation is run again.
+
+A call that needs gradients (to train what the client holds) is differentiable through the servers, whose weights
+stay frozen: see unet_autograd.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from diffusers import ModelMixin
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from swarm.blocks.unet import HeadOutput, run_head, run_tail
+from swarm.blocks import unet_modifiers
+from swarm.blocks.unet import BLOCK_PREFIXES, HeadOutput, run_head, run_tail
 from swarm.client.chain import RETRYABLE, Attempts, ChainHop, open_chain, output_codec
 from swarm.client.config import ClientConfig
 from swarm.client.routing import Hop, RouteRequest
 from swarm.client.sequence_manager import SequenceManager
 from swarm.compression import deserialize_tensor, is_serialized_tensor, serialize_tensor
 from swarm.rpc import messages, protocol
-from swarm.rpc.client import PeerUnavailable
+from swarm.rpc.client import PeerUnavailable, RemoteError
 from swarm.rpc.framing import encode_message
 
 logger = logging.getLogger(__name__)
@@ -48,10 +55,12 @@ class LevelsHop(ChainHop):
 
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str,
-                   carry_skips: bool = False) -> LevelsHop:
+                   carry_skips: bool = False, processors: dict | None = None, feature_bytes: int = 0,
+                   batch: int | None = None) -> LevelsHop:
+        shape = [max(batch or 0, head.sample.shape[0]), *head.sample.shape[1:]]  # batch: the most it will take
         message = messages.open_levels(hop.span.start, hop.span.end, codec, head.encoder_hidden_states, head.extra,
                                        head.forward_upsample_size, head.latent_shift_frames,
-                                       list(head.sample.shape), carry_skips, head.freeu)
+                                       shape, carry_skips, head.freeu, processors, feature_bytes)
         stream, reply = await cls.open_stream(manager, hop, protocol.DIFFUSION, message)
         return cls(manager, hop, stream, reply.get("session_id"), codec)
 
@@ -68,12 +77,31 @@ class LevelsHop(ChainHop):
         return reply
 
 
+@dataclass
+class HopRecord:
+    """What one hop was sent in an evaluation: its encoded inputs (a backward resends them)."""
+
+    hop: LevelsHop
+    down: dict  # the down request (sample, temb, input_sizes)
+    up: dict | None = None  # the up request (None: the hop holds the mid block; its down pass went back up)
+
+
 class DiffusionSession:
     """One generation's sessions on a chain of servers covering every level."""
 
-    def __init__(self, manager: SequenceManager, head: HeadOutput, carry_skips: bool = False):
+    recording = False  # keep each evaluation's requests (``record``): a training session's backward resends them
+    record: list[HopRecord] | None = None
+
+    def __init__(self, manager: SequenceManager, head: HeadOutput, carry_skips: bool = False,
+                 processors: dict | None = None, feature_bytes: int = 0, batch: int | None = None):
         self.manager, self.head, self.hops = manager, head, []
+        self.batch = batch  # the largest sample batch the servers reserve for (None: this head's)
+        self.reconditioned = False  # the next pass carries the head's conditioning to every hop
         self.carry_skips = carry_skips  # benchmark only: skips cross the network as in a linear chain
+        self.processors = dict(processors or {})  # attention processor specs by layer name, for every hop
+        self.feature_bytes = feature_bytes  # what each hop may keep of captured features
+        self.features: dict = {}  # this evaluation's feature captures/injections (a FeatureRequest's message)
+        self.evaluations = 0
         self.traffic: list[list[HopTraffic]] = []  # per evaluation, per hop
         self._step_ids = itertools.count()
 
@@ -88,9 +116,21 @@ class DiffusionSession:
                 torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
                 for a, b in ((self.head.extra[k], head.extra[k]) for k in head.extra))
 
+    def can_recondition(self, head: HeadOutput) -> bool:
+        """Whether ``head`` differs from this session's only in conditioning the servers can take mid-session."""
+        return self.head.forward_upsample_size == head.forward_upsample_size and \
+            self.head.latent_shift_frames == head.latent_shift_frames and self.head.freeu == head.freeu and \
+            head.sample.shape[0] <= max(self.batch or 0, self.head.sample.shape[0]) and \
+            head.sample.shape[1:] == self.head.sample.shape[1:]
+
+    def recondition(self, head: HeadOutput) -> None:
+        self.head, self.reconditioned = head, True
+
     def evaluate(self, head: HeadOutput) -> torch.Tensor:
         """The up path's output for this evaluation's head state (to be fed to the tail)."""
-        return self.manager.loop.run(self._evaluate(head.sample, head.temb))
+        output = self.manager.loop.run(self._evaluate(head.sample, head.temb))
+        self.evaluations += 1
+        return output
 
     async def _evaluate(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         attempts = Attempts(self.manager)
@@ -103,14 +143,26 @@ class DiffusionSession:
                 failed = next((hop for hop in self.hops if hop.span.peer_id == e.peer), None)
                 if failed is None:
                     raise
+                if self.feature_bytes and isinstance(e, RemoteError) and not e.busy:
+                    raise  # a refusal of a session that keeps features: another server would not have them
                 attempts.failed(e)  # raised if the request is at fault or out of retries
                 # The failed server's skips are gone: route its levels elsewhere and run the evaluation again.
-                logger.warning(f"Server {failed.span} failed ({e}); re-routing its levels")
-                index = self.hops.index(failed)
-                self.hops.pop(index).stream.close()
-                with self.manager.rerouting_after(e, failed.span.peer_id):
-                    self.manager.failed(failed.span.peer_id, e)
-                    self.hops[index:index] = await self._open_chain(failed.span.start, failed.span.end)
+                await self.replace(failed, e)
+
+    async def replace(self, failed: LevelsHop, error: Exception) -> None:
+        """Route ``failed``'s levels to other servers, in its place in the chain."""
+        logger.warning(f"Server {failed.span} failed ({error}); re-routing its levels")
+        index = self.hops.index(failed)
+        self.hops.pop(index).stream.close()
+        try:
+            with self.manager.rerouting_after(error, failed.span.peer_id):
+                self.manager.failed(failed.span.peer_id, error)
+                self.hops[index:index] = await self._open_chain(failed.span.start, failed.span.end)
+        except BaseException:
+            # no replacement: a chain with a gap must not be used by the next evaluation
+            await asyncio.gather(*(hop.close() for hop in self.hops), return_exceptions=True)
+            self.hops = []
+            raise
 
     async def _pass(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         config = self.manager.config
@@ -119,27 +171,44 @@ class DiffusionSession:
         payload, sizes, temb_payload = serialize_tensor(sample, config.edge_codec), [], serialize_tensor(temb)
         last, samples = len(self.hops) - 1, sample.shape[0]
         carried = {}
+        conditioning = {}
+        if self.reconditioned:
+            head = self.head
+            conditioning = {"extra": {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
+                                      for key, value in head.extra.items()}}
+            if head.encoder_hidden_states is not None:
+                conditioning["encoder_hidden_states"] = serialize_tensor(head.encoder_hidden_states,
+                                                                         config.edge_codec)
+        record = []
         for index, hop in enumerate(self.hops):  # down; the last server holds the mid level and goes back up
-            reply = await hop.request({"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
-                                       "input_sizes": sizes,
-                                       "output_codec": output_codec(config, last == 0)},
-                                      timeout, traffic[index], samples)
+            message = {"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
+                       "input_sizes": sizes, "output_codec": output_codec(config, last == 0), **self._features(),
+                       **conditioning}
+            record.append(HopRecord(hop, message))
+            reply = await hop.request(message, timeout, traffic[index], samples)
             payload, sizes = reply["sample"], reply["input_sizes"]
             if "skips" in reply:
                 carried[index] = {"skips": reply["skips"], "temb": reply["temb"]}
         for index in reversed(range(last)):  # up, relaying each output untouched
-            codec = output_codec(config, index == 0)
-            payload = (await self.hops[index].request({"type": "up", "step_id": step_id, "sample": payload,
-                                                       "input_sizes": sizes, "output_codec": codec,
-                                                       **carried.get(index, {})},
-                                                      timeout, traffic[index], samples))["sample"]
+            message = {"type": "up", "step_id": step_id, "sample": payload, "input_sizes": sizes,
+                       "output_codec": output_codec(config, index == 0), **carried.get(index, {}),
+                       **self._features()}
+            record[index].up = message
+            payload = (await self.hops[index].request(message, timeout, traffic[index], samples))["sample"]
         self.traffic.append(traffic)
+        self.reconditioned = False
+        if self.recording:
+            self.record = record
         return deserialize_tensor(payload)
+
+    def _features(self) -> dict:
+        # every hop gets the whole request and acts on the places in its own levels
+        return {"features": self.features} if self.features else {}
 
     async def _open_chain(self, start: int, end: int) -> list[LevelsHop]:
         async def open_hop(hop: Hop, previous: LevelsHop | None) -> LevelsHop:
             return await LevelsHop.open(self.manager, hop, self.head, self.manager.config.edge_codec,
-                                        self.carry_skips)
+                                        self.carry_skips, self.processors, self.feature_bytes, self.batch)
 
         return await open_chain(self.manager, start, end, RouteRequest(mode="latency"), open_hop)
 
@@ -169,6 +238,10 @@ class RemoteUNet(ModelMixin):
         self.session: DiffusionSession | None = None
         self.carry_skips = False  # benchmarks only: make skips cross the network, as a linear chain would
         self.freeu: dict | None = None  # FreeU factors the servers apply in this client's sessions (enable_freeu)
+        self.processors: dict[str, dict] = {}  # attention processor specs the servers apply (set_attn_processor)
+        self.feature_bytes = 0  # what each server keeps of captured features (feature_bank)
+        self.feature_batch = 1  # the largest batch (videos) the feature bank's session takes
+        self.feature_request: unet_modifiers.FeatureRequest | None = None  # this call's captures and injections
         self._session_lock = threading.Lock()  # an evaluation against the idle closer
         self._last_used = 0.0
         self._closer: threading.Thread | None = None
@@ -185,15 +258,41 @@ class RemoteUNet(ModelMixin):
         (see ``swarm.blocks.latent_shift.LatentShiftUNet``)."""
         head = run_head(self.local, sample, timestep, encoder_hidden_states, **kwargs)
         head.latent_shift_frames, head.freeu = latent_shift_frames, self.freeu
+        if self._needs_grad(head):  # training what the client holds: gradients come back through the servers
+            output = run_tail(self.local, self._evaluate_with_grad(head), head)
+            return UNet2DConditionOutput(sample=output) if return_dict else (output,)
         with self._session_lock:
-            if self.session is None or not self.session.matches(head):
+            if self.session is not None and self.feature_bytes and self.session.evaluations and \
+                    not self.session.matches(head):
+                # the servers keep the captured features in this session: give it the new conditioning
+                if not self.session.can_recondition(head):
+                    raise RuntimeError("while a feature bank is open, calls may change the prompt and image but not "
+                                       "the sample's size, frames, FreeU or a batch beyond the bank's max_batch "
+                                       "(the servers keep the features in this session)")
+                self.session.recondition(head)
+            elif self.session is None or not self.session.matches(head):
                 self._close_session()
-                self.session = DiffusionSession(self.manager, head, self.carry_skips)
+                batch = self.feature_batch * (head.num_frames or 1) if self.feature_bytes else None
+                self.session = DiffusionSession(self.manager, head, self.carry_skips, self._block_processors(),
+                                                self.feature_bytes, batch)
+            request = self.feature_request
+            self.session.features = request.to_message() if request is not None else {}
             evaluated = self.session.evaluate(head)
             self._last_used = time.monotonic()
         self._watch_idle_session()
         output = run_tail(self.local, evaluated, head)
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+    @staticmethod
+    def _needs_grad(head: HeadOutput) -> bool:
+        from swarm.client.unet_autograd import needs_grad  # builds on this module
+
+        return needs_grad(head)
+
+    def _evaluate_with_grad(self, head: HeadOutput) -> torch.Tensor:
+        from swarm.client.unet_autograd import evaluate_with_grad
+
+        return evaluate_with_grad(self, head)
 
     def _watch_idle_session(self) -> None:
         idle = self.manager.config.diffusion_idle_close
@@ -214,17 +313,46 @@ class RemoteUNet(ModelMixin):
         self._closer = threading.Thread(target=close_when_idle, name="unet-idle-close", daemon=True)
         self._closer.start()
 
-    # What changes the blocks' computation runs on the servers, so setting it here would be a silent no-op: refused.
-    # (Memory settings such as attention slicing change no result and stay accepted.)
+    # Attention processors run where their layers are: the blocks' on the servers (sent by name with each session's
+    # opening: swarm/blocks/unet_modifiers.py), the head's here. Processors that are code, not a name, are refused.
     @property
     def attn_processors(self) -> dict:
-        raise NotImplementedError(_NOT_REMOTE.format("attention processors"))
+        """As diffusers': every attention layer's processor (``<layer>.processor``), as the servers apply it."""
+        return {f"{name}.processor": unet_modifiers.processor_from_spec(self.processors[name])
+                if name in self.processors else AttnProcessor2_0() for name in self.local.swarm_attention_names}
 
-    def set_attn_processor(self, *args, **kwargs) -> None:
-        raise NotImplementedError(_NOT_REMOTE.format("attention processors"))
+    def set_attn_processor(self, processor: object) -> None:
+        """As diffusers': one processor for every attention layer, or a map ``{"<layer>.processor": processor}``.
+        Takes effect from the next evaluation (a new session with the servers)."""
+        names = self.local.swarm_attention_names
+        if isinstance(processor, dict):
+            unknown = sorted(set(processor) - {f"{name}.processor" for name in names})
+            if unknown:
+                raise ValueError(f"no attention layer is named {unknown[0].removesuffix('.processor')!r}; "
+                                 f"{len(unknown)} unknown of {len(processor)}")
+            chosen = {key.removesuffix(".processor"): value for key, value in processor.items()}
+        else:
+            chosen = dict.fromkeys(names, processor)
+        specs = {name: unet_modifiers.processor_spec(value) for name, value in chosen.items()}  # refuses code
+        processors = {**self.processors, **specs}
+        self.processors = {name: spec for name, spec in processors.items() if spec is not None}
+        for name, value in chosen.items():  # the head's layers (a video U-Net's transformer_in) run here
+            if not name.startswith(BLOCK_PREFIXES):
+                self.local.get_submodule(name).set_processor(value)
+        self.close_session()
 
     def set_default_attn_processor(self) -> None:
-        raise NotImplementedError(_NOT_REMOTE.format("attention processors"))
+        self.set_attn_processor(AttnProcessor2_0())
+
+    def _block_processors(self) -> dict:
+        return {name: spec for name, spec in self.processors.items() if name.startswith(BLOCK_PREFIXES)}
+
+    def feature_bank(self, max_bytes: int, max_batch: int = 2) -> RemoteFeatureBank:
+        """Capture features in one evaluation and inject them in a later one (``bank.capture(tag, places)`` and
+        ``bank.inject(tag, places)`` around U-Net calls), each server keeping what its levels captured, at most
+        ``max_bytes`` each, until ``bank.close()`` closes the session. Meanwhile calls may change the prompt and
+        image (sent to the servers mid-session), up to ``max_batch`` rows (2: classifier-free guidance)."""
+        return RemoteFeatureBank(self, max_bytes, max_batch)
 
     def fuse_qkv_projections(self) -> None:
         raise NotImplementedError(_NOT_REMOTE.format("fused QKV projections"))
@@ -249,3 +377,38 @@ class RemoteUNet(ModelMixin):
     def shutdown(self) -> None:
         self.close_session()
         self.manager.shutdown()
+
+
+class RemoteFeatureBank:
+    """Features captured and injected on the servers of a ``RemoteUNet``'s session (see ``RemoteUNet.feature_bank``);
+    the same calls as ``swarm.blocks.unet_modifiers.LocalFeatureBank``."""
+
+    def __init__(self, unet: RemoteUNet, max_bytes: int, max_batch: int = 2):
+        if not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError("max_bytes must be a positive number of bytes")
+        if not isinstance(max_batch, int) or max_batch <= 0:
+            raise ValueError("max_batch must be a positive integer")
+        self.unet, self.max_bytes = unet, max_bytes
+        self.places = set(unet.local.swarm_feature_places)
+        unet.close_session()  # the next evaluation opens a session that reserves the bytes
+        unet.feature_bytes, unet.feature_batch = max_bytes, max_batch
+
+    @contextlib.contextmanager
+    def _use(self, request: unet_modifiers.FeatureRequest) -> Iterator[None]:
+        unet_modifiers.FeatureRequest.from_message(request.to_message(), self.places)  # clear errors here
+        self.unet.feature_request = request
+        try:
+            yield
+        finally:
+            self.unet.feature_request = None
+
+    def capture(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
+        return self._use(unet_modifiers.FeatureRequest(capture_tag=tag, capture_places=frozenset(places)))
+
+    def inject(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
+        return self._use(unet_modifiers.FeatureRequest(inject_tag=tag, inject_places=frozenset(places)))
+
+    def close(self) -> None:
+        """Free what the servers keep (their session closes)."""
+        self.unet.feature_bytes, self.unet.feature_batch = 0, 1
+        self.unet.close_session()

@@ -48,7 +48,8 @@ def adapter_field(adapter: str | None) -> dict:
 
 def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: torch.Tensor | None, extra: dict,
                 forward_upsample_size: bool, latent_shift_frames: int | None, sample_shape: list[int] | None,
-                carry_skips: bool = False, freeu: dict | None = None) -> dict:
+                carry_skips: bool = False, freeu: dict | None = None, processors: dict | None = None,
+                feature_bytes: int = 0) -> dict:
     """Open a generation on U-Net levels: what stays fixed for all its evaluations, and the shape of its samples
     (batch, channels, height, width), from which the server reserves memory for the skips it keeps."""
     message = {"type": "open", "start": start, "end": end, "output_codec": output_codec,
@@ -60,6 +61,10 @@ def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: 
         message["sample_shape"] = list(sample_shape)
     if freeu is not None:
         message["freeu"] = dict(freeu)
+    if processors:
+        message["processors"] = dict(processors)
+    if feature_bytes:
+        message["feature_bytes"] = int(feature_bytes)
     if encoder_hidden_states is not None:
         message["encoder_hidden_states"] = serialize_tensor(encoder_hidden_states, output_codec)
     return message

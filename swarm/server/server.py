@@ -154,7 +154,15 @@ class Server:
                            "cost_refusals": self.handler.cost_refusals} if self.handler else {},
                 "max_batch_tokens": self.config.limits.max_batch_tokens,
                 "settlement": self.handler.settlement.stats() if self.handler and self.handler.settlement else None,
-                "proofs": self.handler.prover.stats() if self.handler and self.handler.prover else None}
+                "proofs": self.handler.prover.stats() if self.handler and self.handler.prover else None,
+                "features": self._feature_bytes()}
+
+    def _feature_bytes(self) -> int:
+        """Bytes of U-Net features the open sessions keep captured (freed when a session closes)."""
+        if self.sessions is None:
+            return 0
+        stores = [getattr(s.state, "features", None) for s in list(self.sessions.sessions.values())]
+        return sum(store.bytes for store in stores if store is not None)
 
     # ---- lifecycle
 

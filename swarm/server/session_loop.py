@@ -47,7 +47,8 @@ async def serve_session(handler: Handler, peer: str, reader: asyncio.StreamReade
     kind = get_field(message, "type", str)
     if kind != "open":  # sessions live and die with their stream, so a step on a new stream is always stale
         raise RequestError(f"unknown session {message.get('session_id')!r}: open a session first" if kind in
-                           ("step", "down", "up") else f"expected an 'open' message, got {kind!r}")
+                           ("step", "down", "up", "up_backward", "down_backward")
+                           else f"expected an 'open' message, got {kind!r}")
     session = open_session(handler, peer, message)
     # Bounded: a client sending steps faster than they run (or a flood of pushes) must not pile up in memory.
     inbox: asyncio.Queue = asyncio.Queue(INBOX_SIZE)

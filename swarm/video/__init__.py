@@ -1,5 +1,12 @@
-"""Long video through the swarm, TATS-style: a VQ code grid per clip, a token transformer served like any LLM,
-and a sliding window over time to generate past the training length.
+"""Video workloads through the swarm. Long video, TATS-style: a VQ code grid per clip, a token transformer served
+like any LLM, and a sliding window over time to generate past the training length. And the video papers' diffusion
+pipelines, each the same function for a local pipeline and a distributed one:
+
+- consisti2v.py: ``consisti2v``: ConsistI2V-style image-to-video (first-frame conditioning and attention, FrameInit)
+- anyv2v.py: ``anyv2v``: AnyV2V-style video editing with I2VGen-XL (first frame edited by any image function, DDIM
+  inversion capturing the decoder's features on the servers, generation injecting them)
+- interpolation.py: ``interpolate_frames``: Make-A-Video-style frame interpolation (known frames kept by masked
+  known-frame sampling, the others generated) with a text-to-video pipeline
 
 - mugen.py: ``MugenLikeClips``: MUGEN-like game clips (a sprite walking, jumping, collecting coins over a scrolling
   background) with a description and an audio track of the events, made from one script, deterministic per seed
