@@ -40,7 +40,8 @@ def test_anyv2v_through_the_swarm_equals_local(i2v):
     features changes it (the same edit without injection differs); the servers end with no session or features."""
     local, remote = i2v["local"], i2v["remote"]
 
-    def run(pipe, **options):
+    def run(pipe, **options):  # every kind of place injected in the first of 2 steps
+        options = {"conv_injection": 0.5, "spatial_attention_injection": 0.5, **options}
         return anyv2v(pipe, _source(), _edit, "a tiny edit", num_inference_steps=2, **options)
 
     expected = run(local)
@@ -49,7 +50,7 @@ def test_anyv2v_through_the_swarm_equals_local(i2v):
     assert torch.equal(out.latents, expected.latents) and torch.equal(out.frames, expected.frames)
     assert out.frames.shape == (1, FRAMES, 3, SIZE, SIZE)
     assert torch.equal(out.edited_first_frame, _edit(_source()[:1]))
-    plain = run(remote, conv_injection=0.0, attention_injection=0.0)
+    plain = run(remote, conv_injection=0.0, spatial_attention_injection=0.0, temporal_attention_injection=0.0)
     assert torch.equal(plain.inverted, expected.inverted)
     assert not torch.allclose(plain.latents, expected.latents, atol=1e-4)
     assert remote.unet.session is None and remote.unet.feature_bytes == 0
@@ -71,7 +72,16 @@ def test_anyv2v_places_and_their_bytes(i2v):
                  "image_embeddings": torch.randn(1, 1, 32)}
     with torch.no_grad(), bank.capture("t", conv + attention):
         unet(latents, 500, **condition)
-    assert 0 < bank.bytes <= feature_bytes(unet, conv + attention, FRAMES, SIZE // 8, SIZE // 8, 1)
+    bound = feature_bytes(unet, conv + attention, FRAMES, SIZE // 8, SIZE // 8, 1)
+    assert 0 < bank.bytes <= sum(bound.values())
+    # each server reserves for its own levels' places: level 0 holds up block 1 (all of them here: up block 0 has
+    # neither attention nor injected ResNets), levels 1-2 up block 0 and the mid block
+    from swarm.blocks.unet_modifiers import budget_for
+
+    assert all(place.startswith("up_blocks.1.") for place in bound)
+    assert budget_for(bound, 0, 1, 3) == sum(bound.values()) and budget_for(bound, 1, 3, 3) == 0
+    assert budget_for({"up_blocks.0.resnets.0": 5, "mid_block.resnets.0": 7, "down_blocks.0.resnets.1": 11},
+                      1, 3, 3) == 12
 
 
 def test_anyv2v_bad_inputs_are_clear(i2v):
@@ -81,4 +91,4 @@ def test_anyv2v_bad_inputs_are_clear(i2v):
     with pytest.raises(ValueError, match="edited first frame"):
         anyv2v(remote, _source(), lambda frame: frame[:, :2], "x")
     with pytest.raises(ValueError, match="shares of the steps"):
-        anyv2v(remote, _source(), _edit, "x", conv_injection=2.0)
+        anyv2v(remote, _source(), _edit, "x", temporal_attention_injection=2.0)

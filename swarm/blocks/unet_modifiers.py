@@ -209,6 +209,37 @@ def feature_places(unet: nn.Module) -> list[str]:
     return places
 
 
+def place_level(place: str, levels: int) -> int:
+    """The level holding ``place`` in a U-Net of ``levels`` levels (level i: down block i and up block
+    levels-2-i; the last: the mid block)."""
+    parts = place.split(".")
+    if parts[0] == "mid_block":
+        return levels - 1
+    index = int(parts[1])
+    return index if parts[0] == "down_blocks" else levels - 2 - index
+
+
+Budget = int | dict[str, int]  # bytes a server may keep: the same for each, or per place (summed over its levels)
+
+
+def budget_for(budget: Budget, start: int, end: int, levels: int) -> int:
+    """What a server of levels [start, end) reserves for captured features under ``budget``."""
+    if isinstance(budget, int):
+        return budget
+    return sum(size for place, size in budget.items() if start <= place_level(place, levels) < end)
+
+
+def check_budget(budget: object, places: set[str]) -> Budget:
+    """A positive number of bytes, or a map of known places to non-negative bytes with a positive total."""
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        return budget
+    if isinstance(budget, dict) and budget and all(
+            p in places and isinstance(b, int) and not isinstance(b, bool) and b >= 0 for p, b in budget.items()) \
+            and sum(budget.values()) > 0:
+        return dict(budget)
+    raise ValueError("max_bytes must be a positive number of bytes, or a map of feature places to bytes")
+
+
 @dataclass
 class FeatureStore:
     """Captured features by (tag, place), within ``limit`` bytes."""
@@ -417,10 +448,11 @@ def read_processors(message: object, known: Iterable[str]) -> dict[str, DefaultA
 class LocalFeatureBank:
     """Captures and injects features of a local diffusers U-Net: ``with bank.capture(tag, places): unet(...)``."""
 
-    def __init__(self, unet: nn.Module, max_bytes: int):
+    def __init__(self, unet: nn.Module, max_bytes: Budget):
         install(unet)
-        self.unet, self.store = unet, FeatureStore(max_bytes)
         self.places = set(feature_places(unet))
+        budget = check_budget(max_bytes, self.places)
+        self.unet, self.store = unet, FeatureStore(budget if isinstance(budget, int) else sum(budget.values()))
 
     @property
     def bytes(self) -> int:

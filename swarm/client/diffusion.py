@@ -93,13 +93,14 @@ class DiffusionSession:
     record: list[HopRecord] | None = None
 
     def __init__(self, manager: SequenceManager, head: HeadOutput, carry_skips: bool = False,
-                 processors: dict | None = None, feature_bytes: int = 0, batch: int | None = None):
+                 processors: dict | None = None, feature_bytes: unet_modifiers.Budget = 0,
+                 batch: int | None = None):
         self.manager, self.head, self.hops = manager, head, []
         self.batch = batch  # the largest sample batch the servers reserve for (None: this head's)
         self.reconditioned = False  # the next pass carries the head's conditioning to every hop
         self.carry_skips = carry_skips  # benchmark only: skips cross the network as in a linear chain
         self.processors = dict(processors or {})  # attention processor specs by layer name, for every hop
-        self.feature_bytes = feature_bytes  # what each hop may keep of captured features
+        self.feature_bytes = feature_bytes  # what each hop may keep of captured features (or per place)
         self.features: dict = {}  # this evaluation's feature captures/injections (a FeatureRequest's message)
         self.evaluations = 0
         self.traffic: list[list[HopTraffic]] = []  # per evaluation, per hop
@@ -208,7 +209,9 @@ class DiffusionSession:
     async def _open_chain(self, start: int, end: int) -> list[LevelsHop]:
         async def open_hop(hop: Hop, previous: LevelsHop | None) -> LevelsHop:
             return await LevelsHop.open(self.manager, hop, self.head, self.manager.config.edge_codec,
-                                        self.carry_skips, self.processors, self.feature_bytes, self.batch)
+                                        self.carry_skips, self.processors,
+                                        unet_modifiers.budget_for(self.feature_bytes, hop.span.start, hop.span.end,
+                                                                  self.manager.num_blocks), self.batch)
 
         return await open_chain(self.manager, start, end, RouteRequest(mode="latency"), open_hop)
 
@@ -239,7 +242,7 @@ class RemoteUNet(ModelMixin):
         self.carry_skips = False  # benchmarks only: make skips cross the network, as a linear chain would
         self.freeu: dict | None = None  # FreeU factors the servers apply in this client's sessions (enable_freeu)
         self.processors: dict[str, dict] = {}  # attention processor specs the servers apply (set_attn_processor)
-        self.feature_bytes = 0  # what each server keeps of captured features (feature_bank)
+        self.feature_bytes: unet_modifiers.Budget = 0  # what servers keep of captured features (feature_bank)
         self.feature_batch = 1  # the largest batch (videos) the feature bank's session takes
         self.feature_request: unet_modifiers.FeatureRequest | None = None  # this call's captures and injections
         self._session_lock = threading.Lock()  # an evaluation against the idle closer
@@ -347,10 +350,11 @@ class RemoteUNet(ModelMixin):
     def _block_processors(self) -> dict:
         return {name: spec for name, spec in self.processors.items() if name.startswith(BLOCK_PREFIXES)}
 
-    def feature_bank(self, max_bytes: int, max_batch: int = 2) -> RemoteFeatureBank:
+    def feature_bank(self, max_bytes: unet_modifiers.Budget, max_batch: int = 2) -> RemoteFeatureBank:
         """Capture features in one evaluation and inject them in a later one (``bank.capture(tag, places)`` and
         ``bank.inject(tag, places)`` around U-Net calls), each server keeping what its levels captured, at most
-        ``max_bytes`` each, until ``bank.close()`` closes the session. Meanwhile calls may change the prompt and
+        ``max_bytes`` each (or ``{place: bytes}``: each server reserves the sum over the places of its levels),
+        until ``bank.close()`` closes the session. Meanwhile calls may change the prompt and
         image (sent to the servers mid-session), up to ``max_batch`` rows (2: classifier-free guidance)."""
         return RemoteFeatureBank(self, max_bytes, max_batch)
 
@@ -383,13 +387,12 @@ class RemoteFeatureBank:
     """Features captured and injected on the servers of a ``RemoteUNet``'s session (see ``RemoteUNet.feature_bank``);
     the same calls as ``swarm.blocks.unet_modifiers.LocalFeatureBank``."""
 
-    def __init__(self, unet: RemoteUNet, max_bytes: int, max_batch: int = 2):
-        if not isinstance(max_bytes, int) or max_bytes <= 0:
-            raise ValueError("max_bytes must be a positive number of bytes")
+    def __init__(self, unet: RemoteUNet, max_bytes: unet_modifiers.Budget, max_batch: int = 2):
+        self.places = set(unet.local.swarm_feature_places)
+        max_bytes = unet_modifiers.check_budget(max_bytes, self.places)
         if not isinstance(max_batch, int) or max_batch <= 0:
             raise ValueError("max_batch must be a positive integer")
         self.unet, self.max_bytes = unet, max_bytes
-        self.places = set(unet.local.swarm_feature_places)
         unet.close_session()  # the next evaluation opens a session that reserves the bytes
         unet.feature_bytes, unet.feature_batch = max_bytes, max_batch
 

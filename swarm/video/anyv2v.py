@@ -45,19 +45,20 @@ def injection_places(unet) -> tuple[list[str], list[str]]:
     return conv, [p for p in places if p.endswith((".q", ".k"))]
 
 
-def feature_bytes(unet, places: list[str], frames: int, height: int, width: int, captures: int) -> int:
-    """An upper bound of the bytes ``captures`` captures of ``places`` take for one video (float32): every place of
-    up block j holds frames x its pixels x its channels (queries and keys are as wide as the block)."""
+def feature_bytes(unet, places: list[str], frames: int, height: int, width: int, captures: int) -> dict[str, int]:
+    """An upper bound of the bytes ``captures`` captures of each of ``places`` take for one video (float32): a
+    place of up block j holds frames x its pixels x its channels (queries and keys are as wide as the block). A
+    server reserves the sum over the places of its own levels."""
     channels = list(reversed(unet.config.block_out_channels))
     levels = len(channels)
-    total = 0
+    sizes = {}
     for place in places:
         block = int(_UP.match(place).group(1))
         h, w = height, width
         for _ in range(levels - 1 - block):  # up block j works at the size of down block levels-1-j
             h, w = -(-h // 2), -(-w // 2)
-        total += frames * h * w * channels[block] * 4
-    return total * captures
+        sizes[place] = frames * h * w * channels[block] * 4 * captures
+    return sizes
 
 
 def _conditioning(pipe: I2VGenXLPipeline, image: torch.Tensor, prompt: str, negative_prompt: str | None,
@@ -88,20 +89,25 @@ def _encode_video(pipe: I2VGenXLPipeline, video: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def anyv2v(pipe: I2VGenXLPipeline, source: torch.Tensor, edit: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
            prompt: str, source_prompt: str = "", negative_prompt: str | None = None, num_inference_steps: int = 25,
-           guidance_scale: float = 9.0, conv_injection: float = 1.0, attention_injection: float = 0.5,
-           fps: int = 8, max_feature_bytes: int | None = None, output_type: str = "pt") -> EditOutput:
+           guidance_scale: float = 9.0, conv_injection: float = 0.2, spatial_attention_injection: float = 0.2,
+           temporal_attention_injection: float = 0.5,
+           fps: int = 8, max_feature_bytes: int | dict[str, int] | None = None,
+           output_type: str = "pt") -> EditOutput:
     """Edit ``source`` ((frames, 3, H, W) in [0, 1]) as ``edit`` edits its first frame: ``edit`` is a function of the
     first frame ((1, 3, H, W) in [0, 1], e.g. an img2img pipeline through the swarm) or the edited frame itself.
-    Features are injected during the first ``conv_injection`` / ``attention_injection`` share of the steps.
-    ``max_feature_bytes``: what each server may keep (default: an upper bound for the whole inversion)."""
+    Features are injected during the first ``conv_injection`` (ResNet outputs), ``spatial_attention_injection``
+    and ``temporal_attention_injection`` (queries and keys) shares of the steps (AnyV2V's defaults: 0.2, 0.2, 0.5).
+    ``max_feature_bytes``: what each server may keep, or per place (default: an upper bound per place for the
+    whole inversion, so each server reserves for the places it holds)."""
     if not isinstance(pipe, I2VGenXLPipeline):
         raise ValueError(f"anyv2v needs an I2VGenXL pipeline, got {type(pipe).__name__}")
     if not isinstance(pipe, I2VGenXLDefaultsPipeline):
         pipe = i2vgenxl_pipeline(pipe)  # deterministic image latents (see swarm/client/pipeline.py)
     if not isinstance(source, torch.Tensor) or source.dim() != 4 or source.shape[1] != 3 or source.shape[0] < 2:
         raise ValueError("source must be a (frames >= 2, 3, height, width) video in [0, 1]")
-    if not 0 <= conv_injection <= 1 or not 0 <= attention_injection <= 1:
-        raise ValueError("conv_injection and attention_injection are shares of the steps, in [0, 1]")
+    shares = (conv_injection, spatial_attention_injection, temporal_attention_injection)
+    if not all(0 <= share <= 1 for share in shares):
+        raise ValueError("conv_injection and the attention injections are shares of the steps, in [0, 1]")
     frames, (height, width) = source.shape[0], source.shape[-2:]
     first = source[:1]
     edited = edit(first) if callable(edit) else edit
@@ -112,11 +118,17 @@ def anyv2v(pipe: I2VGenXLPipeline, source: torch.Tensor, edit: Callable[[torch.T
     timesteps = scheduler.timesteps  # descending
     conv, attention = injection_places(unet)
     steps = len(timesteps)
-    conv_steps, attention_steps = round(conv_injection * steps), round(attention_injection * steps)
-    captured = max(conv_steps, attention_steps)
+    groups = [(conv, round(conv_injection * steps)),
+              ([p for p in attention if ".temp_attentions." not in p], round(spatial_attention_injection * steps)),
+              ([p for p in attention if ".temp_attentions." in p], round(temporal_attention_injection * steps))]
+
+    def injected(step: int) -> list[str]:  # the places injected at sampling step ``step`` (0: the noisiest)
+        return [place for places, count in groups if step < count for place in places]
+
     latent_h, latent_w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
     if max_feature_bytes is None:
-        max_feature_bytes = max(feature_bytes(unet, conv + attention, frames, latent_h, latent_w, captured), 1)
+        max_feature_bytes = {place: size for places, count in groups for place, size in
+                             feature_bytes(unet, places, frames, latent_h, latent_w, max(count, 1)).items()}
     remote = hasattr(unet, "feature_bank")
     bank = unet.feature_bank(max_feature_bytes) if remote else LocalFeatureBank(unet, max_feature_bytes)
     try:
@@ -128,7 +140,7 @@ def anyv2v(pipe: I2VGenXLPipeline, source: torch.Tensor, edit: Callable[[torch.T
         ascending = timesteps.flip(0)
         for index, t in enumerate(ascending):
             step = steps - 1 - index  # the sampling step that will use this timestep
-            places = (conv if step < conv_steps else []) + (attention if step < attention_steps else [])
+            places = injected(step)
             with bank.capture(f"t{int(t)}", places) if places else contextlib.nullcontext():
                 noise = unet(latents, t, **condition, return_dict=False)[0]
             alpha = alphas[int(t)]
@@ -141,7 +153,7 @@ def anyv2v(pipe: I2VGenXLPipeline, source: torch.Tensor, edit: Callable[[torch.T
         guided = guidance_scale > 1
         latents = inverted.clone()
         for step, t in enumerate(timesteps):
-            places = (conv if step < conv_steps else []) + (attention if step < attention_steps else [])
+            places = injected(step)
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             with bank.inject(f"t{int(t)}", places) if places else contextlib.nullcontext():
                 noise = unet(model_input, t, **condition, return_dict=False)[0]
