@@ -46,6 +46,18 @@ def test_bucket_paces_then_refuses_then_recovers():
     assert admission.reserve("a") == 0.0
 
 
+def test_refusals_count_fractions_of_a_unit():
+    """A session of 8.4 generations refused by a share of 8 says so (not "needs 8, may hold at most 8")."""
+    from swarm.blocks.served import BlockSession
+    from swarm.server.sessions import SessionTable
+
+    table = SessionTable(16 * 100, 100, "generations")
+    table.open("other", BlockSession(0, 1, 100))
+    with pytest.raises(RequestError, match=r"needs 8.4 generations, .* at most 8 generations"):
+        table.open("peer", BlockSession(0, 1, 840), peer_share=0.5)
+    assert table.amount(1600) == "16 generations" and SessionTable(5120, 10, "tokens").amount(1285) == "128 tokens"
+
+
 def test_peer_state_stays_bounded():
     clock = Clock()
     admission = Admission(PeerLimits(rate=10, burst=5, max_peers=100), SessionTable(64, 1), clock)

@@ -126,6 +126,48 @@ def test_first_frame_attention_keeps_the_first_frame(video):
         FirstFrameAttnProcessor(4)(attn, hidden)
 
 
+def test_first_frame_temporal_attention_appends_the_first_frames_neighbourhood(video):
+    """In one temporal self-attention layer (rows: the frames at one position of one video), the processor equals
+    attention whose keys and values are extended by the first frame's 3x3 neighbourhood of that position (edges
+    repeated), written out naively here."""
+    from swarm.blocks.unet_modifiers import FirstFrameTemporalAttnProcessor, _state
+
+    unet = video["local"].unet
+    attn = unet.get_submodule("down_blocks.0.temp_attentions.0.transformer_blocks.0.attn1")
+    batch, height, width, frames = 2, 3, 4, 3
+    hidden = torch.randn(batch * height * width, frames, attn.to_q.in_features,
+                         generator=torch.Generator().manual_seed(2))
+    _state.temporal_size = (height, width)  # what the hook on the temporal layer records
+    try:
+        with torch.no_grad():
+            got = FirstFrameTemporalAttnProcessor(3)(attn, hidden)
+    finally:
+        _state.temporal_size = None
+    with torch.no_grad():
+        query, key, value = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+        grid = lambda x: x[:, 0].reshape(batch, height, width, -1)  # noqa: E731
+        first_keys, first_values = grid(key), grid(value)
+        rows = []
+        for b in range(batch):
+            for y in range(height):
+                for x in range(width):
+                    row = (b * height + y) * width + x
+                    near = [(min(max(y + dy, 0), height - 1), min(max(x + dx, 0), width - 1))
+                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                    keys = torch.cat([key[row], torch.stack([first_keys[b, i, j] for i, j in near])])
+                    values = torch.cat([value[row], torch.stack([first_values[b, i, j] for i, j in near])])
+                    heads = lambda t: t.view(t.shape[0], attn.heads, -1).transpose(0, 1)  # noqa: E731
+                    out = torch.nn.functional.scaled_dot_product_attention(heads(query[row]), heads(keys),
+                                                                           heads(values))
+                    rows.append(out.transpose(0, 1).reshape(frames, -1))
+        expected = attn.to_out[0](torch.stack(rows))
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="odd integer"):
+        FirstFrameTemporalAttnProcessor(2)
+    with pytest.raises(ValueError, match="hooked"):
+        FirstFrameTemporalAttnProcessor(3)(attn, hidden)
+
+
 def _places(unet) -> list[str]:
     """The up path's ResNet outputs and self-attention queries and keys (what PnP/AnyV2V inject)."""
     return [p for p in (unet.swarm_feature_places if hasattr(unet, "swarm_feature_places") else feature_places(unet))
@@ -253,6 +295,8 @@ def test_consisti2v_through_the_swarm_equals_local(video):
     assert out.frames.shape == (1, 3, 3, 64, 64)
     assert torch.equal(out.latents[:, :, 0], encode_image(local, image))
     assert remote.unet.session is None and remote.unet.processors == {}
+    # the temporal layers' first-frame attention changes the video too
+    assert not torch.allclose(run(remote, temporal_window=None).latents, expected.latents, atol=1e-4)
     # each part changes the video: without first-frame attention, without FrameInit
     assert not torch.allclose(run(remote, first_frame_attention=False).latents, expected.latents, atol=1e-4)
     assert not torch.allclose(run(remote, frame_init_cutoff=None).latents, expected.latents, atol=1e-4)

@@ -8,6 +8,8 @@ Attention processors travel as specs (a name and numbers), never as code:
 * ``first_frame``: ConsistI2V's first-frame attention: in spatial self-attention every frame also attends to the
   first frame of its video (its keys and values are appended), which carries the first frame's appearance to the
   others. Frames are folded in the batch, ``num_frames`` per video.
+* ``first_frame_temporal``: ConsistI2V's temporal counterpart: in temporal self-attention (over the frames at one
+  position) every position also attends to the first frame's ``window`` x ``window`` neighbourhood around it.
 
 Features live at *places*: a ResNet block's output (``up_blocks.1.resnets.0``) or a self-attention layer's
 queries or keys (``up_blocks.1.attentions.0.transformer_blocks.0.attn1.q`` / ``.k``), as the projections make them
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
 MAX_FRAMES = 4096
@@ -53,12 +56,31 @@ def _frames_first(tensor: torch.Tensor, frames: int) -> torch.Tensor:
     return video[:, :1].expand_as(video).reshape(tensor.shape)
 
 
+def _first_frame_window(tensor: torch.Tensor, window: int) -> torch.Tensor:
+    """(batch * h * w, frames, width), rows in (batch, h, w) order as temporal attention sees them -> each row's
+    first-frame ``window`` x ``window`` neighbourhood (edges repeated), (batch * h * w, window**2, width)."""
+    size = getattr(_state, "temporal_size", None)
+    if size is None:
+        raise ValueError("first-frame temporal attention needs the U-Net's temporal layers hooked "
+                         "(swarm.blocks.unet_modifiers.install)")
+    height, width = size
+    if tensor.shape[0] % (height * width):
+        raise ValueError(f"temporal attention rows {tensor.shape[0]} are not whole {height}x{width} images")
+    batch = tensor.shape[0] // (height * width)
+    first = tensor[:, 0].reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+    pad = window // 2
+    patches = F.unfold(F.pad(first, (pad, pad, pad, pad), mode="replicate"), window)  # (b, width * w^2, h * w)
+    patches = patches.view(batch, -1, window * window, height * width)
+    return patches.permute(0, 3, 2, 1).reshape(batch * height * width, window * window, -1)
+
+
 def attend(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
            attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-           first_frame_of: int | None = None) -> torch.Tensor:
+           first_frame_of: int | None = None, first_frame_window: int | None = None) -> torch.Tensor:
     """Scaled dot-product attention as diffusers computes it, with this thread's feature exchange at the self-
-    attention's queries and keys, and, with ``first_frame_of`` frames per video, the first frame's keys and values
-    appended to every frame's."""
+    attention's queries and keys; with ``first_frame_of`` frames per video, the first frame's keys and values
+    appended to every frame's (spatial layers); with ``first_frame_window``, the first frame's neighbourhood
+    appended to every position's (temporal layers)."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -89,6 +111,11 @@ def attend(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: 
                              f"no attention mask; got a batch of {batch}")
         key = torch.cat([key, _frames_first(key, first_frame_of)], dim=1)
         value = torch.cat([value, _frames_first(value, first_frame_of)], dim=1)
+    if self_attention and first_frame_window:
+        if attention_mask is not None:
+            raise ValueError("first-frame temporal attention takes no attention mask")
+        key = torch.cat([key, _first_frame_window(key, first_frame_window)], dim=1)
+        value = torch.cat([value, _first_frame_window(value, first_frame_window)], dim=1)
     head_dim = key.shape[-1] // attn.heads
 
     def heads(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +176,32 @@ class FirstFrameAttnProcessor(DefaultAttnProcessor):
                       first_frame_of=self.num_frames)
 
 
-PROCESSORS = {cls.name: cls for cls in (DefaultAttnProcessor, FirstFrameAttnProcessor)}
+MAX_WINDOW = 9
+
+
+class FirstFrameTemporalAttnProcessor(DefaultAttnProcessor):
+    """ConsistI2V's first-frame attention for temporal self-attention layers (``*.temp_attentions.*``): every
+    position also attends to the first frame's ``window`` x ``window`` neighbourhood of it."""
+
+    name = "first_frame_temporal"
+
+    def __init__(self, window: int = 3):
+        if not isinstance(window, int) or isinstance(window, bool) or window % 2 == 0 or \
+                not 0 < window <= MAX_WINDOW:
+            raise ValueError(f"window must be an odd integer in [1, {MAX_WINDOW}]")
+        self.window = window
+
+    def spec(self) -> dict:
+        return {"name": self.name, "window": self.window}
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                      first_frame_window=self.window)
+
+
+PROCESSORS = {cls.name: cls for cls in (DefaultAttnProcessor, FirstFrameAttnProcessor,
+                                         FirstFrameTemporalAttnProcessor)}
 
 
 def processor_spec(processor: object) -> dict | None:
@@ -174,6 +226,10 @@ def processor_from_spec(spec: object) -> DefaultAttnProcessor:
         if set(spec) != {"name", "num_frames"}:
             raise ValueError("the first_frame processor takes num_frames only")
         return FirstFrameAttnProcessor(spec["num_frames"])
+    if spec["name"] == "first_frame_temporal":
+        if set(spec) != {"name", "window"}:
+            raise ValueError("the first_frame_temporal processor takes window only")
+        return FirstFrameTemporalAttnProcessor(spec["window"])
     if set(spec) != {"name"}:
         raise ValueError("the default processor takes no parameters")
     return DefaultAttnProcessor()
@@ -184,12 +240,23 @@ def attention_names(unet: nn.Module) -> list[str]:
     return [name for name, module in unet.named_modules() if isinstance(module, Attention)]
 
 
-def first_frame_processors(unet: nn.Module, num_frames: int) -> dict[str, DefaultAttnProcessor]:
-    """First-frame attention on every spatial self-attention layer, the default elsewhere: a map for
-    ``unet.set_attn_processor`` (local U-Net or ``RemoteUNet``)."""
-    names = getattr(unet, "swarm_attention_names", None) or attention_names(unet)
-    return {f"{name}.processor": FirstFrameAttnProcessor(num_frames) if _spatial_self_attention(name)
-            else DefaultAttnProcessor() for name in names}
+def first_frame_processors(unet: nn.Module, num_frames: int,
+                           temporal_window: int | None = None) -> dict[str, DefaultAttnProcessor]:
+    """First-frame attention on every spatial self-attention layer, and with ``temporal_window`` on every temporal
+    one, the default elsewhere: a map for ``unet.set_attn_processor`` (local U-Net or ``RemoteUNet``)."""
+    names = getattr(unet, "swarm_attention_names", None)
+    if names is None:  # a local U-Net: its temporal layers tell the processors their images' size
+        names = attention_names(unet)
+        install(unet)
+
+    def chosen(name: str) -> DefaultAttnProcessor:
+        if _spatial_self_attention(name):
+            return FirstFrameAttnProcessor(num_frames)
+        if temporal_window and ".temp_attentions." in name:  # attn1 and attn2 (cross-attention is left as is)
+            return FirstFrameTemporalAttnProcessor(temporal_window)
+        return DefaultAttnProcessor()
+
+    return {f"{name}.processor": chosen(name) for name in names}
 
 
 def _spatial_self_attention(name: str) -> bool:
@@ -397,6 +464,11 @@ class _Dispatch:
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+def _temporal_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    _state.temporal_size = tuple(hidden.shape[-2:])  # (batch * frames, channels, height, width)
+
+
 def _resnet_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     exchange = getattr(_state, "exchange", None)
     if exchange is None:
@@ -414,6 +486,9 @@ def install(unet: nn.Module) -> None:
         elif _RESNET.match(name) and not hasattr(module, "swarm_name"):
             module.swarm_name = name
             module.register_forward_hook(_resnet_output)
+        elif isinstance(module, TransformerTemporalModel) and not hasattr(module, "swarm_name"):
+            module.swarm_name = name
+            module.register_forward_pre_hook(_temporal_size, with_kwargs=True)
 
 
 @contextlib.contextmanager

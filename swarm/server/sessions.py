@@ -147,7 +147,10 @@ class SessionTable:
         """``nbytes`` in the table's unit (e.g. "200 tokens": batch x positions over the whole span)."""
         if self.unit == "bytes":
             return _size(nbytes)
-        return f"{nbytes // self.unit_bytes}" + ("" if bare else f" {self.unit}")
+        units = nbytes / self.unit_bytes
+        # whole units as such; a fraction of a few shows, or "needs 8 generations, may hold at most 8" reads wrong
+        text = f"{units:.0f}" if units == int(units) or units >= 100 else f"{units:.1f}"
+        return text + ("" if bare else f" {self.unit}")
 
     def names_upstream(self, peer: str) -> bool:
         """Whether some open session accepts pushes from ``peer``."""

@@ -6,7 +6,8 @@ Three parts of ConsistI2V (Ren et al., 2024) that need no retraining, applied to
   (and clean at the end), so the video starts from the image;
 * **first-frame attention**: every spatial self-attention layer also attends to the first frame of its video
   (``swarm.blocks.unet_modifiers.FirstFrameAttnProcessor``: on the servers for a ``RemoteUNet``), which carries its
-  appearance to the other frames;
+  appearance to the other frames, and every temporal one to the first frame's 3x3 neighbourhood of each position
+  (``FirstFrameTemporalAttnProcessor``);
 * **FrameInit**: the initial noise takes its low spatio-temporal frequencies from the image repeated as a static
   video, noised to the first step, and its high frequencies from random noise: layout from the image, detail free.
 
@@ -69,10 +70,12 @@ def encode_image(pipe: DiffusionPipeline, image: torch.Tensor) -> torch.Tensor:
 def consisti2v(pipe: DiffusionPipeline, image: torch.Tensor, prompt: str, num_frames: int = 16,
                num_inference_steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str | None = None,
                generator: torch.Generator | None = None, frame_init_cutoff: float | None = 0.25,
-               first_frame_attention: bool = True, output_type: str = "pt") -> VideoOutput:
+               first_frame_attention: bool = True, temporal_window: int | None = 3,
+               output_type: str = "pt") -> VideoOutput:
     """A video of ``num_frames`` frames starting from ``image`` ((1, 3, H, W) in [-1, 1]) with a text-to-video
     pipeline (diffusers' ``TextToVideoSDPipeline``, local or from ``AutoDistributedPipeline``).
-    ``frame_init_cutoff=None`` starts from plain noise; ``first_frame_attention=False`` keeps the U-Net's own."""
+    ``frame_init_cutoff=None`` starts from plain noise; ``first_frame_attention=False`` keeps the U-Net's own;
+    ``temporal_window=None`` leaves the temporal layers' attention as it is."""
     if not isinstance(num_frames, int) or num_frames < 2:
         raise ValueError("num_frames must be an integer >= 2 (the first frame is the image)")
     first = encode_image(pipe, image)  # (1, channels, h, w)
@@ -92,7 +95,7 @@ def consisti2v(pipe: DiffusionPipeline, image: torch.Tensor, prompt: str, num_fr
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
     previous = dict(unet.attn_processors) if first_frame_attention else None
     if first_frame_attention:
-        unet.set_attn_processor(first_frame_processors(unet, num_frames))
+        unet.set_attn_processor(first_frame_processors(unet, num_frames, temporal_window))
     try:
         for t in timesteps:
             # the first frame is the image, at this step's noise level
