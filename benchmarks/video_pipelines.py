@@ -19,7 +19,9 @@ The "step time" is the mean wall time of one call of ``pipe.unet`` (forward pre/
 as for a ``RemoteUNet`` or the ``LatentShiftUNet`` around either), so it leaves out text/image encoding, the
 scheduler and the VAE: it is what the swarm replaces. Per worker: one warm-up call, then ``--runs`` (3) timed calls;
 the figure is the median over the calls of each call's mean step time (the first step of a call opens the swarm
-session, and is counted). ``ratio`` is swarm / local; ``step_ratio_max`` is the worst ratio.
+session, and is counted). ``ratio`` is swarm / local; ``step_ratio_max`` is the worst ratio. The same without each
+call's first step (``steady_step_ratio_max``): what every further step of a longer generation costs, a real one
+having 25-50 steps where this one has 4.
 
 Sizes. Bench (default): U-Nets with block_out_channels (128, 256, 512) (three down blocks: four levels, served as
 0:2 and 2:4), 2 layers per block, 64x64 px (8x8 latents), 4 frames, 4 steps; the text and image encoders and the VAE
@@ -221,16 +223,19 @@ def worker(args: argparse.Namespace) -> None:
                 run()
             call_s = time.perf_counter() - started
             step_ms = 1000 * statistics.fmean(durations)
+            # without the first step, which opens the swarm session: what each further step of a longer run costs
+            steady_ms = 1000 * statistics.fmean(durations[1:] or durations)
             print(f"  {args.worker} {args.pipeline} call {index}{' (warm-up)' if index == 0 else ''}: {call_s:.2f} s, "
                   f"{len(durations)} U-Net calls, {step_ms:.0f} ms/step (first {1000 * durations[0]:.0f}, "
                   f"max {1000 * max(durations):.0f})", flush=True)
             if index:
-                calls.append((step_ms, call_s, len(durations)))
+                calls.append((step_ms, call_s, len(durations), steady_ms))
     finally:
         if peers is not None:
             unet.shutdown()
     print(RESULT + json.dumps({"step_ms": statistics.median(c[0] for c in calls),
                                "call_s": statistics.median(c[1] for c in calls), "unet_calls": calls[0][2],
+                               "steady_ms": statistics.median(c[3] for c in calls),
                                "threads": torch.get_num_threads(), "load_s": load_s}), flush=True)
 
 
@@ -317,6 +322,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SWARM_CACHE", str(root / "swarm-cache"))
     results: dict[str, tuple[float, float]] = {}
+    steady: dict[str, tuple[float, float]] = {}
     try:
         paths = write_pipelines(root, {KIND[name] for name in names}, args.tiny)
         for kind in dict.fromkeys(KIND[name] for name in names):  # in the order of PIPELINES
@@ -344,14 +350,19 @@ def main() -> None:
             for name in group:
                 mine, theirs = local[name], remote[name]
                 results[name] = (mine["step_ms"], theirs["step_ms"])
+                steady[name] = (mine["steady_ms"], theirs["steady_ms"])
                 print(f"{name}: local {mine['step_ms']:.0f} ms/step, swarm {theirs['step_ms']:.0f} ms/step, "
                       f"ratio {theirs['step_ms'] / mine['step_ms']:.2f}", flush=True)
                 print(f"  ({mine['unet_calls']} U-Net calls per call; whole call local {mine['call_s']:.2f} s, swarm "
                       f"{theirs['call_s']:.2f} s; worker threads {mine['threads']})", flush=True)
+                print(f"  after the first step (which opens the session): local {mine['steady_ms']:.0f} ms/step, "
+                      f"swarm {theirs['steady_ms']:.0f} ms/step, ratio {theirs['steady_ms'] / mine['steady_ms']:.2f}",
+                      flush=True)
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
     if results:
+        print(f"steady_step_ratio_max={max(swarm / local for local, swarm in steady.values()):.3f}")
         print(f"step_ratio_max={max(swarm / local for local, swarm in results.values()):.3f}")
     print(f"(took {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f})", flush=True)
 

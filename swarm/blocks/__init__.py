@@ -17,6 +17,6 @@
   recomputation from inputs the client resends; weights frozen, nothing kept between requests
 - latent_shift.py: ``LatentShiftUNet``: an image U-Net run on video by a parameter-free temporal shift
 - unet_modifiers.py: per-session U-Net modifiers, the same on servers and local U-Nets: named attention
-  processors (``FirstFrameAttnProcessor``, ``FirstFrameTemporalAttnProcessor``), features captured in one pass and injected in another
-  (``FeatureStore``, ``LocalFeatureBank``)
+  processors (``FirstFrameAttnProcessor``, ``FirstFrameTemporalAttnProcessor``), features captured in one pass
+  and injected in another (``FeatureStore``, ``LocalFeatureBank``)
 """
