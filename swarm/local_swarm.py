@@ -235,6 +235,20 @@ class LocalSwarm:
             self.in_process.append(server)
         return server.wait_ready() if wait else server
 
+    def start_halves(self, model: str | os.PathLike | None, *extra: str,
+                     in_process: bool = False) -> list[SwarmProcess | InProcessServer]:
+        """Two servers splitting ``model``'s blocks in half (a diffusers pipeline's: its U-Net's levels, so 0:1 and
+        1:3 for the tiny ones), the second joining the first; ``in_process``: on threads of this process."""
+        from swarm.blocks.span import load_config
+        from swarm.hub.source import resolve_model
+        from swarm.hub.tiny_diffusion import unet_levels
+
+        source = resolve_model(model)
+        num_blocks = unet_levels(model) if source.is_diffusers_layout() else load_config(source).num_hidden_layers
+        start = self.start_server_in_process if in_process else self.start_server
+        first = start(model, f"0:{num_blocks // 2}", [], *extra)
+        return [first, start(model, f"{num_blocks // 2}:{num_blocks}", [first.maddr], *extra)]
+
     def start_wan_proxy(self, target_port: int, listen_port: int, rtt_ms: float,
                         mbit: float | None) -> SwarmProcess:
         """A ``swarm.utils.wan_proxy`` in front of ``target_port`` (see there)."""
@@ -278,16 +292,7 @@ def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike |
     options for both servers."""
     if initial_peers:
         return list(initial_peers)
-    from swarm.blocks.span import load_config
-    from swarm.hub.source import resolve_model
-    from swarm.hub.tiny_diffusion import unet_levels
-
-    source = resolve_model(model)
-    num_blocks = unet_levels(model) if source.is_diffusers_layout() else load_config(source).num_hidden_layers
-    swarm = stack.enter_context(LocalSwarm())
-    start = swarm.start_server_in_process if in_process else swarm.start_server
-    first = start(model, f"0:{num_blocks // 2}", [], *server_args)
-    start(model, f"{num_blocks // 2}:{num_blocks}", [first.maddr], *server_args)
+    first, _ = stack.enter_context(LocalSwarm()).start_halves(model, *server_args, in_process=in_process)
     return [first.maddr]
 
 

@@ -59,8 +59,7 @@ PIPELINES = {
 def served_pipeline(request, launcher, models_dir):
     save, call_kwargs = PIPELINES[request.param]
     path = save(models_dir / f"tiny-{request.param}-pipeline")
-    first = launcher.start_server_in_process(path, "0:1", [])
-    launcher.start_server_in_process(path, "1:3", [first.maddr])
+    first, _ = launcher.start_halves(path, in_process=True)  # levels 0:1 and 1:3
     local = DiffusionPipeline.from_pretrained(path)
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"name": request.param, "path": path, "peers": [first.maddr], "local": local, "remote": remote,
@@ -75,8 +74,7 @@ def test_image_unet_servers_announce_a_speed_before_their_first_request(save, la
     path = models_dir / f"speed-{save.__name__}"
     if not path.exists():
         save(path)
-    first = launcher.start_server_in_process(path, "0:1", [])
-    second = launcher.start_server_in_process(path, "1:3", [first.maddr])  # with the mid block
+    first, second = launcher.start_halves(path, in_process=True)  # levels 0:1 and 1:3, with the mid block
     for server in (first, second):
         info = server.server.rpc_info()
         assert not any(info["served"][kind] for kind in ("down", "up")), info["served"]  # nothing served yet
@@ -357,8 +355,7 @@ def test_video_unets_through_the_swarm_equal_local(kind, tmp_path):
     with torch.no_grad():
         expected = unet(*args, **kwargs, return_dict=False)[0]
     with LocalSwarm(tmp_path / "logs") as launcher:
-        first = launcher.start_server_in_process(path, "0:1", [])
-        launcher.start_server_in_process(path, "1:3", [first.maddr])
+        first, _ = launcher.start_halves(path, in_process=True)
         config = ClientConfig(initial_peers=[first.maddr], compression="none")
         remote = RemoteUNet(load_head_and_tail(resolve_model(path)), config, path.name)
         try:

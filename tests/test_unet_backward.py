@@ -33,8 +33,7 @@ def served(request, launcher, models_dir):
     path = models_dir / f"backward-{request.param}"
     if not path.exists():
         PIPELINES[request.param](path)
-    first = launcher.start_server_in_process(path, "0:1", [])
-    second = launcher.start_server_in_process(path, "1:3", [first.maddr])
+    first, second = launcher.start_halves(path, in_process=True)  # levels 0:1 and 1:3
     local = DiffusionPipeline.from_pretrained(path).unet
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none").unet
     yield {"name": request.param, "local": local, "remote": remote, "servers": [first, second]}

@@ -28,8 +28,7 @@ from swarm.rpc.client import RemoteError, Stream, call
 @pytest.fixture(scope="module")
 def sd(launcher, models_dir):
     path = save_tiny_sd(models_dir / "tiny-sd-modifiers")
-    first = launcher.start_server_in_process(path, "0:1", [])
-    second = launcher.start_server_in_process(path, "1:3", [first.maddr])
+    first, second = launcher.start_halves(path, in_process=True)  # levels 0:1 and 1:3
     local = DiffusionPipeline.from_pretrained(path)
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"local": local, "remote": remote, "peers": [first.maddr, second.maddr]}
@@ -39,8 +38,7 @@ def sd(launcher, models_dir):
 @pytest.fixture(scope="module")
 def video(launcher, models_dir):
     path = save_tiny_text_to_video(models_dir / "tiny-video-modifiers")
-    first = launcher.start_server_in_process(path, "0:1", [])
-    launcher.start_server_in_process(path, "1:3", [first.maddr])
+    first, _ = launcher.start_halves(path, in_process=True)
     local = DiffusionPipeline.from_pretrained(path)
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"local": local, "remote": remote}

@@ -19,8 +19,7 @@ FRAMES, SIZE = 3, 64
 def i2v(launcher, models_dir):
     path = save_tiny_i2vgenxl(models_dir / "tiny-i2vgenxl-editing")
     # features of every frame at every injected step take more than a plain generation: more session memory
-    first = launcher.start_server_in_process(path, "0:1", [], "--max-diffusion-sessions", "64")
-    launcher.start_server_in_process(path, "1:3", [first.maddr], "--max-diffusion-sessions", "64")
+    first, _ = launcher.start_halves(path, "--max-diffusion-sessions", "64", in_process=True)
     local = i2vgenxl_pipeline(DiffusionPipeline.from_pretrained(path))
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"local": local, "remote": remote}

@@ -18,9 +18,8 @@ from swarm.video.interpolation import interpolate_frames
 
 def _served(launcher, path) -> tuple[list, list[str]]:
     """Two in-process servers splitting the U-Net's 3 levels (0:1 and 1:3, the mid block on the second)."""
-    first = launcher.start_server_in_process(path, "0:1", [])
-    second = launcher.start_server_in_process(path, "1:3", [first.maddr])
-    return [first, second], [first.maddr]
+    servers = launcher.start_halves(path, in_process=True)
+    return servers, [servers[0].maddr]
 
 
 # ------------------------------------------------------------------------------------------ frame interpolation

@@ -138,16 +138,21 @@ def attend(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: 
 
 
 class DefaultAttnProcessor:
-    """diffusers' attention, through ``attend`` (so queries and keys can be captured and injected)."""
+    """diffusers' attention, through ``attend`` (so queries and keys can be captured and injected). Subclasses name
+    their parameters (``params``: attributes, sent in the spec) and what they pass ``attend``."""
 
     name = "default"
+    params: tuple[str, ...] = ()
 
     def spec(self) -> dict:
-        return {"name": self.name}
+        return {"name": self.name, **{param: getattr(self, param) for param in self.params}}
+
+    def options(self) -> dict:
+        return {}
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        return attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **self.options())
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.spec() == self.spec()
@@ -161,19 +166,15 @@ class FirstFrameAttnProcessor(DefaultAttnProcessor):
     it to the layers named ``*.attentions.*.attn1`` (see ``first_frame_processors``), not to temporal ones."""
 
     name = "first_frame"
+    params = ("num_frames",)
 
     def __init__(self, num_frames: int):
         if not isinstance(num_frames, int) or isinstance(num_frames, bool) or not 0 < num_frames <= MAX_FRAMES:
             raise ValueError(f"num_frames must be an integer in [1, {MAX_FRAMES}]")
         self.num_frames = num_frames
 
-    def spec(self) -> dict:
-        return {"name": self.name, "num_frames": self.num_frames}
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        return attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                      first_frame_of=self.num_frames)
+    def options(self) -> dict:
+        return {"first_frame_of": self.num_frames}
 
 
 MAX_WINDOW = 9
@@ -184,6 +185,7 @@ class FirstFrameTemporalAttnProcessor(DefaultAttnProcessor):
     position also attends to the first frame's ``window`` x ``window`` neighbourhood of it."""
 
     name = "first_frame_temporal"
+    params = ("window",)
 
     def __init__(self, window: int = 3):
         if not isinstance(window, int) or isinstance(window, bool) or window % 2 == 0 or \
@@ -191,13 +193,8 @@ class FirstFrameTemporalAttnProcessor(DefaultAttnProcessor):
             raise ValueError(f"window must be an odd integer in [1, {MAX_WINDOW}]")
         self.window = window
 
-    def spec(self) -> dict:
-        return {"name": self.name, "window": self.window}
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        return attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                      first_frame_window=self.window)
+    def options(self) -> dict:
+        return {"first_frame_window": self.window}
 
 
 PROCESSORS = {cls.name: cls for cls in (DefaultAttnProcessor, FirstFrameAttnProcessor,
@@ -222,17 +219,11 @@ def processor_from_spec(spec: object) -> DefaultAttnProcessor:
     """The processor a spec names (raises ValueError with a clear message on anything else)."""
     if not isinstance(spec, dict) or spec.get("name") not in PROCESSORS:
         raise ValueError(f"unknown attention processor {spec!r}; available: {sorted(PROCESSORS)}")
-    if spec["name"] == "first_frame":
-        if set(spec) != {"name", "num_frames"}:
-            raise ValueError("the first_frame processor takes num_frames only")
-        return FirstFrameAttnProcessor(spec["num_frames"])
-    if spec["name"] == "first_frame_temporal":
-        if set(spec) != {"name", "window"}:
-            raise ValueError("the first_frame_temporal processor takes window only")
-        return FirstFrameTemporalAttnProcessor(spec["window"])
-    if set(spec) != {"name"}:
-        raise ValueError("the default processor takes no parameters")
-    return DefaultAttnProcessor()
+    cls = PROCESSORS[spec["name"]]
+    if set(spec) != {"name", *cls.params}:
+        raise ValueError(f"the {cls.name} processor takes " +
+                         (f"{', '.join(cls.params)} only" if cls.params else "no parameters"))
+    return cls(**{param: spec[param] for param in cls.params})
 
 
 def attention_names(unet: nn.Module) -> list[str]:
@@ -520,8 +511,25 @@ def read_processors(message: object, known: Iterable[str]) -> dict[str, DefaultA
 
 # ---- a local U-Net's feature bank (RemoteUNet has its own, keeping features on the servers)
 
-class LocalFeatureBank:
-    """Captures and injects features of a local diffusers U-Net: ``with bank.capture(tag, places): unet(...)``."""
+class FeatureBank:
+    """``with bank.capture(tag, places): unet(...)``, later ``with bank.inject(tag, places): unet(...)``; the same
+    calls for a local U-Net (``LocalFeatureBank``) and a remote one (``RemoteUNet.feature_bank``)."""
+
+    def _use(self, request: FeatureRequest) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def capture(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
+        return self._use(FeatureRequest(capture_tag=tag, capture_places=frozenset(places)))
+
+    def inject(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
+        return self._use(FeatureRequest(inject_tag=tag, inject_places=frozenset(places)))
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class LocalFeatureBank(FeatureBank):
+    """Captures and injects features of a local diffusers U-Net, keeping them in this process."""
 
     def __init__(self, unet: nn.Module, max_bytes: Budget):
         install(unet)
@@ -541,12 +549,6 @@ class LocalFeatureBank:
         with active(getattr(_state, "processors", None), exchange):
             yield
         exchange.commit()
-
-    def capture(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
-        return self._use(FeatureRequest(capture_tag=tag, capture_places=frozenset(places)))
-
-    def inject(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
-        return self._use(FeatureRequest(inject_tag=tag, inject_places=frozenset(places)))
 
     def close(self) -> None:
         self.store.clear()

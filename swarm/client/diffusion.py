@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -172,14 +172,8 @@ class DiffusionSession:
         payload, sizes, temb_payload = serialize_tensor(sample, config.edge_codec), [], serialize_tensor(temb)
         last, samples = len(self.hops) - 1, sample.shape[0]
         carried = {}
-        conditioning = {}
-        if self.reconditioned:
-            head = self.head
-            conditioning = {"extra": {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
-                                      for key, value in head.extra.items()}}
-            if head.encoder_hidden_states is not None:
-                conditioning["encoder_hidden_states"] = serialize_tensor(head.encoder_hidden_states,
-                                                                         config.edge_codec)
+        conditioning = messages.conditioning(self.head.encoder_hidden_states, self.head.extra,
+                                             config.edge_codec) if self.reconditioned else {}
         record = []
         for index, hop in enumerate(self.hops):  # down; the last server holds the mid level and goes back up
             message = {"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
@@ -383,7 +377,7 @@ class RemoteUNet(ModelMixin):
         self.manager.shutdown()
 
 
-class RemoteFeatureBank:
+class RemoteFeatureBank(unet_modifiers.FeatureBank):
     """Features captured and injected on the servers of a ``RemoteUNet``'s session (see ``RemoteUNet.feature_bank``);
     the same calls as ``swarm.blocks.unet_modifiers.LocalFeatureBank``."""
 
@@ -404,12 +398,6 @@ class RemoteFeatureBank:
             yield
         finally:
             self.unet.feature_request = None
-
-    def capture(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
-        return self._use(unet_modifiers.FeatureRequest(capture_tag=tag, capture_places=frozenset(places)))
-
-    def inject(self, tag: str, places: Iterable[str]) -> contextlib.AbstractContextManager:
-        return self._use(unet_modifiers.FeatureRequest(inject_tag=tag, inject_places=frozenset(places)))
 
     def close(self) -> None:
         """Free what the servers keep (their session closes)."""

@@ -61,6 +61,14 @@ def latent_shift_pipeline(image_pipe: DiffusionPipeline) -> TextToVideoSDPipelin
                                  scheduler=image_pipe.scheduler)
 
 
+def vae_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Images (batch, 3, H, W) in [-1, 1] -> their latents: the mode of the VAE's distribution (a given image is a
+    condition, nothing about it is to be drawn at random) times its scaling factor."""
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    return latents * vae.config.scaling_factor
+
+
 class I2VGenXLDefaultsPipeline(I2VGenXLPipeline):
     """diffusers' ``I2VGenXLPipeline`` with two fixes, so that ``pipe(prompt=..., image=..., generator=...)`` works
     and is reproducible as it is:
@@ -90,7 +98,7 @@ class I2VGenXLDefaultsPipeline(I2VGenXLPipeline):
 
     def prepare_image_latents(self, image: torch.Tensor, device: torch.device, num_frames: int,
                               num_videos_per_prompt: int) -> torch.Tensor:
-        latents = self.vae.encode(image.to(device=device)).latent_dist.mode() * self.vae.config.scaling_factor
+        latents = vae_latents(self.vae, image)
         latents = latents.unsqueeze(2)  # (batch, channels, 1, h, w): the first frame
         # I2VGen-XL's position mask: frame i > 0 is a constant i / (num_frames - 1) in every channel.
         positions = torch.tensor([i / (num_frames - 1) for i in range(1, num_frames)], dtype=latents.dtype,

@@ -46,6 +46,16 @@ def adapter_field(adapter: str | None) -> dict:
     return {} if adapter is None else {"active_adapter": adapter}
 
 
+def conditioning(encoder_hidden_states: torch.Tensor | None, extra: dict, codec: str) -> dict:
+    """A generation's conditioning as sent to U-Net levels: at the session's opening, or with a down pass that
+    replaces it (a session keeping features across another prompt or image)."""
+    fields = {"extra": {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
+                        for key, value in extra.items()}}
+    if encoder_hidden_states is not None:
+        fields["encoder_hidden_states"] = serialize_tensor(encoder_hidden_states, codec)
+    return fields
+
+
 def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: torch.Tensor | None, extra: dict,
                 forward_upsample_size: bool, latent_shift_frames: int | None, sample_shape: list[int] | None,
                 carry_skips: bool = False, freeu: dict | None = None, processors: dict | None = None,
@@ -53,8 +63,7 @@ def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: 
     """Open a generation on U-Net levels: what stays fixed for all its evaluations, and the shape of its samples
     (batch, channels, height, width), from which the server reserves memory for the skips it keeps."""
     message = {"type": "open", "start": start, "end": end, "output_codec": output_codec,
-               "extra": {key: serialize_tensor(value) if isinstance(value, torch.Tensor) else value
-                         for key, value in extra.items()},
+               **conditioning(encoder_hidden_states, extra, output_codec),
                "forward_upsample_size": forward_upsample_size, "latent_shift_frames": latent_shift_frames,
                "carry_skips": carry_skips}
     if sample_shape is not None:
@@ -65,8 +74,6 @@ def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: 
         message["processors"] = dict(processors)
     if feature_bytes:
         message["feature_bytes"] = int(feature_bytes)
-    if encoder_hidden_states is not None:
-        message["encoder_hidden_states"] = serialize_tensor(encoder_hidden_states, output_codec)
     return message
 
 

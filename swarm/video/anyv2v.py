@@ -24,7 +24,7 @@ from diffusers import I2VGenXLPipeline
 from diffusers.pipelines.deprecated.i2vgen_xl.pipeline_i2vgen_xl import _center_crop_wide, _resize_bilinear
 
 from swarm.blocks.unet_modifiers import LocalFeatureBank, feature_places
-from swarm.client.pipeline import I2VGenXLDefaultsPipeline, i2vgenxl_pipeline
+from swarm.client.pipeline import I2VGenXLDefaultsPipeline, i2vgenxl_pipeline, vae_latents
 
 _UP = re.compile(r"^up_blocks\.(\d+)\.")
 
@@ -81,9 +81,7 @@ def _conditioning(pipe: I2VGenXLPipeline, image: torch.Tensor, prompt: str, nega
 
 def _encode_video(pipe: I2VGenXLPipeline, video: torch.Tensor) -> torch.Tensor:
     """(frames, 3, H, W) in [0, 1] -> (1, channels, frames, h, w) latents (the VAE's mode: nothing sampled)."""
-    pixels = pipe.video_processor.preprocess(video)
-    latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
-    return latents.permute(1, 0, 2, 3)[None]
+    return vae_latents(pipe.vae, pipe.video_processor.preprocess(video)).permute(1, 0, 2, 3)[None]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from swarm.blocks.unet_modifiers import first_frame_processors
+from swarm.client.pipeline import vae_latents
 
 
 @dataclass
@@ -61,9 +62,7 @@ def encode_image(pipe: DiffusionPipeline, image: torch.Tensor) -> torch.Tensor:
     factor = pipe.vae_scale_factor
     if image.shape[2] % factor or image.shape[3] % factor:
         raise ValueError(f"image height and width must be multiples of {factor}")
-    with torch.no_grad():
-        latent = pipe.vae.encode(image.to(pipe.vae.dtype)).latent_dist.mode()
-    return latent * pipe.vae.config.scaling_factor
+    return vae_latents(pipe.vae, image)
 
 
 @torch.no_grad()

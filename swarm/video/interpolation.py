@@ -20,6 +20,8 @@ import torch
 from diffusers import TextToVideoSDPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from swarm.client.pipeline import vae_latents
+
 
 @dataclass
 class InterpolationOutput:
@@ -133,9 +135,5 @@ def _known_latents(pipe: TextToVideoSDPipeline, num_frames: int, known_frames: M
     if pixels.shape[-2:] != (height, width) or pixels.shape[-2] % scale or pixels.shape[-1] % scale:
         raise ValueError(f"known frames of {pixels.shape[-2]}x{pixels.shape[-1]} pixels do not fit a {height}x{width} "
                          f"video (sizes are multiples of {scale})")
-    vae = pipe.vae
-    with torch.no_grad():
-        # The mode, not a sample: the known frames are given, nothing about them is to be drawn at random.
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-    latents = latents * vae.config.scaling_factor
+    latents = vae_latents(pipe.vae, pixels)  # the mode: the known frames are given, not drawn
     return dict(zip(indices, latents, strict=True)), height, width
