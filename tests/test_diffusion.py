@@ -304,8 +304,9 @@ def test_what_would_be_a_silent_no_op_remotely_is_refused(served_pipeline):
         pipe.unet.up_blocks[1].register_forward_hook(lambda *args: None)
     with pytest.raises(AttributeError, match="runs in the swarm"):
         list(pipe.unet.up_blocks[1].resnets)
-    with pytest.raises(NotImplementedError, match="cross_attention_kwargs"):
-        _generate(pipe, served_pipeline["kwargs"], cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(NotImplementedError, match="cross_attention_kwargs"):  # IP adapters' (a LoRA scale is served)
+        _generate(pipe, served_pipeline["kwargs"], cross_attention_kwargs={"scale": 0.5,
+                                                                           "ip_adapter_masks": [torch.ones(1, 8, 8)]})
     out = _generate(pipe, served_pipeline["kwargs"]).images
     assert (out == _generate(served_pipeline["local"], served_pipeline["kwargs"]).images).all()
 

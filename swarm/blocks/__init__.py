@@ -19,4 +19,6 @@
 - unet_modifiers.py: per-session U-Net modifiers, the same on servers and local U-Nets: named attention
   processors (``FirstFrameAttnProcessor``, ``FirstFrameTemporalAttnProcessor``), features captured in one pass
   and injected in another (``FeatureStore``, ``LocalFeatureBank``)
+- unet_adapters.py: diffusers LoRAs served beside U-Net levels (``--adapters``), injected by diffusers into the
+  levels' modules; a session's adapters, weights and per-call scale (``LoraChoice``) set before each level call
 """

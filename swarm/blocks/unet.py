@@ -23,7 +23,7 @@ import diffusers
 import torch
 from torch import nn
 
-from swarm.blocks import latent_shift, unet_modifiers
+from swarm.blocks import latent_shift, unet_adapters, unet_modifiers
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.served import BlockSession, Bounds, Prepared, ServedBlocks, SpanSpeed
 from swarm.blocks.span import read_codec
@@ -57,6 +57,7 @@ class HeadOutput:
     forward_upsample_size: bool = False  # latent size not a multiple of the total upsampling factor
     latent_shift_frames: int | None = None  # Latent-Shift along this many frames folded in the batch (latent_shift.py)
     freeu: dict | None = None  # FreeU factors (s1, s2, b1, b2) applied in the up blocks, as enable_freeu sets them
+    lora_scale: float = 1.0  # cross_attention_kwargs' scale of the LoRA adapters in use (unet_adapters.py)
 
 
 def unet_class(config: dict) -> type[nn.Module]:
@@ -68,6 +69,12 @@ def unet_class(config: dict) -> type[nn.Module]:
 
 def num_levels(unet: nn.Module) -> int:
     return len(unet.down_blocks) + 1
+
+
+def level_paths(n: int, level: int) -> list[str]:
+    """The modules of ``level`` in a U-Net with ``n`` down blocks: down block i and up block n-1-i, or the mid
+    block (level n)."""
+    return ["mid_block"] if level == n else [f"down_blocks.{level}", f"up_blocks.{n - 1 - level}"]
 
 
 def check_pairing(unet: nn.Module) -> None:
@@ -180,12 +187,18 @@ class LevelsSession(BlockSession):
     processors: dict = field(default_factory=dict)  # attention processors by layer name (unet_modifiers.py)
     conditioning_bytes: int = 0  # reserved for encoder hidden states (a down pass may replace them within it)
     features: unet_modifiers.FeatureStore | None = None  # features captured in this session (None: none asked)
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters and weights (unet_adapters.py; empty: base model)
+    lora_scale: float = 1.0  # this evaluation's scale of them (its down request's)
     carry_skips: bool = False  # for comparison only: send skips back to the client instead of keeping them
     sample_shape: tuple[int, int, int, int] | None = None  # (batch, channels, height, width) at level 0, reserved
     temb: torch.Tensor | None = None
     stashes: dict[int, LevelStash] = field(default_factory=dict)
     sizes: dict[int, list[int]] = field(default_factory=dict)  # input size of each of our levels, this evaluation
     evaluations: int = 0
+
+    @property
+    def lora(self) -> unet_adapters.LoraChoice:
+        return unet_adapters.LoraChoice(self.adapters, self.lora_scale)
 
 
 def _ceil_half(size: list[int] | tuple[int, ...]) -> list[int]:
@@ -298,12 +311,15 @@ class _LevelsProtocol(ServedBlocks):
             self.__dict__["_attention_names"] = unet_modifiers.attention_names(self.unet)
         return self.__dict__["_attention_names"]
 
+    def held_paths(self) -> list[str]:
+        """The modules of our levels (``level_paths``)."""
+        return [path for level in range(self.start, self.end) for path in level_paths(self.n, level)]
+
     def feature_places(self) -> tuple[list[str], set[str]]:
         """Every feature place of the U-Net, and those in our levels (where we capture and inject)."""
         if "_feature_places" not in self.__dict__:
             places = unet_modifiers.feature_places(self.unet)
-            prefixes = tuple(f"{path}." for level in range(self.start, self.end) for path in (
-                ["mid_block"] if level == self.n else [f"down_blocks.{level}", f"up_blocks.{self.n - 1 - level}"]))
+            prefixes = tuple(f"{path}." for path in self.held_paths())
             self.__dict__["_feature_places"] = places, {p for p in places if p.startswith(prefixes)}
         return self.__dict__["_feature_places"]
 
@@ -407,6 +423,7 @@ class _LevelsProtocol(ServedBlocks):
         reserved = self.skip_bytes(shape[0], list(shape[2:]), start, end) + conditioning + feature_bytes
         return LevelsSession(start, end, reserved, read_codec(message, "output_codec"), blocks=self,
                              processors=processors, conditioning_bytes=conditioning,
+                             adapters=unet_adapters.read_adapters(message, self.adapter_names),
                              features=unet_modifiers.FeatureStore(feature_bytes) if feature_bytes else None,
                              encoder_hidden_states=ehs,
                              extra=self._read_extra(message.get("extra") or {}, bounds),
@@ -521,6 +538,7 @@ class _LevelsProtocol(ServedBlocks):
     def _prepare_down(self, message: dict, session: LevelsSession, sample: torch.Tensor, sizes: list,
                       encoder_tokens: int, bounds: Bounds) -> Prepared:
         batch, size = sample.shape[0], list(sample.shape[2:])
+        lora_scale = unet_adapters.read_scale(message)
         if len(sizes) != session.start:
             raise RequestError(f"input_sizes must list the {session.start} levels before ours, got {len(sizes)}")
         self._check_chain(sizes, session.start, size)
@@ -541,6 +559,7 @@ class _LevelsProtocol(ServedBlocks):
         exchange = self.read_features(message, session)
 
         def run():
+            session.lora_scale = lora_scale  # for this evaluation's up pass too
             out_sizes, stashes = [list(s) for s in sizes], {}
             session.sizes = {}
             current = sample
@@ -552,7 +571,8 @@ class _LevelsProtocol(ServedBlocks):
                     session.sizes[level] = list(current.shape[-2:])
                 with torch.no_grad(), latent_shift.active(session.latent_shift_frames), \
                         unet_modifiers.active(session.processors, exchange):
-                    current, stash = self.down(level, current, temb, session.encoder_hidden_states, session.extra)
+                    current, stash = self.down(level, current, temb, session.encoder_hidden_states, session.extra,
+                                               session.lora)
                 if stash is not None:
                     stashes[level] = stash
             session.temb, session.stashes = temb, stashes
@@ -626,7 +646,7 @@ class _LevelsProtocol(ServedBlocks):
             with torch.no_grad(), latent_shift.active(session.latent_shift_frames), \
                     unet_modifiers.active(session.processors, exchange):
                 sample = self.up(level, sample, session.temb, session.encoder_hidden_states, session.extra, stash, size,
-                                 freeu=session.freeu)
+                                 freeu=session.freeu, lora=session.lora)
         session.temb = None
         session.evaluations += 1
         return sample
@@ -641,6 +661,9 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         self.n = len(unet.down_blocks)
         self.compute_device = torch.device("cpu")  # where the loaded blocks live (the rest stays on meta)
         self.compute_dtype = torch.float32  # what they compute in
+        self.adapter_names: list[str] = []  # LoRA adapters served beside the base weights (load_adapters)
+        self._lora_layers: list = []
+        self._lora_in_use = unet_adapters.BASE
 
     def _on_device(self, value):
         """Requests arrive on the CPU in the client's dtype; a CUDA server computes on its GPU, a bfloat16 server
@@ -663,8 +686,7 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         check_pairing(unet)
         checkpoint = Checkpoint(source, subfolder=subfolder, stem="diffusion_pytorch_model")
         for level in range(start, end):
-            paths = ["mid_block"] if level == n else [f"down_blocks.{level}", f"up_blocks.{n - 1 - level}"]
-            for path in paths:
+            for path in level_paths(n, level):
                 module = unet.get_submodule(path).to(dtype).to_empty(device=device)
                 module.load_state_dict(checkpoint.load_module(path, dtype), strict=True)
         levels = cls(unet, start, end).eval()
@@ -675,9 +697,23 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         levels.opened_files = sorted(checkpoint.opened_files)
         return levels
 
+    def load_adapters(self, specs: list[str]) -> None:
+        """Serve the LoRA adapters of ``specs`` beside the base weights (unet_adapters.py); sessions choose."""
+        self.adapter_names = unet_adapters.load_unet_adapters(specs, self.unet, self.held_paths())
+        self._lora_layers = unet_adapters.lora_layers(self.unet)
+        self._use_lora(unet_adapters.BASE, force=True)
+
+    def _use_lora(self, choice: unet_adapters.LoraChoice | None, force: bool = False) -> None:
+        """Set a call's adapters on the LoRA layers (set per call, like FreeU: calls of sessions interleave)."""
+        choice = choice or unet_adapters.BASE
+        if self._lora_layers and (force or choice != self._lora_in_use):
+            unet_adapters.select(self._lora_layers, choice)
+            self._lora_in_use = choice
+
     def down(self, level: int, sample: torch.Tensor, temb: torch.Tensor, ehs: torch.Tensor | None,
-             extra: dict) -> tuple[torch.Tensor, LevelStash | None]:
+             extra: dict, lora: unet_adapters.LoraChoice | None = None) -> tuple[torch.Tensor, LevelStash | None]:
         sample, temb, ehs, extra = (self._on_device(x) for x in (sample, temb, ehs, extra))
+        self._use_lora(lora)
         if level == self.n:
             mid = self.unet.mid_block
             return (sample if mid is None else mid(**_block_kwargs(mid, sample, temb, ehs, extra))), None
@@ -688,8 +724,10 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         return output, LevelStash([sample, *resnet_outputs])
 
     def up(self, level: int, sample: torch.Tensor, temb: torch.Tensor, ehs: torch.Tensor | None, extra: dict,
-           stash: LevelStash, upsample_size: tuple[int, int] | None, freeu: dict | None = None) -> torch.Tensor:
+           stash: LevelStash, upsample_size: tuple[int, int] | None, freeu: dict | None = None,
+           lora: unet_adapters.LoraChoice | None = None) -> torch.Tensor:
         sample, temb, ehs, extra = (self._on_device(x) for x in (sample, temb, ehs, extra))
+        self._use_lora(lora)
         skips = tuple(self._on_device(skip) for skip in stash.skips)
         block = self.unet.up_blocks[self.n - 1 - level]
         # the block reads FreeU's factors from its attributes (diffusers' enable_freeu sets them): set for this

@@ -37,6 +37,7 @@ import torch
 
 from swarm.blocks import latent_shift, unet_modifiers
 from swarm.blocks.served import Bounds, Prepared
+from swarm.blocks.unet_adapters import LoraChoice, read_scale
 from swarm.rpc.messages import read_float_tensor, read_sizes
 from swarm.rpc.protocol import RequestError
 
@@ -69,6 +70,7 @@ def prepare_backward(levels: UNetLevels, kind: str, message: dict, session: Leve
     sample = read_float_tensor(message, "sample", bounds.max_numel, 4)
     temb = read_float_tensor(message, "temb", bounds.max_numel, 2)
     sizes = [list(size) for size in read_sizes(message)]
+    lora = LoraChoice(session.adapters, read_scale(message))  # the forward's scale, resent with its inputs
     grad_output = read_float_tensor(message, "grad_output", bounds.max_numel, 4,
                                     layout="batch, channels, height, width")
     batch = sample.shape[0]
@@ -102,7 +104,7 @@ def prepare_backward(levels: UNetLevels, kind: str, message: dict, session: Leve
                 inputs["encoder_hidden_states"] = \
                     levels._on_device(session.encoder_hidden_states).detach().requires_grad_(True)
             output = recompute(levels, session, inputs["sample"], inputs["temb"],
-                               inputs.get("encoder_hidden_states"), sizes, inputs.get("up_sample"))
+                               inputs.get("encoder_hidden_states"), sizes, inputs.get("up_sample"), lora)
         if output.shape != grad_output.shape:
             return _Refused(f"grad_output has shape {list(grad_output.shape)}, but this pass's output has "
                             f"{list(output.shape)}")
@@ -133,7 +135,8 @@ def _size_at(levels: UNetLevels, size: list[int], start: int, level: int) -> lis
 
 
 def recompute(levels: UNetLevels, session: LevelsSession, sample: torch.Tensor, temb: torch.Tensor,
-              ehs: torch.Tensor | None, sizes: list[list[int]], up_sample: torch.Tensor | None) -> torch.Tensor:
+              ehs: torch.Tensor | None, sizes: list[list[int]], up_sample: torch.Tensor | None,
+              lora: LoraChoice) -> torch.Tensor:
     """The forward of ``session``'s levels as its passes ran it, recorded for autograd: the down pass (with the
     mid block and the up pass for the server holding the mid block), or, given ``up_sample``, the down pass for
     its skips then the up pass from ``up_sample``."""
@@ -145,7 +148,7 @@ def recompute(levels: UNetLevels, session: LevelsSession, sample: torch.Tensor, 
         for level in range(session.start, session.end):
             if level < n:
                 out_sizes.append(list(current.shape[-2:]))
-            current, stash = levels.down(level, current, temb, ehs, session.extra)
+            current, stash = levels.down(level, current, temb, ehs, session.extra, lora)
             if stash is not None:
                 stashes[level] = stash
         if session.end <= n:  # below the mid block: the down output goes on down the chain
@@ -154,5 +157,6 @@ def recompute(levels: UNetLevels, session: LevelsSession, sample: torch.Tensor, 
             current = up_sample
         for level in reversed(range(session.start, min(session.end, n))):
             size = levels.upsample_size(level, [tuple(size) for size in out_sizes], session.forward_upsample_size)
-            current = levels.up(level, current, temb, ehs, session.extra, stashes[level], size, freeu=session.freeu)
+            current = levels.up(level, current, temb, ehs, session.extra, stashes[level], size, freeu=session.freeu,
+                                lora=lora)
     return current

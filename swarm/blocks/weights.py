@@ -20,11 +20,12 @@ def block_states(span: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
     """One state dict per served block (a decoder layer; a U-Net level: its down and up blocks, or the mid block)."""
     if isinstance(span, BlockSpan):
         return [layer.state_dict() for layer in span.layers]
+    from swarm.blocks.unet import level_paths  # diffusers only where U-Nets are served
+
     states = []
     unet, n = span.unet, span.n
     for level in range(span.start, span.end):
-        paths = ["mid_block"] if level == n else [f"down_blocks.{level}", f"up_blocks.{n - 1 - level}"]
-        states.append({f"{path}.{name}": value for path in paths
+        states.append({f"{path}.{name}": value for path in level_paths(n, level)
                        for name, value in unet.get_submodule(path).state_dict().items()})
     return states
 

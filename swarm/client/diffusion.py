@@ -56,11 +56,11 @@ class LevelsHop(ChainHop):
     @classmethod
     async def open(cls, manager: SequenceManager, hop: Hop, head: HeadOutput, codec: str,
                    carry_skips: bool = False, processors: dict | None = None, feature_bytes: int = 0,
-                   batch: int | None = None) -> LevelsHop:
+                   batch: int | None = None, adapters: tuple[tuple[str, float], ...] = ()) -> LevelsHop:
         shape = [max(batch or 0, head.sample.shape[0]), *head.sample.shape[1:]]  # batch: the most it will take
         message = messages.open_levels(hop.span.start, hop.span.end, codec, head.encoder_hidden_states, head.extra,
                                        head.forward_upsample_size, head.latent_shift_frames,
-                                       shape, carry_skips, head.freeu, processors, feature_bytes)
+                                       shape, carry_skips, head.freeu, processors, feature_bytes, adapters)
         stream, reply = await cls.open_stream(manager, hop, protocol.DIFFUSION, message)
         return cls(manager, hop, stream, reply.get("session_id"), codec)
 
@@ -94,12 +94,13 @@ class DiffusionSession:
 
     def __init__(self, manager: SequenceManager, head: HeadOutput, carry_skips: bool = False,
                  processors: dict | None = None, feature_bytes: unet_modifiers.Budget = 0,
-                 batch: int | None = None):
+                 batch: int | None = None, adapters: tuple[tuple[str, float], ...] = ()):
         self.manager, self.head, self.hops = manager, head, []
         self.batch = batch  # the largest sample batch the servers reserve for (None: this head's)
         self.reconditioned = False  # the next pass carries the head's conditioning to every hop
         self.carry_skips = carry_skips  # benchmark only: skips cross the network as in a linear chain
         self.processors = dict(processors or {})  # attention processor specs by layer name, for every hop
+        self.adapters = tuple(adapters)  # LoRA adapters and weights every hop applies (set_adapters)
         self.feature_bytes = feature_bytes  # what each hop may keep of captured features (or per place)
         self.features: dict = {}  # this evaluation's feature captures/injections (a FeatureRequest's message)
         self.evaluations = 0
@@ -129,17 +130,17 @@ class DiffusionSession:
 
     def evaluate(self, head: HeadOutput) -> torch.Tensor:
         """The up path's output for this evaluation's head state (to be fed to the tail)."""
-        output = self.manager.loop.run(self._evaluate(head.sample, head.temb))
+        output = self.manager.loop.run(self._evaluate(head.sample, head.temb, head.lora_scale))
         self.evaluations += 1
         return output
 
-    async def _evaluate(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    async def _evaluate(self, sample: torch.Tensor, temb: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
         attempts = Attempts(self.manager)
         while True:
             if not self.hops:
                 self.hops = await self._open_chain(0, self.manager.num_blocks)
             try:
-                return await self._pass(sample, temb)
+                return await self._pass(sample, temb, lora_scale)
             except RETRYABLE as e:
                 failed = next((hop for hop in self.hops if hop.span.peer_id == e.peer), None)
                 if failed is None:
@@ -165,7 +166,7 @@ class DiffusionSession:
             self.hops = []
             raise
 
-    async def _pass(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    async def _pass(self, sample: torch.Tensor, temb: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
         config = self.manager.config
         timeout, step_id = config.request_timeout, next(self._step_ids)
         traffic = [HopTraffic(h.span.peer_id, (h.span.start, h.span.end)) for h in self.hops]
@@ -174,11 +175,12 @@ class DiffusionSession:
         carried = {}
         conditioning = messages.conditioning(self.head.encoder_hidden_states, self.head.extra,
                                              config.edge_codec) if self.reconditioned else {}
+        scale = {"lora_scale": lora_scale} if lora_scale != 1.0 else {}  # cross_attention_kwargs', both passes
         record = []
         for index, hop in enumerate(self.hops):  # down; the last server holds the mid level and goes back up
             message = {"type": "down", "step_id": step_id, "sample": payload, "temb": temb_payload,
                        "input_sizes": sizes, "output_codec": output_codec(config, last == 0), **self._features(),
-                       **conditioning}
+                       **conditioning, **scale}
             record.append(HopRecord(hop, message))
             reply = await hop.request(message, timeout, traffic[index], samples)
             payload, sizes = reply["sample"], reply["input_sizes"]
@@ -205,9 +207,11 @@ class DiffusionSession:
             return await LevelsHop.open(self.manager, hop, self.head, self.manager.config.edge_codec,
                                         self.carry_skips, self.processors,
                                         unet_modifiers.budget_for(self.feature_bytes, hop.span.start, hop.span.end,
-                                                                  self.manager.num_blocks), self.batch)
+                                                                  self.manager.num_blocks), self.batch,
+                                        self.adapters)
 
-        return await open_chain(self.manager, start, end, RouteRequest(mode="latency"), open_hop)
+        request = RouteRequest(mode="latency", adapters=tuple(name for name, _ in self.adapters))
+        return await open_chain(self.manager, start, end, request, open_hop)
 
     def close(self) -> None:
         async def close_all() -> None:
@@ -220,6 +224,13 @@ class DiffusionSession:
         self.hops = []
 
 
+# classes whose own forward applies cross_attention_kwargs' scale to their LoRA layers (diffusers' apply_lora_scale);
+# the others hand it to their attention processors, which ignore it
+LORA_SCALE_CLASSES = ("UNet2DConditionModel", "UNetMotionModel")
+_SERVED_LORA = ("{} would change the U-Net's blocks, and those run on the swarm's servers. Servers serve LoRA "
+                "adapters beside their blocks (python -m swarm.server MODEL --adapters NAME=PATH); choose them with "
+                "pipe.set_adapters(NAME, weight) or unet.set_adapters, and scale a call with "
+                "cross_attention_kwargs={{'scale': s}}")
 _NOT_REMOTE = ("{} would change what the U-Net's blocks compute, and those run on the swarm's servers: not "
                "supported through the swarm (refused rather than silently ignored)")
 
@@ -239,6 +250,8 @@ class RemoteUNet(ModelMixin):
         self.feature_bytes: unet_modifiers.Budget = 0  # what servers keep of captured features (feature_bank)
         self.feature_batch = 1  # the largest batch (videos) the feature bank's session takes
         self.feature_request: unet_modifiers.FeatureRequest | None = None  # this call's captures and injections
+        self._adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters the servers apply (set_adapters)
+        self._lora_enabled = True  # disable_lora/enable_lora
         self._session_lock = threading.Lock()  # an evaluation against the idle closer
         self._last_used = 0.0
         self._closer: threading.Thread | None = None
@@ -253,8 +266,16 @@ class RemoteUNet(ModelMixin):
                 return_dict: bool = True, latent_shift_frames: int | None = None, **kwargs):
         """As the U-Net's forward; ``latent_shift_frames``: frames folded in the batch to apply Latent-Shift along
         (see ``swarm.blocks.latent_shift.LatentShiftUNet``)."""
+        scale = 1.0
+        if kwargs.get("cross_attention_kwargs") is not None:  # its LoRA scale goes to the servers
+            rest = dict(kwargs["cross_attention_kwargs"])
+            scale = float(rest.pop("scale", 1.0))
+            kwargs["cross_attention_kwargs"] = rest or None  # anything else is refused by run_head
+            if type(self.local).__name__ not in LORA_SCALE_CLASSES:
+                scale = 1.0  # as locally: this class's forward does not apply it
         head = run_head(self.local, sample, timestep, encoder_hidden_states, **kwargs)
         head.latent_shift_frames, head.freeu = latent_shift_frames, self.freeu
+        head.lora_scale = scale if self.lora_adapters else 1.0
         if self._needs_grad(head):  # training what the client holds: gradients come back through the servers
             output = run_tail(self.local, self._evaluate_with_grad(head), head)
             return UNet2DConditionOutput(sample=output) if return_dict else (output,)
@@ -271,7 +292,7 @@ class RemoteUNet(ModelMixin):
                 self._close_session()
                 batch = self.feature_batch * (head.num_frames or 1) if self.feature_bytes else None
                 self.session = DiffusionSession(self.manager, head, self.carry_skips, self._block_processors(),
-                                                self.feature_bytes, batch)
+                                                self.feature_bytes, batch, self.lora_adapters)
             request = self.feature_request
             self.session.features = request.to_message() if request is not None else {}
             evaluated = self.session.evaluate(head)
@@ -351,6 +372,76 @@ class RemoteUNet(ModelMixin):
         until ``bank.close()`` closes the session. Meanwhile calls may change the prompt and
         image (sent to the servers mid-session), up to ``max_batch`` rows (2: classifier-free guidance)."""
         return RemoteFeatureBank(self, max_bytes, max_batch)
+
+    # LoRA adapters run where their layers are: on the servers, which serve them beside the blocks
+    # (swarm/blocks/unet_adapters.py). A session chooses them by name, as diffusers' set_adapters does locally.
+    def served_adapters(self) -> list[str]:
+        """The LoRA adapters the swarm's servers announce for this U-Net."""
+        self.manager.loop.run(self.manager.update(force=True), timeout=30)
+        return sorted({name for info in self.manager.servers.values() for name in info.adapters})
+
+    @property
+    def peft_config(self) -> dict[str, None]:
+        """The served adapters by name (their configs stay on the servers): what ``pipe.set_adapters`` checks."""
+        return dict.fromkeys(self.served_adapters())
+
+    @property
+    def lora_adapters(self) -> tuple[tuple[str, float], ...]:
+        """The (adapter, weight) pairs this client's sessions run with (empty: the base model)."""
+        return self._adapters if self._lora_enabled else ()
+
+    def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """As diffusers': run with these served adapters, each scaled by its weight (default 1). Takes effect from
+        the next evaluation (a new session with the servers)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [1.0 if w is None else w for w in (weights if isinstance(weights, list) else [weights] * len(names))]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} weights")
+        if any(isinstance(w, dict) for w in weights):
+            raise NotImplementedError("block-wise LoRA weights are not supported through the swarm: give one "
+                                      "number per adapter")
+        served = self.served_adapters()
+        missing = sorted(set(names) - set(served))
+        if missing:
+            raise ValueError(f"adapter(s) {missing} are not served for this U-Net in the swarm (served: {served})")
+        self._adapters = tuple((name, float(w)) for name, w in zip(names, weights, strict=True))
+        self._lora_enabled = True
+        self.close_session()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.set_adapters(adapter_name)
+
+    def active_adapters(self) -> list[str]:
+        return [name for name, _ in self.lora_adapters]
+
+    def disable_lora(self) -> None:
+        self._lora_enabled = False
+        self.close_session()
+
+    def enable_lora(self) -> None:
+        self._lora_enabled = True
+        self.close_session()
+
+    disable_adapters, enable_adapters = disable_lora, enable_lora
+
+    def unload_lora(self) -> None:
+        """Back to the base model (the servers keep serving the adapters to whoever chooses them)."""
+        self._adapters = ()
+        self.close_session()
+
+    def load_lora_adapter(self, *args, **kwargs) -> None:
+        raise NotImplementedError(_SERVED_LORA.format("Loading a LoRA (load_lora_weights)"))
+
+    def add_adapter(self, *args, **kwargs) -> None:
+        raise NotImplementedError(_SERVED_LORA.format("A new adapter on the U-Net"))
+
+    def fuse_lora(self, *args, **kwargs) -> None:
+        raise NotImplementedError(_SERVED_LORA.format("Fusing a LoRA into the weights"))
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        raise NotImplementedError("the U-Net's blocks are on the swarm's servers, so a distributed pipeline cannot be "
+                                  "saved as one diffusers loads: save the parts you changed (e.g. "
+                                  "pipe.text_encoder.save_pretrained) beside the directory it was loaded from")
 
     def fuse_qkv_projections(self) -> None:
         raise NotImplementedError(_NOT_REMOTE.format("fused QKV projections"))

@@ -127,4 +127,8 @@ def _closing_sessions(pipeline_class: type) -> type:
         finally:
             self.unet.close_session()
 
-    return type(f"Distributed{pipeline_class.__name__}", (pipeline_class,), {"__call__": __call__})
+    def save_pretrained(self, *args, **kwargs):
+        self.unet.save_pretrained()  # refused: what it would write could not be loaded
+
+    return type(f"Distributed{pipeline_class.__name__}", (pipeline_class,),
+                {"__call__": __call__, "save_pretrained": save_pretrained})

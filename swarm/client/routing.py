@@ -97,6 +97,7 @@ class RouteRequest:
     tokens: int = 1  # throughput mode: batch x sequence tokens per request
     push: bool = False  # latency mode: servers push each step's output to the next one (network costs pairwise)
     adapter: str | None = None  # the LoRA adapter the request runs with: only servers holding it can take it
+    adapters: tuple[str, ...] = ()  # a U-Net session's adapters (it may combine several): likewise
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,10 @@ def _exclusion(peer: str, info: ServerInfo, policy: RoutingPolicy, request: Rout
         wrong = policy.reference_weights.mismatch(info.start, info.end, info.dtype, info.quantization, info.weights)
         if wrong is not None:
             return wrong
-    if request.adapter is not None and request.adapter not in info.adapters:
-        return f"does not serve adapter {request.adapter!r}"
+    missing = next((name for name in (request.adapter, *request.adapters)
+                    if name is not None and name not in info.adapters), None)
+    if missing is not None:
+        return f"does not serve adapter {missing!r}"
     if request.mode == "latency" and request.max_length:
         # announced free cache is for the whole span; a session reserves batch x max_length of it
         if info.cache_tokens_left < request.batch_size * request.max_length:

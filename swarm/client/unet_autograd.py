@@ -47,11 +47,11 @@ class TrainingSession(DiffusionSession):
 
     recording = True
 
-    async def _pass(self, sample: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    async def _pass(self, sample: torch.Tensor, temb: torch.Tensor, lora_scale: float = 1.0) -> torch.Tensor:
         if self.features or self.carry_skips:
             raise NotImplementedError("feature capture/injection and carried skips are not differentiable through "
                                       "the swarm")
-        return await super()._pass(sample, temb)
+        return await super()._pass(sample, temb, lora_scale)
 
     async def gradients(self, head: HeadOutput, record: list[HopRecord] | None, grad: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -60,7 +60,7 @@ class TrainingSession(DiffusionSession):
         attempts = Attempts(self.manager)
         while True:
             if record is None or not self.hops or any(item.hop not in self.hops for item in record):
-                await self._evaluate(head.sample, head.temb)  # (re)opens the chain where needed
+                await self._evaluate(head.sample, head.temb, head.lora_scale)  # (re)opens the chain where needed
                 record = self.record
             try:
                 return await self._backward(record, grad)
@@ -111,7 +111,7 @@ class TrainingSession(DiffusionSession):
 
 
 def _inputs(down: dict) -> dict:
-    return {key: down[key] for key in ("sample", "temb", "input_sizes")}
+    return {key: down[key] for key in ("sample", "temb", "input_sizes", "lora_scale") if key in down}
 
 
 async def _request(hop: LevelsHop, message: dict, fields: tuple[str, ...], timeout: float, samples: int) -> dict:
@@ -140,7 +140,8 @@ class _Evaluation:
             session = unet.session
             if not isinstance(session, TrainingSession) or not session.matches(self.head):
                 unet._close_session()
-                session = unet.session = TrainingSession(unet.manager, self.head, False, unet._block_processors())
+                session = unet.session = TrainingSession(unet.manager, self.head, False, unet._block_processors(),
+                                                         adapters=unet.lora_adapters)
             output = session.evaluate(self.head)
             self.session, self.record = session, session.record
             unet._last_used = time.monotonic()

@@ -298,6 +298,36 @@ def save_tiny_i2vgenxl(directory: str | os.PathLike, seed: int = 0) -> Path:
     return directory
 
 
+def save_tiny_unet_lora(pipeline_directory: str | os.PathLike, directory: str | os.PathLike, seed: int = 0,
+                        rank: int = 4, alpha: float | None = 8.0,
+                        target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"),
+                        text_encoder: bool = False) -> Path:
+    """Save a random LoRA of the U-Net in ``pipeline_directory`` as diffusers' ``save_lora_weights`` does
+    (``pytorch_lora_weights.safetensors``; with its config recorded unless ``alpha`` is None) to ``directory`` and
+    return it. ``text_encoder``: the LoRA also adapts the text encoder's attention."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_directory) / "unet")
+    # init_lora_weights=False: random B as well as A, so the LoRA changes what the U-Net computes
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules),
+                        init_lora_weights=False)
+    unet.add_adapter(config)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    if alpha is not None:
+        layers["unet_lora_adapter_metadata"] = config.to_dict()
+    if text_encoder:
+        encoder = inject_adapter_in_model(LoraConfig(r=rank, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False), tiny_text_encoder())
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+    directory = Path(directory)
+    StableDiffusionPipeline.save_lora_weights(directory, **layers)
+    return directory
+
+
 # ------------------------------------------------------------------------------------------------ quick start
 
 # kind -> (saver, the pipeline class it writes, the client lines that generate and save the result)

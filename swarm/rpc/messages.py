@@ -59,7 +59,7 @@ def conditioning(encoder_hidden_states: torch.Tensor | None, extra: dict, codec:
 def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: torch.Tensor | None, extra: dict,
                 forward_upsample_size: bool, latent_shift_frames: int | None, sample_shape: list[int] | None,
                 carry_skips: bool = False, freeu: dict | None = None, processors: dict | None = None,
-                feature_bytes: int = 0) -> dict:
+                feature_bytes: int = 0, adapters: tuple[tuple[str, float], ...] = ()) -> dict:
     """Open a generation on U-Net levels: what stays fixed for all its evaluations, and the shape of its samples
     (batch, channels, height, width), from which the server reserves memory for the skips it keeps."""
     message = {"type": "open", "start": start, "end": end, "output_codec": output_codec,
@@ -74,6 +74,8 @@ def open_levels(start: int, end: int, output_codec: str, encoder_hidden_states: 
         message["processors"] = dict(processors)
     if feature_bytes:
         message["feature_bytes"] = int(feature_bytes)
+    if adapters:  # LoRA adapters and their weights (swarm/blocks/unet_adapters.py)
+        message["adapters"] = [[name, float(weight)] for name, weight in adapters]
     return message
 
 

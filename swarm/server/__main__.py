@@ -7,6 +7,7 @@ Arguments are parsed before torch and hivemind are imported, so ``--help`` and a
 from __future__ import annotations
 
 import argparse
+import os
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -81,8 +82,10 @@ def build_parser() -> Parser:
     compute.add_argument("--quantize", choices=QUANTIZATION_NAMES, default="none",
                          help="weight quantization of the blocks' linear layers (bitsandbytes int8 / nf4)")
     compute.add_argument("--adapters", nargs="+", default=[], metavar="NAME_OR_PATH",
-                         help="peft LoRA adapters to serve beside the blocks: a directory (named after itself), a "
-                              "hub name, or NAME=PATH; clients choose one per request with active_adapter=NAME")
+                         help="LoRA adapters to serve beside the blocks: a directory (named after itself), a hub "
+                              "name, or NAME=PATH. Transformer blocks: peft adapters, chosen per request with "
+                              "active_adapter=NAME; U-Net levels: diffusers LoRAs (a directory from save_lora_weights "
+                              "or a .safetensors file), chosen with pipe.set_adapters(NAME)")
     compute.add_argument("--cache-tokens", type=positive(int), default=16384, metavar="N",
                          help="KV cache budget: batch x positions that sessions may hold at once over the span")
     compute.add_argument("--throughput", type=parse_throughput, default="auto",
@@ -216,7 +219,11 @@ def main() -> None:
     setup_logging(args.log_level)
     check_model_name(args.model)  # mistakes fail now, not after torch has loaded; start_dht checks the port again
     for spec in args.adapters:
-        check_model_name(spec.partition("=")[2] or spec)
+        where = spec.partition("=")[2] or spec
+        if not where.endswith(".safetensors"):
+            check_model_name(where)
+        elif not os.path.isfile(os.path.expanduser(where)):  # a diffusers LoRA may be one file
+            parser.error(f"--adapters: no such file: {where}")
     check_can_listen(args.host, args.port)
 
     import asyncio  # the heavy part starts here, once the arguments are known to be good

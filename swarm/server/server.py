@@ -136,7 +136,8 @@ class Server:
             forward_tps=speed.forward_tps if speed else None, load=float(self.handler.pending if self.handler else 0),
             next_pings=dict(self.next_pings), started=self.started_at, announced=time.time(),
             price=cfg.price if cfg.settlement else 0, payment_required=cfg.require_payment,
-            adapters=tuple(self.span.adapters.names) if isinstance(self.span, BlockSpan) else (),
+            adapters=tuple(self.span.adapters.names if isinstance(self.span, BlockSpan) else self.span.adapter_names)
+            if self.span is not None else (),
             using_relay=self.reservation is not None,
             relay_addrs=(self.reservation.maddr,) if self.reservation is not None else (),
             weights=getattr(self.span, "weights_commitment", "") if self.span is not None
@@ -384,8 +385,6 @@ class Server:
         if self.is_unet:
             if cfg.quantization != "none":
                 raise NotImplementedError("weight quantization of U-Net levels is not supported yet")
-            if cfg.adapters:
-                raise UserError("--adapters: LoRA adapters are served for transformer blocks, not U-Net levels")
             from swarm.blocks.unet import UNetLevels
 
             span = UNetLevels.from_pretrained(source, start, end, dtype=DTYPES[cfg.dtype],
@@ -398,6 +397,8 @@ class Server:
         Faults.from_env().edit_one_weight(span)  # tests only: see swarm/trust/faults.py
         # what clients requiring reference weights compare with their own copy's (swarm/trust/weights.py)
         span.weights_commitment = span_weights_commitment(span)
+        if self.is_unet and cfg.adapters:  # injected into the levels' modules: after the base weights' commitment
+            span.load_adapters(list(cfg.adapters))
         blockwise.warm_up()  # bitsandbytes' first call imports it (~2-3 s)
         return span
 
