@@ -26,12 +26,16 @@ def served(launcher, models_dir):
     # rank 2 on two modules, no recorded config (alpha = rank): another shape of LoRA file
     detail = save_tiny_unet_lora(path, models_dir / "lora-detail", seed=2, rank=2, alpha=None,
                                  target_modules=("to_k", "to_v"))
-    first, second = launcher.start_halves(path, "--adapters", f"style={style}", f"detail={detail}", in_process=True)
+    # with a text-encoder part, which clients load (pipe.load_lora_weights)
+    both = save_tiny_unet_lora(path, models_dir / "lora-both", seed=3, text_encoder=True)
+    first, second = launcher.start_halves(path, "--adapters", f"style={style}", f"detail={detail}", f"both={both}",
+                                          in_process=True)
     local = DiffusionPipeline.from_pretrained(path)
     local.load_lora_weights(style, adapter_name="style")
     local.load_lora_weights(detail, adapter_name="detail")
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
-    yield {"path": path, "local": local, "remote": remote, "style": style, "peers": [first.maddr, second.maddr]}
+    yield {"path": path, "local": local, "remote": remote, "style": style, "both": both,
+           "peers": [first.maddr, second.maddr]}
     remote.unet.shutdown()
 
 
@@ -51,7 +55,7 @@ def test_served_adapters_equal_a_local_lora_pipeline(served):
     local.disable_lora()
     base = _unet(local, args)
     local.enable_lora()
-    assert sorted(remote.unet.peft_config) == ["detail", "style"]
+    assert sorted(remote.unet.peft_config) == ["both", "detail", "style"]
     for names, weights, kwargs in ((["style"], [1.0], {}),
                                    (["style", "detail"], [0.7, 0.3], {"cross_attention_kwargs": {"scale": 0.5}}),
                                    (["detail"], [-1.5], {"cross_attention_kwargs": {"scale": 2.0}})):
@@ -73,6 +77,31 @@ def test_served_adapters_equal_a_local_lora_pipeline(served):
     assert torch.equal(_unet(remote, args), base)
     remote.enable_lora()
     assert torch.equal(_unet(remote, args), _unet(local, args))
+
+
+def test_load_lora_weights_takes_the_text_encoder_part_here_and_the_servers_adapter(served):
+    """A diffusers user's ``pipe.load_lora_weights(path, adapter_name=NAME)`` on a distributed pipeline: the
+    LoRA's text-encoder part is loaded on the client, as locally, and its U-Net part is the servers' adapter NAME;
+    whole pipeline calls equal the local pipeline's, with and without a scale."""
+    local = DiffusionPipeline.from_pretrained(served["path"])
+    remote = AutoDistributedPipeline.from_pretrained(served["path"], initial_peers=served["peers"][:1],
+                                                     compression="none")
+    try:
+        with pytest.raises(NotImplementedError, match="served for this U-Net: .*'both'"):
+            remote.load_lora_weights(served["both"], adapter_name="mine")
+        for pipe in (local, remote):
+            pipe.load_lora_weights(served["both"], adapter_name="both")
+        assert remote.unet.active_adapters() == ["both"]
+        call = {"prompt": "a red fox", "num_inference_steps": 2, "height": 64, "width": 64, "output_type": "latent"}
+        for kwargs in ({}, {"cross_attention_kwargs": {"scale": 0.6}}):
+            expected = local(**call, **kwargs, generator=torch.Generator().manual_seed(3)).images
+            assert torch.equal(remote(**call, **kwargs, generator=torch.Generator().manual_seed(3)).images, expected)
+        local.unload_lora_weights()
+        remote.unload_lora_weights()
+        assert torch.equal(remote(**call, generator=torch.Generator().manual_seed(3)).images,
+                           local(**call, generator=torch.Generator().manual_seed(3)).images)
+    finally:
+        remote.unet.shutdown()
 
 
 def test_sessions_with_other_adapters_interleave_without_mixing(served):
@@ -113,6 +142,8 @@ def test_lora_mistakes_get_clear_errors_and_servers_go_on(served, models_dir):
     local, remote = served["local"], served["remote"]
     with pytest.raises(NotImplementedError, match="--adapters NAME=PATH"):
         remote.load_lora_weights(served["style"], adapter_name="mine")
+    with pytest.raises(NotImplementedError, match="from a path"):
+        remote.unet.load_lora_adapter(str(served["style"]), adapter_name="style")
     with pytest.raises(NotImplementedError, match="--adapters"):
         remote.fuse_lora()
     with pytest.raises(NotImplementedError, match="cannot be saved"):  # it would write an unloadable pipeline
@@ -158,9 +189,9 @@ def test_lora_mistakes_get_clear_errors_and_servers_go_on(served, models_dir):
 def test_adapters_servers_cannot_serve_are_refused_at_start(served, models_dir):
     path = served["path"]
     levels = UNetLevels.from_pretrained(resolve_model(str(path)), 1, 3)
-    with_encoder = save_tiny_unet_lora(path, models_dir / "lora-with-encoder", text_encoder=True)
-    with pytest.raises(AdapterError, match="adapts text_encoder.* which clients run"):
-        levels.load_adapters([str(with_encoder)])
+    head = save_tiny_unet_lora(path, models_dir / "lora-head", target_modules=("conv_in", "to_q"))
+    with pytest.raises(AdapterError, match="adapts conv_in, part of the U-Net's head or tail"):
+        levels.load_adapters([str(head)])
     with pytest.raises(AdapterError, match="holds no pytorch_lora_weights.safetensors"):
         levels.load_adapters([f"x={path}"])
     # ranks that differ by module and no recorded config: diffusers would take the whole model's first rank as
@@ -173,5 +204,5 @@ def test_adapters_servers_cannot_serve_are_refused_at_start(served, models_dir):
     with pytest.raises(AdapterError, match="mixes LoRA ranks"):
         levels.load_adapters([f"mixed={models_dir / 'lora-mixed'}"])
     # a single .safetensors file is an adapter too
-    levels.load_adapters([f"one={served['style'] / 'pytorch_lora_weights.safetensors'}"])
-    assert levels.adapter_names == ["one"]
+    levels.load_adapters([f"one={served['style'] / 'pytorch_lora_weights.safetensors'}", str(served["both"])])
+    assert levels.adapter_names == ["one", "lora-both"]

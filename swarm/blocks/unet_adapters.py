@@ -10,8 +10,10 @@ scale them (``cross_attention_kwargs={"scale": s}``). The choice is set on the L
 the way diffusers sets it before every forward, on the one compute thread: one session's choice never reaches
 another's call. The base weights stay as they are: sessions without an adapter share them.
 
-Only the blocks' adapters can be served: one that also adapts the text encoders or the U-Net's head or tail (parts
-clients run) is refused, as is one whose LoRA config would differ from a whole-model load once cut to these levels.
+Only the blocks' adapters are served. A LoRA's text-encoder part runs on clients (a distributed pipeline's
+``load_lora_weights`` loads it there, and checks that the servers serve the rest under that name). One that adapts
+the U-Net's head or tail (which clients run) is refused, as is one whose LoRA config would differ from a whole-model
+load once cut to these levels.
 """
 
 from __future__ import annotations
@@ -103,6 +105,16 @@ def read_lora(where: str, unet_config: dict) -> tuple[dict, dict | None, dict | 
         raise AdapterError(f"{where}: diffusers cannot read it as a LoRA ({e})") from None
 
 
+HEAD_OR_TAIL = ("adapts {}, part of the U-Net's head or tail, which clients run: servers serve LoRAs of the "
+                "U-Net's blocks (and clients load a LoRA's text-encoder part)")
+
+
+def head_or_tail_key(state: dict, prefix: str = "unet") -> str | None:
+    """The first key of ``state`` that adapts the U-Net (``prefix``) outside its blocks, if any."""
+    return next((key for key in state if key.startswith(f"{prefix}.")
+                 and not key.removeprefix(f"{prefix}.").startswith(("down_blocks.", "up_blocks.", "mid_block."))), None)
+
+
 def _first_rank(state: dict) -> int | None:
     return next((value.shape[1] for key, value in state.items() if "lora_B" in key and value.ndim > 1), None)
 
@@ -122,12 +134,13 @@ def load_unet_adapters(specs: list[str], unet: nn.Module, held: list[str]) -> li
         if len(name) > MAX_NAME_LENGTH:
             raise AdapterError(f"adapter names are at most {MAX_NAME_LENGTH} characters: {name[:40]!r}...")
         state, alphas, metadata = read_lora(where, dict(unet.config))
-        outside = next((key for key in state if not key.startswith("unet.")
-                        or not key.removeprefix("unet.").startswith(("down_blocks.", "up_blocks.", "mid_block."))),
-                       None)
+        outside = head_or_tail_key(state)
         if outside is not None:
-            raise AdapterError(f"adapter {name!r} adapts {outside.rsplit('.lora', 1)[0]}, which clients run (text "
-                               "encoders, the U-Net's head and tail): servers serve LoRAs of the U-Net's blocks only")
+            module = outside.removeprefix("unet.").rsplit(".lora", 1)[0]
+            raise AdapterError(f"adapter {name!r} {HEAD_OR_TAIL.format(module)}")
+        if any(not key.startswith("unet.") for key in state):
+            logger.info(f"Adapter {name!r} also adapts the text encoders: clients run them, and a pipeline's "
+                        "load_lora_weights loads that part there")
         mine = {key: value for key, value in state.items() if key.removeprefix("unet.").startswith(prefixes)}
         if not mine:
             logger.warning(f"Adapter {name!r} adapts nothing in {', '.join(held)}: served as the base weights")

@@ -26,7 +26,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from swarm.blocks import unet_modifiers
+from swarm.blocks import unet_adapters, unet_modifiers
 from swarm.blocks.unet import BLOCK_PREFIXES, HeadOutput, run_head, run_tail
 from swarm.client.chain import RETRYABLE, Attempts, ChainHop, open_chain, output_codec
 from swarm.client.config import ClientConfig
@@ -228,9 +228,9 @@ class DiffusionSession:
 # the others hand it to their attention processors, which ignore it
 LORA_SCALE_CLASSES = ("UNet2DConditionModel", "UNetMotionModel")
 _SERVED_LORA = ("{} would change the U-Net's blocks, and those run on the swarm's servers. Servers serve LoRA "
-                "adapters beside their blocks (python -m swarm.server MODEL --adapters NAME=PATH); choose them with "
-                "pipe.set_adapters(NAME, weight) or unet.set_adapters, and scale a call with "
-                "cross_attention_kwargs={{'scale': s}}")
+                "adapters beside their blocks (python -m swarm.server MODEL --adapters NAME=PATH); load one with "
+                "pipe.load_lora_weights(PATH, adapter_name=NAME) or choose served ones with "
+                "pipe.set_adapters(NAME, weight), and scale a call with cross_attention_kwargs={{'scale': s}}")
 _NOT_REMOTE = ("{} would change what the U-Net's blocks compute, and those run on the swarm's servers: not "
                "supported through the swarm (refused rather than silently ignored)")
 
@@ -429,8 +429,35 @@ class RemoteUNet(ModelMixin):
         self._adapters = ()
         self.close_session()
 
-    def load_lora_adapter(self, *args, **kwargs) -> None:
-        raise NotImplementedError(_SERVED_LORA.format("Loading a LoRA (load_lora_weights)"))
+    def load_lora_adapter(self, state_dict: object, prefix: str | None = "unet", hotswap: bool = False,
+                          adapter_name: str | None = None, **kwargs: object) -> None:
+        """What a pipeline's ``load_lora_weights(path, adapter_name=NAME)`` calls for the U-Net: the swarm's servers
+        must serve this LoRA as NAME (``--adapters NAME=PATH``); it becomes this client's adapter, as a loaded one
+        becomes the active one locally. The pipeline loads the LoRA's text-encoder part here, as locally."""
+        if not isinstance(state_dict, dict):
+            raise NotImplementedError(_SERVED_LORA.format("Loading a LoRA into the U-Net from a path"))
+        mine = [key for key in state_dict if prefix is None or key.startswith(f"{prefix}.")]
+        if not mine:
+            return  # a LoRA of the text encoders alone
+        outside = unet_adapters.head_or_tail_key(state_dict, prefix) if prefix else None
+        if outside is not None:
+            module = outside.removeprefix(f"{prefix}.").rsplit(".lora", 1)[0]
+            raise NotImplementedError(f"this LoRA {unet_adapters.HEAD_OR_TAIL.format(module)}")
+        if hotswap:
+            raise NotImplementedError("hotswapping a LoRA is not supported through the swarm")
+        served = self.served_adapters()
+        if adapter_name not in served:
+            raise NotImplementedError(
+                _SERVED_LORA.format(f"Loading a LoRA's U-Net part as {adapter_name!r}") +
+                f". Pass adapter_name= the name servers serve it as; served for this U-Net: {served or 'none'}")
+        self._adapters, self._lora_enabled = ((adapter_name, 1.0),), True
+        self.close_session()
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """Stop using these adapters (the servers keep serving them)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        self._adapters = tuple((name, weight) for name, weight in self._adapters if name not in names)
+        self.close_session()
 
     def add_adapter(self, *args, **kwargs) -> None:
         raise NotImplementedError(_SERVED_LORA.format("A new adapter on the U-Net"))

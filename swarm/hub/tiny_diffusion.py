@@ -320,9 +320,12 @@ def save_tiny_unet_lora(pipeline_directory: str | os.PathLike, directory: str | 
     if alpha is not None:
         layers["unet_lora_adapter_metadata"] = config.to_dict()
     if text_encoder:
-        encoder = inject_adapter_in_model(LoraConfig(r=rank, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False), tiny_text_encoder())
+        encoder_config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=["q_proj", "v_proj"],
+                                    init_lora_weights=False)
+        encoder = inject_adapter_in_model(encoder_config, tiny_text_encoder())
         layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+        if alpha is not None:  # diffusers reads each part's config, when one is recorded, from the file
+            layers["text_encoder_lora_adapter_metadata"] = encoder_config.to_dict()
     directory = Path(directory)
     StableDiffusionPipeline.save_lora_weights(directory, **layers)
     return directory
