@@ -61,6 +61,17 @@ def test_video_examples_equal_their_local_run(name, shape):
     assert difference and float(difference.group(1)) == 0, output
 
 
+def test_lora_example_equals_its_local_run():
+    """Stand-alone: a tiny SD pipeline and a LoRA with a text-encoder part, served by two servers of its own
+    (``--adapters``) and loaded by the client with ``load_lora_weights``; equal to the local pipeline's image."""
+    output = run_example("lora_diffusion.py")
+    assert "Adapters served for this U-Net: ['style']" in output, output
+    difference = re.search(r"^max difference from the local run: (\S+)$", output, re.MULTILINE)
+    assert difference and float(difference.group(1)) == 0, output
+    change = re.search(r"^max change the LoRA makes: (\S+)$", output, re.MULTILINE)
+    assert change and float(change.group(1)) > 1e-3, output  # the LoRA is in use
+
+
 def test_training_through_a_served_unet_lowers_the_loss():
     """Stand-alone: a tiny random SD pipeline and two servers of its own; the client's conditioning adapter learns
     through both servers' backward steps, with the RegMixup term."""
