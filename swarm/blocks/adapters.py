@@ -78,6 +78,22 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
     return (path.resolve().name if path.is_dir() else spec), spec
 
 
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
+    """``parse_adapter_spec`` of each of a server's ``--adapters``: at most ``MAX_ADAPTERS``, names unique and at
+    most ``MAX_NAME_LENGTH`` characters."""
+    if len(specs) > MAX_ADAPTERS:
+        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server, got {len(specs)}")
+    parsed: list[tuple[str, str]] = []
+    for spec in specs:
+        name, where = parse_adapter_spec(spec)
+        if any(name == other for other, _ in parsed):
+            raise AdapterError(f"two adapters are named {name!r}: name them with NAME=PATH")
+        if len(name) > MAX_NAME_LENGTH:
+            raise AdapterError(f"adapter names are at most {MAX_NAME_LENGTH} characters: {name[:40]!r}...")
+        parsed.append((name, where))
+    return parsed
+
+
 def read_adapter(where: str | ModelSource) -> tuple[dict, dict[str, torch.Tensor]]:
     """An adapter's config and its weights (every tensor of the file, on the CPU)."""
     source = where if isinstance(where, ModelSource) else resolve_model(where)
@@ -190,15 +206,8 @@ def _lora_hook(adapter_set: AdapterSet, weights: dict[str, LoraWeights]):
 def load_adapters(specs: list[str], layers: nn.ModuleList, layers_path: str, base_prefix: str, start: int,
                   end: int, dtype: torch.dtype, device: torch.device | str) -> AdapterSet:
     """The adapters of ``specs`` (``NAME=PATH`` or a path or hub name each) attached to layers [start, end)."""
-    if len(specs) > MAX_ADAPTERS:
-        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server, got {len(specs)}")
     adapter_set, loaded = AdapterSet(), {}
-    for spec in specs:
-        name, where = parse_adapter_spec(spec)
-        if name in loaded:
-            raise AdapterError(f"two adapters are named {name!r}: name them with NAME=PATH")
-        if len(name) > MAX_NAME_LENGTH:
-            raise AdapterError(f"adapter names are at most {MAX_NAME_LENGTH} characters: {name[:40]!r}...")
+    for name, where in parse_adapter_specs(specs):
         config, tensors = read_adapter(where)
         check_config(name, config)
         loaded[name] = layer_weights(name, config, tensors, layers_path, base_prefix, start, end)

@@ -663,7 +663,7 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         self.compute_dtype = torch.float32  # what they compute in
         self.adapter_names: list[str] = []  # LoRA adapters served beside the base weights (load_adapters)
         self._lora_layers: list = []
-        self._lora_in_use = unet_adapters.BASE
+        self._lora_in_use: unet_adapters.LoraChoice | None = unet_adapters.BASE  # None: unknown, set it next call
 
     def _on_device(self, value):
         """Requests arrive on the CPU in the client's dtype; a CUDA server computes on its GPU, a bfloat16 server
@@ -701,12 +701,12 @@ class UNetLevels(_LevelsProtocol, nn.Module):
         """Serve the LoRA adapters of ``specs`` beside the base weights (unet_adapters.py); sessions choose."""
         self.adapter_names = unet_adapters.load_unet_adapters(specs, self.unet, self.held_paths())
         self._lora_layers = unet_adapters.lora_layers(self.unet)
-        self._use_lora(unet_adapters.BASE, force=True)
+        self._lora_in_use = None  # diffusers left the last one loaded active
 
-    def _use_lora(self, choice: unet_adapters.LoraChoice | None, force: bool = False) -> None:
+    def _use_lora(self, choice: unet_adapters.LoraChoice | None) -> None:
         """Set a call's adapters on the LoRA layers (set per call, like FreeU: calls of sessions interleave)."""
         choice = choice or unet_adapters.BASE
-        if self._lora_layers and (force or choice != self._lora_in_use):
+        if self._lora_layers and choice != self._lora_in_use:
             unet_adapters.select(self._lora_layers, choice)
             self._lora_in_use = choice
 

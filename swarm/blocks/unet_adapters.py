@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swarm.blocks.adapters import MAX_ADAPTERS, MAX_NAME_LENGTH, AdapterError, parse_adapter_spec
+from swarm.blocks.adapters import MAX_NAME_LENGTH, AdapterError, parse_adapter_specs
 from swarm.hub.source import resolve_model
 from swarm.rpc.protocol import RequestError
 
@@ -109,10 +109,14 @@ HEAD_OR_TAIL = ("adapts {}, part of the U-Net's head or tail, which clients run:
                 "U-Net's blocks (and clients load a LoRA's text-encoder part)")
 
 
-def head_or_tail_key(state: dict, prefix: str = "unet") -> str | None:
-    """The first key of ``state`` that adapts the U-Net (``prefix``) outside its blocks, if any."""
-    return next((key for key in state if key.startswith(f"{prefix}.")
-                 and not key.removeprefix(f"{prefix}.").startswith(("down_blocks.", "up_blocks.", "mid_block."))), None)
+def head_or_tail_module(state: dict, prefix: str = "unet") -> str | None:
+    """The first module of the U-Net (keys ``prefix.<module>.lora...``) that ``state`` adapts outside its blocks,
+    if any."""
+    for key in state:
+        module = key.removeprefix(f"{prefix}.")
+        if module != key and not module.startswith(("down_blocks.", "up_blocks.", "mid_block.")):
+            return module.rsplit(".lora", 1)[0]
+    return None
 
 
 def _first_rank(state: dict) -> int | None:
@@ -124,20 +128,12 @@ def load_unet_adapters(specs: list[str], unet: nn.Module, held: list[str]) -> li
     the paths ``held`` (the levels a server holds), frozen. Returns their names."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    if len(specs) > MAX_ADAPTERS:
-        raise AdapterError(f"at most {MAX_ADAPTERS} adapters per server, got {len(specs)}")
     names, prefixes = [], tuple(f"{path}." for path in held)
-    for spec in specs:
-        name, where = parse_adapter_spec(spec)
-        if name in names:
-            raise AdapterError(f"two adapters are named {name!r}: name them with NAME=PATH")
-        if len(name) > MAX_NAME_LENGTH:
-            raise AdapterError(f"adapter names are at most {MAX_NAME_LENGTH} characters: {name[:40]!r}...")
+    for name, where in parse_adapter_specs(specs):
         state, alphas, metadata = read_lora(where, dict(unet.config))
-        outside = head_or_tail_key(state)
+        outside = head_or_tail_module(state)
         if outside is not None:
-            module = outside.removeprefix("unet.").rsplit(".lora", 1)[0]
-            raise AdapterError(f"adapter {name!r} {HEAD_OR_TAIL.format(module)}")
+            raise AdapterError(f"adapter {name!r} {HEAD_OR_TAIL.format(outside)}")
         if any(not key.startswith("unet.") for key in state):
             logger.info(f"Adapter {name!r} also adapts the text encoders: clients run them, and a pipeline's "
                         "load_lora_weights loads that part there")

@@ -404,8 +404,11 @@ class RemoteUNet(ModelMixin):
         missing = sorted(set(names) - set(served))
         if missing:
             raise ValueError(f"adapter(s) {missing} are not served for this U-Net in the swarm (served: {served})")
-        self._adapters = tuple((name, float(w)) for name, w in zip(names, weights, strict=True))
-        self._lora_enabled = True
+        self._choose_lora(tuple((name, float(w)) for name, w in zip(names, weights, strict=True)))
+
+    def _choose_lora(self, adapters: tuple[tuple[str, float], ...], enabled: bool = True) -> None:
+        """What the next evaluations run with (they open a new session: the servers take it at open)."""
+        self._adapters, self._lora_enabled = adapters, enabled
         self.close_session()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -415,19 +418,16 @@ class RemoteUNet(ModelMixin):
         return [name for name, _ in self.lora_adapters]
 
     def disable_lora(self) -> None:
-        self._lora_enabled = False
-        self.close_session()
+        self._choose_lora(self._adapters, enabled=False)
 
     def enable_lora(self) -> None:
-        self._lora_enabled = True
-        self.close_session()
+        self._choose_lora(self._adapters)
 
     disable_adapters, enable_adapters = disable_lora, enable_lora
 
     def unload_lora(self) -> None:
         """Back to the base model (the servers keep serving the adapters to whoever chooses them)."""
-        self._adapters = ()
-        self.close_session()
+        self._choose_lora((), enabled=self._lora_enabled)
 
     def load_lora_adapter(self, state_dict: object, prefix: str | None = "unet", hotswap: bool = False,
                           adapter_name: str | None = None, **kwargs: object) -> None:
@@ -439,10 +439,9 @@ class RemoteUNet(ModelMixin):
         mine = [key for key in state_dict if prefix is None or key.startswith(f"{prefix}.")]
         if not mine:
             return  # a LoRA of the text encoders alone
-        outside = unet_adapters.head_or_tail_key(state_dict, prefix) if prefix else None
+        outside = unet_adapters.head_or_tail_module(state_dict, prefix) if prefix else None
         if outside is not None:
-            module = outside.removeprefix(f"{prefix}.").rsplit(".lora", 1)[0]
-            raise NotImplementedError(f"this LoRA {unet_adapters.HEAD_OR_TAIL.format(module)}")
+            raise NotImplementedError(f"this LoRA {unet_adapters.HEAD_OR_TAIL.format(outside)}")
         if hotswap:
             raise NotImplementedError("hotswapping a LoRA is not supported through the swarm")
         served = self.served_adapters()
@@ -450,14 +449,13 @@ class RemoteUNet(ModelMixin):
             raise NotImplementedError(
                 _SERVED_LORA.format(f"Loading a LoRA's U-Net part as {adapter_name!r}") +
                 f". Pass adapter_name= the name servers serve it as; served for this U-Net: {served or 'none'}")
-        self._adapters, self._lora_enabled = ((adapter_name, 1.0),), True
-        self.close_session()
+        self._choose_lora(((adapter_name, 1.0),))
 
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
         """Stop using these adapters (the servers keep serving them)."""
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
-        self._adapters = tuple((name, weight) for name, weight in self._adapters if name not in names)
-        self.close_session()
+        self._choose_lora(tuple((name, weight) for name, weight in self._adapters if name not in names),
+                          enabled=self._lora_enabled)
 
     def add_adapter(self, *args, **kwargs) -> None:
         raise NotImplementedError(_SERVED_LORA.format("A new adapter on the U-Net"))
