@@ -270,8 +270,9 @@ def test_ctrl_c_before_start_exits_quietly(tiny_model, launcher):
     """A Ctrl-C while a server is still loading: exit status 130, no traceback."""
     import signal
 
+    # A fresh interpreter (fork=False): a fork of the pre-imported zygote has no loading phase to interrupt.
     process = SwarmProcess(["-m", "swarm.server", str(tiny_model("llama")), "--blocks", "0:2", "--host",
-                            "127.0.0.1"], launcher.directory / "ctrl-c.log", SERVER_READY)
+                            "127.0.0.1"], launcher.directory / "ctrl-c.log", SERVER_READY, fork=False)
     launcher.processes.append(process)  # stopped with the others whatever happens
     # Arguments parsed, torch loading (it is imported only after parsing): the server's own signal handlers are
     # not installed yet. A fixed sleep was too short on a busy machine, where the Ctrl-C came before main().

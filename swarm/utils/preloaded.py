@@ -1,0 +1,282 @@
+"""Start ``python -m swarm.MODULE ARGS`` as a fork of one process that has imported torch, transformers, diffusers
+and hivemind already (a "zygote"), instead of as a fresh interpreter.
+
+Each fresh ``python -m swarm.server`` spends 6-10 s of CPU importing those libraries before it reads its first
+argument: a local swarm of a bootstrap node and two servers spent more time importing than serving, and the test
+suite, which starts a hundred such processes, spent most of its time there. A fork starts at once and shares the
+imported code's memory with its siblings. From then on the process is what ``python -m`` would make: a session
+(process group) of its own, stdout and stderr in its log file, unbuffered, the environment and working directory
+it was started with, ``__main__`` run by :mod:`runpy`, and the exit status ``subprocess`` would report (a number,
+or minus the signal that ended it).
+
+The zygote imports modules and nothing else: it runs no torch operation (so it holds no OpenMP threads a fork would
+lose) and starts no Python thread. It is this process's child, talks over its stdin and stdout (one JSON line per
+request), reaps its forks as they end, and exits when this process closes its stdin, by :func:`stop` or by ending.
+Python's ``multiprocessing`` fork server is not used because each of its children re-imports the parent's
+``__main__`` script, which re-runs scripts that lack a ``__main__`` guard.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import io
+import json
+import os
+import runpy
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+# What the zygote imports once: the heavy imports of every ``swarm.*`` command (torch, transformers and hivemind
+# through the server; diffusers through the U-Net levels).
+PRELOAD = ("swarm.server.server", "swarm.blocks.unet", "swarm.dht.node")
+POLL_INTERVAL = 0.05
+
+
+class _Zygote:
+    """This process's end of the zygote: a child process and a lock around its request-reply pipe."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", "from swarm.utils.preloaded import serve; serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ),
+                                     cwd=os.getcwd())
+        self.lock = threading.Lock()
+
+    def ask(self, request: dict) -> dict:
+        with self.lock:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            try:
+                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline()
+            except (BrokenPipeError, ValueError):
+                line = b""
+            if not line:
+                raise RuntimeError(f"the process that forks swarm processes ended ({self.proc.poll()})")
+            return json.loads(line)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+_zygote: _Zygote | None = None
+_zygote_lock = threading.Lock()
+
+
+def _the_zygote() -> _Zygote:
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or _zygote.proc.poll() is not None:
+            _zygote = _Zygote()
+            atexit.register(_zygote.stop)
+        return _zygote
+
+
+def stop() -> None:
+    """End the zygote (if one runs), waiting for it: the processes it forked live on, each in its own session."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is not None:
+            _zygote.stop()
+            _zygote = None
+
+
+def available() -> bool:
+    """Whether processes can be forked this way here (POSIX, where ``os.fork`` exists)."""
+    return hasattr(os, "fork")
+
+
+class PreloadedProcess:
+    """A forked ``python -m`` process, with the part of :class:`subprocess.Popen`'s interface that a local swarm
+    uses: ``args``, ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``terminate`` and ``kill``."""
+
+    def __init__(self, module: str, args: list[str], log_path: Path, env: dict[str, str], cwd: str):
+        self.args = ["-m", module, *args]
+        self._zygote = _the_zygote()
+        reply = self._zygote.ask({"start": [module, list(args), str(log_path), env, cwd]})
+        self.pid: int = reply["pid"]
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._zygote.ask({"poll": self.pid})["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(POLL_INTERVAL)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not reaped yet, so the PID is still this process's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start(module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+          cwd: str | None = None) -> PreloadedProcess:
+    """``python -m MODULE ARGS``, forked from the zygote (started on first use), in a session of its own, writing
+    stdout and stderr to ``log_path`` (appending), with environment ``env`` (default: this process's) and working
+    directory ``cwd`` (default: this process's)."""
+    return PreloadedProcess(module, args, log_path, dict(os.environ if env is None else env), cwd or os.getcwd())
+
+
+# --- the zygote's side ---
+
+def serve() -> None:
+    """The zygote's main loop: import :data:`PRELOAD`, then answer requests on stdin until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the script that started it
+    for module in PRELOAD:
+        __import__(module)
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD writes to the wakeup pipe
+    ended: dict[int, int] = {}
+    pending = b""
+    while True:
+        ready, _, _ = select.select([requests, wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        _reap(ended)
+        if requests not in ready:
+            continue
+        chunk = os.read(requests.fileno(), 65536)
+        if not chunk:
+            return
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            request = json.loads(line)
+            if "start" in request:
+                pid = os.fork()
+                if pid == 0:  # the fork: it must never return into this loop
+                    code = 1
+                    try:
+                        os.close(wake_r)
+                        os.close(wake_w)
+                        code = _run_module(*request["start"])
+                    finally:
+                        os._exit(code)
+                reply: dict = {"pid": pid}
+            else:
+                _reap(ended)
+                reply = {"returncode": ended.pop(request["poll"], None)}
+            replies.write(json.dumps(reply).encode() + b"\n")
+            replies.flush()
+
+
+def _reap(ended: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        ended[pid] = os.waitstatus_to_exitcode(status)
+
+
+def _run_module(module: str, args: list[str], log_path: str, env: dict[str, str], cwd: str) -> int:
+    """In the fork: become what ``python -m MODULE ARGS`` would be, run it, and return its exit status. SIGINT
+    stays ignored (as in the zygote) until the module runs, where Python's own handler takes over."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    _name_process(module)
+    null = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for fd, target in ((0, null), (1, log), (2, log)):
+        os.dup2(target, fd)
+    os.close(null)
+    os.close(log)
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        # Unbuffered, as PYTHONUNBUFFERED=1 makes them: a log is read while the process runs. A stream some import
+        # kept (a logging handler's) writes to the same descriptor and now flushes at each line.
+        kept = getattr(sys, name)
+        if kept is not None:
+            kept.reconfigure(line_buffering=True)
+        fresh = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                 write_through=True)
+        setattr(sys, name, fresh)
+        setattr(sys, f"__{name}__", fresh)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = [module, *args]
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:
+        code = _exit_status(exit_.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        _finish()
+        # Python ends on an uncaught Ctrl-C by the signal itself, so that its parent sees it killed by SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130
+    except BaseException:  # noqa: BLE001  # printed and reported as Python does
+        traceback.print_exc()
+        code = 1
+    _finish()
+    return code
+
+
+def _name_process(module: str) -> None:
+    """Name the fork after its module (what ``ps -e`` and ``psutil``'s ``name()`` show; its command line stays
+    the zygote's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, module.encode()[:15], 0, 0, 0)  # PR_SET_NAME; Linux only, elsewhere the name stays python
+
+
+def _exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` gives a process."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _finish() -> None:
+    """What the interpreter does at exit: wait for non-daemon threads, run ``atexit`` functions, flush."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's own first step at exit
+    except Exception:  # noqa: BLE001  # exit anyway
+        traceback.print_exc()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()

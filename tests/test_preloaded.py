@@ -1,0 +1,137 @@
+"""Processes forked from the pre-imported zygote (swarm/utils/preloaded.py) behave as ``python -m MODULE`` would:
+arguments, environment, working directory, unbuffered output, a session of their own, exit statuses, signals, and
+reaping; and a local swarm's servers started this way serve as fresh ones do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from swarm.utils import preloaded
+
+PROBE = '''
+import json, os, sys, time
+print("argv", json.dumps(sys.argv[1:]))
+print("env", os.environ.get("PROBE_VALUE"), "leak", os.environ.get("PROBE_LEAK"))
+print("cwd", os.getcwd())
+print("name", __name__, "session", os.getsid(0) == os.getpid())
+print("stdin", repr(sys.stdin.read()))
+print("ready")  # no flush: output must not wait for the process to end
+mode = sys.argv[1]
+if mode == "sleep":
+    time.sleep(600)
+elif mode == "exit":
+    sys.exit(int(sys.argv[2]))
+elif mode == "raise":
+    raise ValueError("the probe fails")
+elif mode == "message":
+    sys.exit("a message from the probe")
+elif mode == "interrupt":
+    raise KeyboardInterrupt
+'''
+
+
+@pytest.fixture
+def probe(tmp_path: Path):
+    """Start ``python -m probe_module MODE ...`` forked from the zygote, in ``tmp_path``; yields a starter."""
+    (tmp_path / "probe_module.py").write_text(PROBE)
+    started: list[preloaded.PreloadedProcess] = []
+
+    def start(*args: str) -> tuple[preloaded.PreloadedProcess, Path]:
+        log = tmp_path / f"probe-{len(started)}.log"
+        log.write_text("")
+        env = {**os.environ, "PROBE_VALUE": "given"}
+        env.pop("PROBE_LEAK", None)
+        process = preloaded.start("probe_module", list(args), log, env=env, cwd=str(tmp_path))
+        started.append(process)
+        return process, log
+
+    os.environ["PROBE_LEAK"] = "from the parent"  # set after the zygote may have started: must not be seen
+    try:
+        yield start
+    finally:
+        del os.environ["PROBE_LEAK"]
+        for process in started:
+            process.kill()
+            process.wait(10)
+
+
+def wait_for_line(log: Path, line: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while line not in log.read_text():
+        assert time.monotonic() < deadline, f"no {line!r} in:\n{log.read_text()}"
+        time.sleep(0.05)
+    return log.read_text()
+
+
+def test_a_fork_gets_its_arguments_environment_directory_and_session(probe, tmp_path):
+    process, log = probe("sleep", "two words", "--flag")
+    output = wait_for_line(log, "ready")  # while it runs: its output is unbuffered
+    assert 'argv ["sleep", "two words", "--flag"]' in output
+    assert "env given leak None" in output
+    assert f"cwd {tmp_path}" in output
+    assert "name __main__ session True" in output
+    assert "stdin ''" in output
+    assert process.poll() is None and os.getpgid(process.pid) == process.pid
+    assert psutil.Process(process.pid).name() == "probe_module"
+
+
+@pytest.mark.parametrize(("args", "status", "printed"), [
+    (("exit", "0"), 0, None),
+    (("exit", "3"), 3, None),
+    (("raise",), 1, "ValueError: the probe fails"),
+    (("message",), 1, "a message from the probe"),
+    (("interrupt",), -signal.SIGINT, "KeyboardInterrupt"),
+])
+def test_exit_statuses_are_pythons(probe, args, status, printed):
+    process, log = probe(*args)
+    assert process.wait(60) == status == process.returncode
+    assert "ready" in log.read_text()
+    if printed:
+        assert printed in log.read_text()
+
+
+def test_signals_reach_the_fork_and_it_is_reaped_at_once(probe):
+    process, log = probe("sleep")
+    wait_for_line(log, "ready")
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C: Python's own handler, no longer the zygote's
+    assert process.wait(30) == -signal.SIGINT
+    assert "KeyboardInterrupt" in log.read_text()
+
+    process, log = probe("sleep")
+    wait_for_line(log, "ready")
+    process.kill()
+    assert process.wait(30) == -signal.SIGKILL
+    with pytest.raises(psutil.NoSuchProcess):  # reaped, not a zombie left for a test to mistake for a live one
+        psutil.Process(process.pid).status()
+    process.kill()  # a no-op once ended: its PID may belong to someone else by now
+
+
+def test_the_zygote_ends_with_its_parent_and_its_forks_live_on(tmp_path):
+    """A script that started a fork exits: its zygote goes at once, the fork (in its own session) does not."""
+    (tmp_path / "probe_module.py").write_text(PROBE)
+    log, cwd = str(tmp_path / "log"), str(tmp_path)
+    script = ("from pathlib import Path; from swarm.utils import preloaded\n"
+              f"p = preloaded.start('probe_module', ['sleep'], Path({log!r}), cwd={cwd!r})\n"
+              "print(p.pid, flush=True)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    fork_pid = int(parent.stdout.readline())
+    fork = psutil.Process(fork_pid)
+    zygote = fork.parent()
+    try:
+        assert "swarm.utils.preloaded" in " ".join(zygote.cmdline())
+        assert parent.wait(60) == 0
+        zygote.wait(15)  # raises psutil.TimeoutExpired if the zygote outlived its parent
+        assert fork.is_running()
+    finally:
+        parent.stdout.close()
+        fork.kill()
+        _, alive = psutil.wait_procs([fork], timeout=15)
+        assert not alive
