@@ -135,3 +135,29 @@ def test_the_zygote_ends_with_its_parent_and_its_forks_live_on(tmp_path):
         fork.kill()
         _, alive = psutil.wait_procs([fork], timeout=15)
         assert not alive
+
+
+def test_a_group_sigterm_to_a_script_still_stops_its_forks(tmp_path):
+    """``timeout`` and a closed terminal signal the script's whole process group: the zygote, in a session of its
+    own, is not hit, so the script's LocalSwarm can still stop its forks (a bootstrap node here)."""
+    script = ("import time; from swarm.local_swarm import LocalSwarm\n"
+              f"with LocalSwarm({str(tmp_path)!r}) as swarm:\n"
+              "    print(swarm.start_dht().proc.pid, flush=True)\n"
+              "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    fork = None
+    try:
+        fork = psutil.Process(int(parent.stdout.readline()))
+        assert fork.name() == "swarm.dht"
+        os.killpg(parent.pid, signal.SIGTERM)
+        assert parent.wait(60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs([fork], timeout=15)
+        assert not alive, "the bootstrap node outlived its script"
+    finally:
+        parent.stdout.close()
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if fork is not None and fork.is_running():
+            fork.kill()

@@ -44,9 +44,11 @@ class _Zygote:
     """This process's end of the zygote: a child process and a lock around its request-reply pipe."""
 
     def __init__(self) -> None:
+        # A session of its own: a signal for this process's group (`timeout`'s SIGTERM, a closed terminal's SIGHUP)
+        # must leave the zygote to answer while this process stops the forks; it ends when this process does.
         self.proc = subprocess.Popen([sys.executable, "-c", "from swarm.utils.preloaded import serve; serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ),
-                                     cwd=os.getcwd())
+                                     cwd=os.getcwd(), start_new_session=True)
         self.lock = threading.Lock()
 
     def ask(self, request: dict) -> dict:
@@ -115,7 +117,11 @@ class PreloadedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._zygote.ask({"poll": self.pid})["returncode"]
+            try:
+                self.returncode = self._zygote.ask({"poll": self.pid})["returncode"]
+            except RuntimeError:  # the zygote was killed: its forks are init's now, and their statuses lost
+                if not _exists(self.pid):
+                    self.returncode = -signal.SIGKILL  # unknown; reported as killed rather than as a clean exit
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -137,6 +143,16 @@ class PreloadedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start(module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
