@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
+# Two pytest-xdist workers, each taking whole files (module fixtures start their servers once); TEST_WORKERS=0 runs
+# the suite in this one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check swarm tests examples benchmarks

@@ -2,7 +2,8 @@
 
 Hermetic: each run gets a fresh, empty cache directory (``SWARM_CACHE``, inherited by every process a test starts,
 and the hub caches) that is removed at the end, so nothing an earlier run left in ``~/.cache`` helps or hurts, and
-the embedded model is converted from its wheel once per run.
+the embedded model is converted from its wheel once per run. pytest-xdist's workers (``make test`` runs two) share
+that directory.
 """
 
 from __future__ import annotations
@@ -26,16 +27,36 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # A developer's own swarm or log level must not leak into the tests' servers and clients.
 for name in ("SWARM_INITIAL_PEERS", "SWARM_LOG_LEVEL"):
     os.environ.pop(name, None)
-RUN_CACHE = Path(tempfile.mkdtemp(prefix="swarm-test-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("SWARM_TEST_RUN_CACHE"):
+    # A pytest-xdist worker: it shares the run's cache that its controller made (and removes at the end).
+    RUN_CACHE = Path(os.environ["SWARM_TEST_RUN_CACHE"])
+else:
+    RUN_CACHE = Path(tempfile.mkdtemp(prefix="swarm-test-cache-"))
+    os.environ["SWARM_TEST_RUN_CACHE"] = str(RUN_CACHE)
+    atexit.register(shutil.rmtree, RUN_CACHE, ignore_errors=True)
 os.environ["SWARM_CACHE"] = str(RUN_CACHE)
 os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")  # offline anyway; nothing read from or left in ~/.cache
-atexit.register(shutil.rmtree, RUN_CACHE, ignore_errors=True)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model  # noqa: E402
 
 from swarm.local_swarm import LocalSwarm, Terminated  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a test marked ``slow`` run first. Under pytest-xdist (``make test`` runs two workers, each taking
+    whole files) the workers then end on short files, instead of one running the fuzzer alone for minutes at the
+    end while the other idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within files stays
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The zygote that forked this process's swarm processes (swarm/utils/preloaded.py) is ended with the run."""
+    from swarm.utils import preloaded
+
+    preloaded.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -53,7 +74,8 @@ def embedded_model() -> Path:
     a broken conversion (a missing dependency, say) fails the suite instead of hiding behind a warm cache."""
     from swarm.hub.embedded import embedded_dir, prepare_embedded_model
 
-    assert not embedded_dir().exists(), "the run's cache should start empty"
+    # The run's cache starts empty (made above), so the conversion happens in this run: in whichever worker asks
+    # first, while another waits on its lock.
     path = prepare_embedded_model()
     assert path == embedded_dir() and (path / "config.json").exists() and (path / "tokenizer.json").exists()
     return path

@@ -19,6 +19,7 @@ from swarm import AutoDistributedPipeline
 from swarm.hub.tiny_diffusion import CLIENT_CODE_FOLLOWS
 from swarm.local_swarm import SERVER_READY, start_process
 
+pytestmark = pytest.mark.slow  # each quick start is a tiny pipeline, two servers and a client script
 OUTPUT = {"sd": "tiny-sd.png", "video": "tiny-video.gif"}
 
 

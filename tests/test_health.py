@@ -104,6 +104,7 @@ def load(page, url: str) -> None:
                 raise
 
 
+@pytest.mark.slow
 def test_health_page_shows_coverage_and_a_lost_server(launcher, tiny_model, browser, tmp_path):
     path = tiny_model("llama")
     first = launcher.start_server_in_process(path, "0:2", [], "--public-name", "first <server>")

@@ -33,6 +33,7 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, output: Pa
     raise AssertionError(f"no {what} after {timeout} s:\n{output.read_text()}")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_process_of_a_benchmark(tmp_path):
     output = tmp_path / "output.txt"
     with open(output, "w") as out:
