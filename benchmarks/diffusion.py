@@ -2,7 +2,7 @@
 local vs the swarm (two servers on loopback, U-shaped: skips stay on the servers) vs a linear chain that carries
 the skips over the network (the same servers in ``carry_skips`` mode). Seconds and bytes per step, side by side.
 
-    python benchmarks/diffusion.py [--runs 3] [--split LEVEL]
+    python benchmarks/diffusion.py [--runs 3] [--local-runs N] [--split LEVEL]
     python benchmarks/diffusion.py --tiny     # the same on a tiny random U-Net: a smoke run, its figures mean nothing
 
 Duration on a 2-core machine: 134 s on the first run, which builds the 3.4 GB U-Net in the cache (measured); --tiny:
@@ -49,6 +49,7 @@ def timed(fn, runs: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--local-runs", type=int, help="runs of the local baseline (default: --runs)")
     parser.add_argument("--split", type=int, help="levels [0, split) on the first server (default: half of them)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random U-Net instead (seconds; for smoke runs)")
     args = parser.parse_args()
@@ -72,7 +73,7 @@ def main() -> None:
 
     local = UNet2DConditionModel.from_pretrained(path).eval()
     timed(lambda: local(sample, timestep, ehs), 1)  # warm-up
-    local_time, reference = timed(lambda: local(sample, timestep, ehs).sample, args.runs)
+    local_time, reference = timed(lambda: local(sample, timestep, ehs).sample, args.local_runs or args.runs)
     print(f"local: {local_time:.2f} s per step", flush=True)
     local = None  # frees its 3.4 GB before the servers load theirs
 

@@ -37,8 +37,9 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, output: Pa
 def test_sigterm_stops_every_process_of_a_benchmark(tmp_path):
     output = tmp_path / "output.txt"
     with open(output, "w") as out:
-        # --runs 300: the tiny U-Net's local steps take a second or two, the swarm's long enough to be interrupted
-        script = subprocess.Popen([sys.executable, str(BENCHMARKS / "diffusion.py"), "--tiny", "--runs", "300"],
+        # --runs 300: the swarm's steps go on long enough to be interrupted; the local baseline's 3 take a second
+        script = subprocess.Popen([sys.executable, str(BENCHMARKS / "diffusion.py"), "--tiny", "--runs", "300",
+                                   "--local-runs", "3"],
                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
                                   env={**os.environ, "TMPDIR": str(tmp_path)})  # its swarm's logs land here
     started: list[psutil.Process] = []
