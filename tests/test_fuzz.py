@@ -39,6 +39,7 @@ HIDDEN, BLOCKS = 64, 6  # tiny llama
 EXAMPLES, ATTACKS_PER_EXAMPLE = 200, 50  # 10,000 requests
 CONCURRENCY = 24
 REPLY_TIMEOUT = 20.0  # s; a well-framed request must be answered well within this
+HONEST_PAUSE = 0.5  # s between the honest client's generations
 FOLLOW_UP_TIMEOUT = 3.0  # s; a step repeating a step id already served is dropped without a reply
 OWN = "$own"  # stands for the session id the attacker's own open got back
 RSS_GROWTH_LIMIT = 96 * 2**20  # bytes the server may grow by between the warm-up and the end of the fuzzing
@@ -294,7 +295,9 @@ def test_fuzzed_server_keeps_serving(server, nodes, model_path):
 
     first_half = victim_step(0, 3)
 
-    # the honest client generates, again and again, for as long as the fuzzing lasts
+    # the honest client generates, again and again, for as long as the fuzzing lasts; with a pause between
+    # generations, so that it checks the server all along without taking the CPU the fuzzing needs (back to back,
+    # its ~250 generations doubled the test's time on two cores)
     model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=[server.maddr],
                                                             compression="none")
     ids = torch.randint(3, local.config.vocab_size, (1, 6))
@@ -306,6 +309,7 @@ def test_fuzzed_server_keeps_serving(server, nodes, model_path):
             while fuzzing.is_set() or not generations:
                 out = model.generate(ids, max_new_tokens=12, do_sample=False)
                 generations.append(torch.equal(out, expected))
+                time.sleep(HONEST_PAUSE)
         except Exception as e:  # reported by the main thread
             failures.append(e)
 
