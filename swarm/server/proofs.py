@@ -30,6 +30,8 @@ from swarm.rpc.protocol import RequestError, get_field
 from swarm.trust.faults import Faults
 
 logger = logging.getLogger(__name__)
+# What a server with the test fault "truncate-proof" sends (cut in half) instead of a proof it did not make.
+UNPROVEN = b'{"instances": [["0000"]], "proof": "' + b"00" * 1024 + b'"}'
 
 
 @dataclass
@@ -96,7 +98,10 @@ class Prover:
 
         async def prove() -> None:
             try:
-                ticket.proof = await loop.run_in_executor(self.executor, self._work(*job))
+                if self.faults.truncate_proof:  # sent cut in half anyway: a proof's ~40 s would buy nothing
+                    ticket.proof = UNPROVEN
+                else:
+                    ticket.proof = await loop.run_in_executor(self.executor, self._work(*job))
                 self.made += 1
             except Exception as e:  # a failure to prove is reported to the client, not raised in the server
                 logger.warning(f"Could not make a proof: {type(e).__name__}: {e}")

@@ -8,7 +8,7 @@ cannot be switched on by normal use:
 - ``slow-pieces:SECONDS``: sleep this long before each piece of compute (a slow machine; work that is dropped)
 - ``black-hole``: accept sessions and requests, never answer them (with a made-up speed: a server that lies)
 - ``edit-weight``: serve the span with one weight changed (announcing the commitment of what it serves)
-- ``truncate-proof``: hand out proofs (``--zk``) cut to half their length
+- ``truncate-proof``: hand out proofs (``--zk``) cut to half their length (a stand-in, not a real proof, is cut)
 """
 
 from __future__ import annotations
