@@ -18,6 +18,8 @@ from swarm.utils import preloaded
 
 PROBE = '''
 import json, os, sys, time
+import torch
+print("threads", torch.get_num_threads())
 print("argv", json.dumps(sys.argv[1:]))
 print("env", os.environ.get("PROBE_VALUE"), "leak", os.environ.get("PROBE_LEAK"))
 print("cwd", os.getcwd())
@@ -47,7 +49,7 @@ def probe(tmp_path: Path):
     def start(*args: str) -> tuple[preloaded.PreloadedProcess, Path]:
         log = tmp_path / f"probe-{len(started)}.log"
         log.write_text("")
-        env = {**os.environ, "PROBE_VALUE": "given"}
+        env = {**os.environ, "PROBE_VALUE": "given", "OMP_NUM_THREADS": "1"}
         env.pop("PROBE_LEAK", None)
         process = preloaded.start("probe_module", list(args), log, env=env, cwd=str(tmp_path))
         started.append(process)
@@ -79,6 +81,7 @@ def test_a_fork_gets_its_arguments_environment_directory_and_session(probe, tmp_
     assert f"cwd {tmp_path}" in output
     assert "name __main__ session True" in output
     assert "stdin ''" in output
+    assert "threads 1" in output  # its own OMP_NUM_THREADS, though torch was loaded before it existed
     assert process.poll() is None and os.getpgid(process.pid) == process.pid
     assert psutil.Process(process.pid).name() == "probe_module"
 

@@ -9,6 +9,9 @@ imported code's memory with its siblings. From then on the process is what ``pyt
 it was started with, ``__main__`` run by :mod:`runpy`, and the exit status ``subprocess`` would report (a number,
 or minus the signal that ended it).
 
+What the imported libraries read from the environment while they load (OpenMP's settings, hub paths) comes from
+the zygote's environment, the parent's when it first started one; a fork's own ``OMP_NUM_THREADS`` is applied.
+
 The zygote imports modules and nothing else: it runs no torch operation (so it holds no OpenMP threads a fork would
 lose) and starts no Python thread. It is this process's child, talks over its stdin and stdout (one JSON line per
 request), reaps its forks as they end, and exits when this process closes its stdin, by :func:`stop` or by ending.
@@ -244,6 +247,12 @@ def _run_module(module: str, args: list[str], log_path: str, env: dict[str, str]
                                  write_through=True)
         setattr(sys, name, fresh)
         setattr(sys, f"__{name}__", fresh)
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads != os.environ.get("OMP_NUM_THREADS", "") and threads.isdigit() and int(threads) > 0:
+        # OpenMP read the zygote's environment when torch loaded it: a fork's own thread count is set here.
+        import torch
+
+        torch.set_num_threads(int(threads))
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
