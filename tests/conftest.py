@@ -75,7 +75,10 @@ def embedded_model() -> Path:
     from swarm.hub.embedded import embedded_dir, prepare_embedded_model
 
     # The run's cache starts empty (made above), so the conversion happens in this run: in whichever worker asks
-    # first, while another waits on its lock.
+    # first, while another waits on its lock. Alone, no one can have converted it before this fixture.
+    assert embedded_dir().is_relative_to(RUN_CACHE), "the embedded model must go into this run's fresh cache"
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        assert not embedded_dir().exists(), "the run's cache should start empty"
     path = prepare_embedded_model()
     assert path == embedded_dir() and (path / "config.json").exists() and (path / "tokenizer.json").exists()
     return path
