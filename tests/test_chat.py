@@ -7,15 +7,15 @@ import pty
 import re
 import select
 import signal
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import pytest
 from tiny_models import save_tiny_chat_model
 
 from swarm import AutoDistributedModelForCausalLM, load_tokenizer
 from swarm.chat import ANSWER, PROMPT
+from swarm.utils import preloaded
 
 MAX_NEW_TOKENS = 12
 STATS = re.compile(r"\[(\d+) new prompt tokens sent, (\d+) positions cached on the servers\]")
@@ -35,10 +35,11 @@ class Terminal:
     """A process on a pseudo-terminal: ``expect`` reads its output until a text has appeared enough times."""
 
     def __init__(self, args: list[str]):
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        os.close(slave)
+        """``python ARGS`` forked from the pre-imported zygote (swarm/utils/preloaded.py), in a session of its own
+        whose controlling terminal is the pty."""
+        self.master, self.slave = pty.openpty()
+        terminal = Path(os.ttyname(self.slave))
+        self.proc = preloaded.popen(args, terminal, stdin=terminal)
         self.output = ""
 
     def expect(self, text: str, count: int, timeout: float = 180) -> None:
@@ -48,6 +49,8 @@ class Terminal:
             if remaining <= 0:
                 raise TimeoutError(f"{text!r} did not appear {count} times:\n{self.output}")
             ready, _, _ = select.select([self.master], [], [], min(remaining, 1.0))
+            if not ready and self.proc.poll() is not None:  # this test holds the terminal open: no EIO at its end
+                raise RuntimeError(f"the chat exited early ({self.proc.returncode}):\n{self.output}")
             if ready:
                 try:
                     data = os.read(self.master, 4096)
@@ -65,10 +68,11 @@ class Terminal:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         os.close(self.master)
+        os.close(self.slave)
 
 
 def test_chat_answers_two_turns_over_one_session(swarm):
-    terminal = Terminal([sys.executable, "-m", "swarm.chat", str(swarm["path"]), "--initial-peers", *swarm["peers"],
+    terminal = Terminal(["-m", "swarm.chat", str(swarm["path"]), "--initial-peers", *swarm["peers"],
                          "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS), "--compression", "none",
                          "--verbose"])
     turns = ["Hello! Who are you?", "Tell me a story about a cat."]
@@ -115,7 +119,7 @@ def test_chat_answers_two_turns_over_one_session(swarm):
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(swarm):
     """A terminal's Ctrl-C reaches the chat's whole process group. It stops the answer being generated, and the
     next turn is answered through the same swarm connection (p2pd runs in a process group of its own)."""
-    terminal = Terminal([sys.executable, "-m", "swarm.chat", str(swarm["path"]), "--initial-peers", *swarm["peers"],
+    terminal = Terminal(["-m", "swarm.chat", str(swarm["path"]), "--initial-peers", *swarm["peers"],
                          "--temperature", "0", "--max-new-tokens", "400", "--compression", "none", "--verbose"])
     try:
         terminal.expect(PROMPT, 1)
@@ -149,7 +153,7 @@ def failover_swarm(launcher, tmp_path_factory, embedded_model):
 def test_help_and_log_lines_stay_out_of_answers(failover_swarm):
     """/help is answered by the chat itself (not sent to the model), and a warning logged while an answer streams
     (here: the failover from a server that errs mid-answer) is printed after the answer, not inside its line."""
-    terminal = Terminal([sys.executable, "-m", "swarm.chat", str(failover_swarm["path"]), "--initial-peers",
+    terminal = Terminal(["-m", "swarm.chat", str(failover_swarm["path"]), "--initial-peers",
                          *failover_swarm["peers"], "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS),
                          "--compression", "none"])
     try:

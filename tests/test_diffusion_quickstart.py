@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from PIL import Image
 from swarm import AutoDistributedPipeline
 from swarm.hub.tiny_diffusion import CLIENT_CODE_FOLLOWS
 from swarm.local_swarm import SERVER_READY, start_process
+from swarm.utils import preloaded
 
 pytestmark = pytest.mark.slow  # each quick start is a tiny pipeline, two servers and a client script
 OUTPUT = {"sd": "tiny-sd.png", "video": "tiny-video.gif"}
@@ -48,8 +47,7 @@ def diffusers_log():
 @pytest.mark.parametrize("kind", ["sd", "video"])
 def test_quick_start_as_printed(kind, launcher, tmp_path, monkeypatch, diffusers_log):
     directory = tmp_path / f"tiny-{kind}"
-    result = subprocess.run([sys.executable, "-m", "swarm.hub.tiny_diffusion", kind, str(directory)],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = preloaded.run(["-m", "swarm.hub.tiny_diffusion", kind, str(directory)], timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     printed = result.stdout
     assert "Expected types" not in result.stderr
@@ -91,7 +89,6 @@ def test_quick_start_as_printed(kind, launcher, tmp_path, monkeypatch, diffusers
 
 def test_quick_start_refuses_a_directory_in_use(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "swarm.hub.tiny_diffusion", "sd", str(tmp_path)],
-                            capture_output=True, text=True, timeout=60)
+    result = preloaded.run(["-m", "swarm.hub.tiny_diffusion", "sd", str(tmp_path)], timeout=60)
     assert result.returncode == 2 and "exists and is not empty" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "notes.txt").read_text() == "mine"

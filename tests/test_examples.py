@@ -4,11 +4,11 @@ servers, the video ones against the two servers they start for a tiny pipeline t
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from swarm.utils import preloaded
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -22,8 +22,9 @@ def peers(launcher, embedded_model):
 
 
 def run_example(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
-                            timeout=300)
+    """``python examples/NAME ARGS``, forked from the pre-imported zygote (swarm/utils/preloaded.py): the script
+    runs as it would from a shell, and the swarm it starts is forked by the same zygote."""
+    result = preloaded.run([str(EXAMPLES / name), *args], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.health.state import STATE_SCHEMA
 from swarm.local_swarm import free_port
+from swarm.utils import preloaded
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -31,10 +32,10 @@ class HealthService:
     def __init__(self, peers: list[str], history: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarm.health", "--initial-peers", *peers, "--host", "127.0.0.1", "--port",
-             str(self.port), "--refresh", "1", "--history", str(history)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.log = history.with_suffix(".log")
+        self.proc = preloaded.popen(  # forked from the pre-imported zygote, in a session of its own
+            ["-m", "swarm.health", "--initial-peers", *peers, "--host", "127.0.0.1", "--port", str(self.port),
+             "--refresh", "1", "--history", str(history)], self.log)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -43,7 +44,7 @@ class HealthService:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError("the health service did not start") from None
+                    raise RuntimeError(f"the health service did not start:\n{self.log.read_text()}") from None
                 time.sleep(0.2)
 
     def get(self, path: str) -> str:
@@ -59,11 +60,14 @@ class HealthService:
         return state
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:  # ended (and reaped by the zygote): its PID may be another's by now
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(15)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 

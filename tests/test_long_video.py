@@ -5,8 +5,6 @@ the same output)."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
 from swarm.local_swarm import LocalSwarm
+from swarm.utils import preloaded
 from swarm.video.long_generation import generate_long_video, sample_code
 from swarm.video.mugen import VOCABULARY, MugenLikeClips
 from swarm.video.recipe import train_long_video_models
@@ -137,9 +136,9 @@ def test_a_clip_four_times_the_training_length_through_the_swarm_equals_local(vi
 
 def test_the_example_writes_a_clip_equal_to_local_with_its_figures(video_swarm, trained, tmp_path):
     gif = tmp_path / "clip.gif"
-    result = subprocess.run([sys.executable, str(EXAMPLE), "--models", str(trained), "--initial-peers",
-                             *video_swarm["peers"], "--length", "2", "--classifier-steps", "5", "--out", str(gif),
-                             "--strip", str(tmp_path / "strip.png")], capture_output=True, text=True, timeout=300)
+    result = preloaded.run([str(EXAMPLE), "--models", str(trained), "--initial-peers", *video_swarm["peers"],
+                            "--length", "2", "--classifier-steps", "5", "--out", str(gif), "--strip",
+                            str(tmp_path / "strip.png")], timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line)
     assert figures["equal_to_local"] == "True" and figures["slides"] == "2", result.stdout

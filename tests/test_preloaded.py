@@ -164,3 +164,59 @@ def test_a_group_sigterm_to_a_script_still_stops_its_forks(tmp_path):
             parent.wait()
         if fork is not None and fork.is_running():
             fork.kill()
+
+
+SCRIPT = '''
+import os, sys
+from pathlib import Path
+import psutil
+from swarm.utils import preloaded
+print("argv", sys.argv[1:], "path", sys.path[0] == os.path.dirname(os.path.abspath(__file__)), "name", __name__)
+print("to stderr", file=sys.stderr)
+child = preloaded.start("probe_module", ["sleep"], Path(sys.argv[1]))
+print("sibling", psutil.Process(child.pid).ppid() == os.getppid())
+child.kill()
+print("child", child.wait(60))
+sys.exit(5)
+'''
+
+
+def test_a_forked_script_has_its_own_streams_and_its_forks_are_the_same_zygotes(tmp_path):
+    """``preloaded.run`` runs a script as ``subprocess.run`` would (stdout and stderr apart, argv, sys.path, exit
+    status); a fork it starts comes from the zygote that forked the script, not from a new one of its own."""
+    (tmp_path / "probe_module.py").write_text(PROBE)
+    (tmp_path / "script.py").write_text(SCRIPT)
+    result = preloaded.run([str(tmp_path / "script.py"), str(tmp_path / "log")], timeout=120, cwd=str(tmp_path))
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "argv ['" + str(tmp_path / "log") + "'] path True name __main__" in result.stdout
+    assert result.stderr.strip().endswith("to stderr") and "to stderr" not in result.stdout
+    assert "sibling True" in result.stdout and f"child {-signal.SIGKILL}" in result.stdout
+
+
+def test_a_forked_process_on_a_terminal_gets_ctrl_c_typed_there(tmp_path):
+    """A pty's path as stdin makes it the fork's controlling terminal: Ctrl-C typed into it interrupts the fork."""
+    import pty
+    import select
+
+    (tmp_path / "probe_module.py").write_text(PROBE.replace('print("stdin", repr(sys.stdin.read()))',
+                                                            'print("tty", sys.stdin.isatty())'))
+    master, slave = pty.openpty()
+    terminal = Path(os.ttyname(slave))
+    # our end of the terminal stays open until the fork has opened it: a pty with no end open reads as EIO
+    process = preloaded.popen(["-m", "probe_module", "sleep"], terminal, stdin=terminal, cwd=str(tmp_path))
+    try:
+        output, deadline = b"", time.monotonic() + 60
+        while b"ready" not in output:
+            assert time.monotonic() < deadline and process.poll() is None, output
+            if select.select([master], [], [], 1)[0]:
+                output += os.read(master, 4096)
+        assert b"tty True" in output
+        os.close(slave)
+        slave = -1
+        os.write(master, b"\x03")
+        assert process.wait(30) == -signal.SIGINT
+    finally:
+        process.kill()
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)

@@ -4,8 +4,6 @@ changed one weight announces another commitment, and a client requiring the refe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from swarm.dht.schema import ModelInfo, ServerInfo, ServerState
 from swarm.health.page import render_page
 from swarm.health.state import SwarmState, model_status
 from swarm.trust.weights import ReferenceWeights, block_hash, span_commitment
+from swarm.utils import preloaded
 
 
 def test_block_hash_covers_every_byte_name_dtype_and_shape():
@@ -104,12 +103,12 @@ def test_a_client_requiring_the_reference_weights_routes_around_an_edited_server
         servers = careful.get_remote().manager.servers
         honest, edited = servers[swarm["honest"].peer_id], servers[swarm["edited"].peer_id]
         # what `python -m swarm.verify commit` prints from the checkpoint is what the honest server signed
-        printed = subprocess.run([sys.executable, "-m", "swarm.verify", "commit", str(swarm["path"]), "--blocks",
-                                  "0:6"], capture_output=True, text=True, check=True).stdout.strip()
+        printed = preloaded.run(["-m", "swarm.verify", "commit", str(swarm["path"]), "--blocks", "0:6"],
+                                timeout=120, check=True).stdout.strip()
         assert honest.weights == printed and edited.weights not in ("", printed)
         # the health page: each server's commitment, checked against the published weights
-        published = json.loads(subprocess.run([sys.executable, "-m", "swarm.verify", "commit", str(swarm["path"]),
-                                               "--json"], capture_output=True, text=True, check=True).stdout)
+        published = json.loads(preloaded.run(["-m", "swarm.verify", "commit", str(swarm["path"]), "--json"],
+                                             timeout=120, check=True).stdout)
         status = model_status("m", ModelInfo(6), servers, {}, reference=ReferenceWeights.from_published([published]))
         checks = {server.peer_id: (server.weights_check, server.warnings) for server in status.servers}
         assert checks[swarm["honest"].peer_id][0] == "published"

@@ -9,7 +9,8 @@
 - threads.py: torch computes in parallel on one thread per process; helper threads run it serially (libgomp)
 - peer_addresses.py: relayed addresses of NATed servers, noted from their records for the RPC layer to dial
 - emulated_hosts.py: ``EmulatedNetwork``: hosts in network namespaces, public or behind NAT (tests, benchmarks)
-- preloaded.py: ``start``: ``python -m swarm.X`` forked from one process that imported torch, transformers,
-  diffusers and hivemind once (how ``LocalSwarm`` starts its processes)
+- preloaded.py: ``start`` / ``popen`` / ``run``: ``python -m swarm.X`` or ``python SCRIPT`` forked from one process
+  that imported torch, transformers, diffusers and hivemind once (how ``LocalSwarm`` starts its processes, and the
+  tests their scripts); forks that start forks reach the same one
 - wan_proxy.py: ``WanProxy``: a TCP proxy on 127.0.0.1 adding a one-way delay and a bandwidth cap (benchmarks)
 """

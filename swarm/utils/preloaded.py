@@ -1,5 +1,5 @@
-"""Start ``python -m swarm.MODULE ARGS`` as a fork of one process that has imported torch, transformers, diffusers
-and hivemind already (a "zygote"), instead of as a fresh interpreter.
+"""Start ``python -m swarm.MODULE ARGS`` (or ``python SCRIPT ARGS``) as a fork of one process that has imported
+torch, transformers, diffusers and hivemind already (a "zygote"), instead of as a fresh interpreter.
 
 Each fresh ``python -m swarm.server`` spends 6-10 s of CPU importing those libraries before it reads its first
 argument: a local swarm of a bootstrap node and two servers spent more time importing than serving, and the test
@@ -15,6 +15,8 @@ the zygote's environment, the parent's when it first started one; a fork's own `
 The zygote imports modules and nothing else: it runs no torch operation (so it holds no OpenMP threads a fork would
 lose) and starts no Python thread. It is this process's child, talks over its stdin and stdout (one JSON line per
 request), reaps its forks as they end, and exits when this process closes its stdin, by :func:`stop` or by ending.
+Its forks reach it too, over a Unix socket named in their ``SWARM_ZYGOTE``: a forked script that starts a local
+swarm has its servers forked by the same zygote (as siblings) instead of paying for a zygote of its own.
 Python's ``multiprocessing`` fork server is not used because each of its children re-imports the parent's
 ``__main__`` script, which re-runs scripts that lack a ``__main__`` guard.
 """
@@ -30,8 +32,10 @@ import os
 import runpy
 import select
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -41,6 +45,7 @@ from pathlib import Path
 # through the server; diffusers through the U-Net levels).
 PRELOAD = ("swarm.server.server", "swarm.blocks.unet", "swarm.dht.node")
 POLL_INTERVAL = 0.05
+SOCKET_VARIABLE = "SWARM_ZYGOTE"  # in a fork's environment: the zygote's socket, for forks that start forks
 
 
 class _Zygote:
@@ -53,6 +58,9 @@ class _Zygote:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ),
                                      cwd=os.getcwd(), start_new_session=True)
         self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def ask(self, request: dict) -> dict:
         with self.lock:
@@ -80,15 +88,54 @@ class _Zygote:
                 self.proc.stdout.close()
 
 
-_zygote: _Zygote | None = None
+class _Connection:
+    """A fork's way to the zygote that forked it: requests and replies as on the zygote's stdin and stdout, over its
+    Unix socket. Stopping it closes the connection only: the zygote is its starter's."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def ask(self, request: dict) -> dict:
+        with self.lock:
+            try:
+                self.sock.sendall(json.dumps(request).encode() + b"\n")
+                line = self.file.readline()
+            except OSError:
+                line = b""
+            if not line:
+                self.closed = True
+                raise RuntimeError("the process that forks swarm processes ended")
+            return json.loads(line)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.file.close()
+            self.sock.close()
+
+
+_zygote: _Zygote | _Connection | None = None
 _zygote_lock = threading.Lock()
 
 
-def _the_zygote() -> _Zygote:
+def _the_zygote() -> _Zygote | _Connection:
     global _zygote
     with _zygote_lock:
-        if _zygote is None or _zygote.proc.poll() is not None:
-            _zygote = _Zygote()
+        if _zygote is None or not _zygote.alive():
+            _zygote = None
+            path = os.environ.get(SOCKET_VARIABLE)
+            if path:  # this process is a fork: its zygote forks for it too, unless it has ended
+                with contextlib.suppress(OSError):
+                    _zygote = _Connection(path)
+            if _zygote is None:
+                _zygote = _Zygote()
             atexit.register(_zygote.stop)
         return _zygote
 
@@ -108,14 +155,16 @@ def available() -> bool:
 
 
 class PreloadedProcess:
-    """A forked ``python -m`` process, with the part of :class:`subprocess.Popen`'s interface that a local swarm
+    """A forked ``python ARGV`` process, with the part of :class:`subprocess.Popen`'s interface that a local swarm
     uses: ``args``, ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``terminate`` and ``kill``."""
 
-    def __init__(self, module: str, args: list[str], log_path: Path, env: dict[str, str], cwd: str):
-        self.args = ["-m", module, *args]
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str, stdout: Path, stderr: Path | None = None,
+                 stdin: Path | None = None):
+        self.args = list(argv)
         self._zygote = _the_zygote()
-        reply = self._zygote.ask({"start": [module, list(args), str(log_path), env, cwd]})
-        self.pid: int = reply["pid"]
+        spec = {"argv": self.args, "env": env, "cwd": cwd, "stdin": None if stdin is None else str(stdin),
+                "stdout": str(stdout), "stderr": str(stdout if stderr is None else stderr)}
+        self.pid: int = self._zygote.ask({"start": spec})["pid"]
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -163,53 +212,120 @@ def start(module: str, args: list[str], log_path: Path, env: dict[str, str] | No
     """``python -m MODULE ARGS``, forked from the zygote (started on first use), in a session of its own, writing
     stdout and stderr to ``log_path`` (appending), with environment ``env`` (default: this process's) and working
     directory ``cwd`` (default: this process's)."""
-    return PreloadedProcess(module, args, log_path, dict(os.environ if env is None else env), cwd or os.getcwd())
+    return popen(["-m", module, *args], log_path, env=env, cwd=cwd)
+
+
+def popen(argv: list[str], stdout: Path, stderr: Path | None = None, stdin: Path | None = None,
+          env: dict[str, str] | None = None, cwd: str | None = None) -> PreloadedProcess:
+    """``python ARGV`` (``["-m", MODULE, ...]`` or ``[SCRIPT, ...]``), forked from the zygote, in a session of its
+    own: stdout and stderr appended to files (the same one when ``stderr`` is None), stdin read from ``stdin``
+    (default: nothing). A terminal's path (a pty's ``os.ttyname``) for ``stdin`` becomes the process's controlling
+    terminal, so that Ctrl-C typed there reaches it."""
+    return PreloadedProcess(list(argv), dict(os.environ if env is None else env), cwd or os.getcwd(), stdout, stderr,
+                            stdin)
+
+
+def run(argv: list[str], timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
+        check: bool = False) -> subprocess.CompletedProcess:
+    """``subprocess.run([sys.executable, *ARGV], capture_output=True, text=True, timeout=..., check=...)``, forked
+    from the zygote. On a timeout the process (its session) is killed and ``subprocess.TimeoutExpired`` raised."""
+    with tempfile.TemporaryDirectory(prefix="swarm-run-") as directory:
+        out, err = Path(directory) / "stdout", Path(directory) / "stderr"
+        process = popen(argv, out, err, env=env, cwd=cwd)
+        try:
+            code = process.wait(timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # its session: whatever it started in its group goes too
+            process.wait()
+            raise
+        result = subprocess.CompletedProcess([sys.executable, *argv], code, out.read_text(errors="backslashreplace"),
+                                             err.read_text(errors="backslashreplace"))
+    if check:
+        result.check_returncode()
+    return result
 
 
 # --- the zygote's side ---
 
 def serve() -> None:
-    """The zygote's main loop: import :data:`PRELOAD`, then answer requests on stdin until it closes."""
+    """The zygote's main loop: import :data:`PRELOAD`, then answer requests on stdin, and on a Unix socket for its
+    forks, until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the script that started it
     for module in PRELOAD:
         __import__(module)
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    directory = tempfile.mkdtemp(prefix="swarm-zygote-")
+    path = os.path.join(directory, "socket")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    try:
+        _serve(listener, path)
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(directory)
+
+
+def _serve(listener: socket.socket, path: str) -> None:
+    stdin, stdout = sys.stdin.buffer.fileno(), sys.stdout.buffer
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD writes to the wakeup pipe
     ended: dict[int, int] = {}
-    pending = b""
+    pending: dict[int, bytes] = {stdin: b""}  # per connection (stdin's and each socket's): bytes short of a line
+    connections: dict[int, socket.socket] = {}
+
+    def reply(fd: int, message: dict) -> None:
+        data = json.dumps(message).encode() + b"\n"
+        if fd == stdin:
+            stdout.write(data)
+            stdout.flush()
+        else:
+            with contextlib.suppress(OSError):
+                connections[fd].sendall(data)
+
     while True:
-        ready, _, _ = select.select([requests, wake_r], [], [])
+        ready, _, _ = select.select([stdin, wake_r, listener, *connections], [], [])
         if wake_r in ready:
             os.read(wake_r, 4096)
         _reap(ended)
-        if requests not in ready:
-            continue
-        chunk = os.read(requests.fileno(), 65536)
-        if not chunk:
-            return
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            request = json.loads(line)
-            if "start" in request:
-                pid = os.fork()
-                if pid == 0:  # the fork: it must never return into this loop
-                    code = 1
-                    try:
-                        os.close(wake_r)
-                        os.close(wake_w)
-                        code = _run_module(*request["start"])
-                    finally:
-                        os._exit(code)
-                reply: dict = {"pid": pid}
-            else:
-                _reap(ended)
-                reply = {"returncode": ended.pop(request["poll"], None)}
-            replies.write(json.dumps(reply).encode() + b"\n")
-            replies.flush()
+        if listener in ready:
+            connection, _ = listener.accept()
+            connections[connection.fileno()] = connection
+            pending[connection.fileno()] = b""
+        for fd in [fd for fd in ready if fd in pending]:
+            chunk = os.read(fd, 65536) if fd == stdin else connections[fd].recv(65536)
+            if not chunk:
+                if fd == stdin:
+                    return
+                connections.pop(fd).close()
+                del pending[fd]
+                continue
+            pending[fd] += chunk
+            while b"\n" in pending[fd]:
+                line, pending[fd] = pending[fd].split(b"\n", 1)
+                request = json.loads(line)
+                if "start" in request:
+                    pid = os.fork()
+                    if pid == 0:  # the fork: it must never return into this loop
+                        code = 1
+                        try:
+                            for kept in (wake_r, wake_w):
+                                os.close(kept)
+                            listener.close()
+                            for connection in connections.values():
+                                connection.close()
+                            code = _run(request["start"], path)
+                        finally:
+                            os._exit(code)
+                    reply(fd, {"pid": pid})
+                else:
+                    _reap(ended)
+                    reply(fd, {"returncode": ended.pop(request["poll"], None)})
 
 
 def _reap(ended: dict[int, int]) -> None:
@@ -223,19 +339,26 @@ def _reap(ended: dict[int, int]) -> None:
         ended[pid] = os.waitstatus_to_exitcode(status)
 
 
-def _run_module(module: str, args: list[str], log_path: str, env: dict[str, str], cwd: str) -> int:
-    """In the fork: become what ``python -m MODULE ARGS`` would be, run it, and return its exit status. SIGINT
-    stays ignored (as in the zygote) until the module runs, where Python's own handler takes over."""
+def _run(spec: dict, socket_path: str) -> int:
+    """In the fork: become what ``python ARGV`` would be, run it, and return its exit status. SIGINT stays ignored
+    (as in the zygote) until the module or script runs, where Python's own handler takes over."""
+    argv, env, cwd = spec["argv"], spec["env"], spec["cwd"]
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
-    _name_process(module)
-    null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    for fd, target in ((0, null), (1, log), (2, log)):
-        os.dup2(target, fd)
-    os.close(null)
-    os.close(log)
+    module = argv[1] if argv[0] == "-m" else None
+    _name_process(module or os.path.basename(argv[0]))
+    opened: dict[str, int] = {}
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        target = spec[name] or os.devnull
+        if target not in opened:
+            # A terminal opened by a session leader without O_NOCTTY becomes its controlling terminal (Linux).
+            flags = os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            opened[target] = os.open(target, os.O_RDWR if _is_terminal(target) else flags, 0o644)
+        os.dup2(opened[target], fd)
+    for kept in opened.values():
+        if kept > 2:
+            os.close(kept)
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     for fd, name in ((1, "stdout"), (2, "stderr")):
         # Unbuffered, as PYTHONUNBUFFERED=1 makes them: a log is read while the process runs. A stream some import
@@ -255,11 +378,19 @@ def _run_module(module: str, args: list[str], log_path: str, env: dict[str, str]
         torch.set_num_threads(int(threads))
     os.environ.clear()
     os.environ.update(env)
+    os.environ[SOCKET_VARIABLE] = socket_path
     os.chdir(cwd)
-    sys.argv = [module, *args]
+    if module is None:
+        sys.argv = list(argv)
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))  # as for `python SCRIPT`
+    else:
+        sys.argv = [module, *argv[2:]]
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module is None:
+            runpy.run_path(argv[0], run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exit_:
         code = _exit_status(exit_.code)
@@ -275,6 +406,10 @@ def _run_module(module: str, args: list[str], log_path: str, env: dict[str, str]
         code = 1
     _finish()
     return code
+
+
+def _is_terminal(path: str) -> bool:
+    return path.startswith("/dev/pts/") or path.startswith("/dev/tty")
 
 
 def _name_process(module: str) -> None:
