@@ -8,7 +8,6 @@ import pytest
 import torch
 
 pytest.importorskip("ezkl", reason="the zk extra (ezkl, onnx) is part of the dev install")
-pytestmark = pytest.mark.slow  # circuits take ~25 s each to set up
 
 from swarm.trust.zk import MAX_PROOF_BYTES, Circuit, ProofError  # noqa: E402
 

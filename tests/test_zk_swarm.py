@@ -5,7 +5,7 @@ key is tests/test_zk.py's); a truncated proof, a challenge no circuit fits, a se
 ticket get clear refusals, and the client keeps working.
 
 Provers and the client share one circuit directory (and so one SRS, as they would share a public ceremony's): the
-circuit of block 0's weights is made once (about 45 s here) and each proof takes about 40 s, so only block 0's
+circuit of block 0's weights is made once (about 30 s here) and each proof takes about 20-30 s, so only block 0's
 servers prove; block 1's server runs without ``--zk``."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("ezkl", reason="the zk extra (ezkl, onnx) is part of the dev install")
-pytestmark = pytest.mark.slow  # a proof takes ~40 s
+pytestmark = pytest.mark.slow  # a proof takes ~20-30 s
 
 from swarm import AutoDistributedModelForCausalLM, RoutingPolicy  # noqa: E402
 from swarm.blocks.provable import ProvableSpan  # noqa: E402
