@@ -12,7 +12,8 @@ that it is stopped too.
 
 ``python -m swarm.X`` processes are forks of one process that has imported torch, transformers, diffusers and
 hivemind once (swarm/utils/preloaded.py): a server is ready in about a second instead of after 6-10 s of imports.
-``SwarmProcess(..., fork=False)`` or an emulated host gets a fresh interpreter.
+On an emulated host the fork joins the host's network namespace. ``SwarmProcess(..., fork=False)`` gets a fresh
+interpreter (through ``ip netns exec`` on an emulated host).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _signals_held(deliver: bool = True) -> Iterator[None]:
 
 class SwarmProcess:
     """A ``python -m swarm.server`` / ``python -m swarm.dht`` process writing to a log file; ``fork``: a fork of the
-    pre-imported zygote where the command is ``-m swarm.*`` on this host (see the module docstring)."""
+    pre-imported zygote where the command is ``-m swarm.*`` (see the module docstring)."""
 
     def __init__(self, args: list[str], log_path: Path, ready_marker: str, env: dict[str, str] | None = None,
                  on: Host | None = None, fork: bool = True):
@@ -118,8 +119,8 @@ class SwarmProcess:
         self.log = open(log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | preloaded.PreloadedProcess
-        if fork and on is None and preloaded.available() and args[:1] == ["-m"] and args[1].startswith("swarm."):
-            self.proc = preloaded.start(args[1], args[2:], log_path, env)
+        if fork and preloaded.available() and args[:1] == ["-m"] and args[1].startswith("swarm."):
+            self.proc = preloaded.start(args[1], args[2:], log_path, env, netns=on.namespace if on else None)
         else:
             command = [sys.executable, *args]  # on an emulated host, `ip netns exec` execs python: the PID is python's
             self.proc = subprocess.Popen(on.command(command) if on else command, stdout=self.log,

@@ -159,11 +159,11 @@ class PreloadedProcess:
     uses: ``args``, ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``terminate`` and ``kill``."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: str, stdout: Path, stderr: Path | None = None,
-                 stdin: Path | None = None):
+                 stdin: Path | None = None, netns: str | None = None):
         self.args = list(argv)
         self._zygote = _the_zygote()
         spec = {"argv": self.args, "env": env, "cwd": cwd, "stdin": None if stdin is None else str(stdin),
-                "stdout": str(stdout), "stderr": str(stdout if stderr is None else stderr)}
+                "stdout": str(stdout), "stderr": str(stdout if stderr is None else stderr), "netns": netns}
         self.pid: int = self._zygote.ask({"start": spec})["pid"]
         self.returncode: int | None = None
 
@@ -208,21 +208,22 @@ def _exists(pid: int) -> bool:
 
 
 def start(module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-          cwd: str | None = None) -> PreloadedProcess:
+          cwd: str | None = None, netns: str | None = None) -> PreloadedProcess:
     """``python -m MODULE ARGS``, forked from the zygote (started on first use), in a session of its own, writing
     stdout and stderr to ``log_path`` (appending), with environment ``env`` (default: this process's) and working
-    directory ``cwd`` (default: this process's)."""
-    return popen(["-m", module, *args], log_path, env=env, cwd=cwd)
+    directory ``cwd`` (default: this process's); in network namespace ``netns`` if given (see :func:`popen`)."""
+    return popen(["-m", module, *args], log_path, env=env, cwd=cwd, netns=netns)
 
 
 def popen(argv: list[str], stdout: Path, stderr: Path | None = None, stdin: Path | None = None,
-          env: dict[str, str] | None = None, cwd: str | None = None) -> PreloadedProcess:
+          env: dict[str, str] | None = None, cwd: str | None = None, netns: str | None = None) -> PreloadedProcess:
     """``python ARGV`` (``["-m", MODULE, ...]`` or ``[SCRIPT, ...]``), forked from the zygote, in a session of its
     own: stdout and stderr appended to files (the same one when ``stderr`` is None), stdin read from ``stdin``
     (default: nothing). A terminal's path (a pty's ``os.ttyname``) for ``stdin`` becomes the process's controlling
-    terminal, so that Ctrl-C typed there reaches it."""
+    terminal, so that Ctrl-C typed there reaches it. ``netns``: the name of a network namespace (``ip netns``) the
+    fork joins before it runs, as ``ip netns exec NAME python ...`` would (root only)."""
     return PreloadedProcess(list(argv), dict(os.environ if env is None else env), cwd or os.getcwd(), stdout, stderr,
-                            stdin)
+                            stdin, netns)
 
 
 def run(argv: list[str], timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
@@ -346,6 +347,8 @@ def _run(spec: dict, socket_path: str) -> int:
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
+    if spec.get("netns"):
+        _join_network_namespace(spec["netns"])
     module = argv[1] if argv[0] == "-m" else None
     _name_process(module or os.path.basename(argv[0]))
     opened: dict[str, int] = {}
@@ -406,6 +409,19 @@ def _run(spec: dict, socket_path: str) -> int:
         code = 1
     _finish()
     return code
+
+
+def _join_network_namespace(name: str) -> None:
+    """Move this (single-threaded) fork into ``ip netns``'s namespace ``name``: its sockets, and those of the
+    processes it starts (p2pd), are that host's from now on."""
+    descriptor = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(descriptor, 0x40000000) != 0:  # CLONE_NEWNET
+            error = ctypes.get_errno()
+            raise OSError(error, f"cannot join network namespace {name}: {os.strerror(error)}")
+    finally:
+        os.close(descriptor)
 
 
 def _is_terminal(path: str) -> bool:
