@@ -220,3 +220,21 @@ def test_a_forked_process_on_a_terminal_gets_ctrl_c_typed_there(tmp_path):
         os.close(master)
         if slave >= 0:
             os.close(slave)
+
+
+def test_a_fork_on_an_emulated_host_is_in_its_network_namespace(tmp_path):
+    """``netns``: the fork joins the namespace (as ``ip netns exec`` would), and so does what it starts."""
+    from swarm.utils.emulated_hosts import EmulatedNetwork, unavailable
+
+    if (reason := unavailable(home_hosts=False)) is not None:
+        pytest.skip(reason)
+    (tmp_path / "script.py").write_text(
+        "import os, subprocess\nprint(os.readlink('/proc/self/ns/net'))\n"
+        "print(subprocess.run(['readlink', '/proc/self/ns/net'], capture_output=True, text=True).stdout.strip())\n")
+    with EmulatedNetwork() as net:
+        host = net.public_host("probe")
+        inside = host.run(["readlink", "/proc/self/ns/net"]).stdout.strip()
+        log = tmp_path / "log"
+        process = preloaded.popen([str(tmp_path / "script.py")], log, netns=host.namespace)
+        assert process.wait(60) == 0, log.read_text()
+    assert log.read_text().split() == [inside, inside] and inside != os.readlink("/proc/self/ns/net")
