@@ -25,12 +25,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-# Two pytest-xdist workers, each taking whole files (module fixtures start their servers once); TEST_WORKERS=0 runs
-# the suite in this one process.
+# Two pytest-xdist workers, each taking whole files (module fixtures start their servers once), longest first (the
+# order conftest.py sets; xdist's own would be by test count); TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check swarm tests examples benchmarks

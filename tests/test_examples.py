@@ -10,7 +10,7 @@ import pytest
 
 from swarm.utils import preloaded
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=85)
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 

@@ -42,7 +42,7 @@ def wait_http(url: str, process, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)  # the file's
 def test_demo_answers_from_an_empty_home_and_a_scratch_directory(embedded_model, tmp_path):
     home, scratch = tmp_path / "home", tmp_path / "scratch"
     home.mkdir()

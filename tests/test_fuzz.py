@@ -33,7 +33,8 @@ from swarm.rpc.framing import HEADER_BYTES, encode_message, read_message
 from swarm.utils.loop_thread import LoopThread
 
 # hypothesis notices other threads (the honest client, hivemind) using `random` while it draws
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")]
+pytestmark = [pytest.mark.slow(seconds=180),
+              pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")]
 
 HIDDEN, BLOCKS = 64, 6  # tiny llama
 EXAMPLES, ATTACKS_PER_EXAMPLE = 200, 50  # 10,000 requests

@@ -205,7 +205,7 @@ def _tensor(tensor: torch.Tensor) -> dict:
     return serialize_tensor(tensor)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)  # the file's
 def test_honest_servers_get_no_false_strikes_over_1000_checks(swarm):
     checks, strikes = 0, 0
     for options in (dict(), dict(compression="none")):  # default codecs (8-bit + float16 ends), and exact

@@ -18,7 +18,7 @@ from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("ezkl", reason="the zk extra (ezkl, onnx) is part of the dev install")
-pytestmark = pytest.mark.slow  # a proof takes ~20-30 s
+pytestmark = pytest.mark.slow(seconds=220)  # a proof takes ~20-30 s
 
 from swarm import AutoDistributedModelForCausalLM, RoutingPolicy  # noqa: E402
 from swarm.blocks.provable import ProvableSpan  # noqa: E402
