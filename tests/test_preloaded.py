@@ -238,3 +238,39 @@ def test_a_fork_on_an_emulated_host_is_in_its_network_namespace(tmp_path):
         process = preloaded.popen([str(tmp_path / "script.py")], log, netns=host.namespace)
         assert process.wait(60) == 0, log.read_text()
     assert log.read_text().split() == [inside, inside] and inside != os.readlink("/proc/self/ns/net")
+
+
+def test_a_forked_script_whose_zygote_ended_forks_from_its_own(tmp_path):
+    """A forked script that starts a fork after the zygote it came from has ended (its starter stopped it) gets
+    one from a zygote of its own instead of an error."""
+    (tmp_path / "probe_module.py").write_text(PROBE)
+    (tmp_path / "script.py").write_text(
+        "import sys, time\nfrom pathlib import Path\nfrom swarm.utils import preloaded\n"
+        "preloaded.start('probe_module', ['exit', '0'], Path(sys.argv[1])).wait(60)\n"  # through the first zygote
+        "print('asked', flush=True)\n"
+        "while not Path(sys.argv[2]).exists():\n    time.sleep(0.05)\n"
+        "child = preloaded.start('probe_module', ['exit', '7'], Path(sys.argv[1]))\n"
+        "print('second', child.wait(60), flush=True)\n")
+    log, stopped, out = tmp_path / "log", tmp_path / "stopped", tmp_path / "out"
+    starter = ("import sys\nfrom pathlib import Path\nfrom swarm.utils import preloaded\n"
+               f"p = preloaded.popen([{str(tmp_path / 'script.py')!r}, {str(log)!r}, {str(stopped)!r}], "
+               f"Path({str(out)!r}), cwd={str(tmp_path)!r})\n"
+               f"while 'asked' not in (Path({str(out)!r}).read_text() if Path({str(out)!r}).exists() else ''):\n"
+               "    import time; time.sleep(0.05)\n"
+               "preloaded.stop()\n"
+               f"Path({str(stopped)!r}).touch()\n"
+               "print(p.pid, flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split()[-1])
+    try:
+        deadline = time.monotonic() + 120
+        while "second" not in out.read_text():
+            assert time.monotonic() < deadline and psutil.pid_exists(pid), out.read_text()
+            time.sleep(0.1)
+        assert "second 7" in out.read_text(), out.read_text()
+    finally:
+        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+            script = psutil.Process(pid)
+            if script.name() == "script.py":
+                script.kill()

@@ -164,7 +164,14 @@ class PreloadedProcess:
         self._zygote = _the_zygote()
         spec = {"argv": self.args, "env": env, "cwd": cwd, "stdin": None if stdin is None else str(stdin),
                 "stdout": str(stdout), "stderr": str(stdout if stderr is None else stderr), "netns": netns}
-        self.pid: int = self._zygote.ask({"start": spec})["pid"]
+        try:
+            self.pid: int = self._zygote.ask({"start": spec})["pid"]
+        except RuntimeError:
+            if not isinstance(self._zygote, _Connection):
+                raise
+            # the zygote that forked this process has ended: this process's own one forks instead
+            self._zygote = _the_zygote()
+            self.pid = self._zygote.ask({"start": spec})["pid"]
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
