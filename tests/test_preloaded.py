@@ -4,6 +4,7 @@ reaping; and a local swarm's servers started this way serve as fresh ones do."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -270,7 +271,7 @@ def test_a_forked_script_whose_zygote_ended_forks_from_its_own(tmp_path):
             time.sleep(0.1)
         assert "second 7" in out.read_text(), out.read_text()
     finally:
-        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess):
             script = psutil.Process(pid)
             if script.name() == "script.py":
                 script.kill()

@@ -39,8 +39,8 @@ _LOCK = threading.Lock()  # ezkl's calls are not documented as thread-safe; one 
 # How range checks split a value: ezkl's default (2 digits of 2^14) needs a 2^14-row table, which alone sets a small
 # circuit's size at 2^15 rows; 3 digits of 2^10 cover as much (2^30 >= 2^28) with a 2^10-row table, for more rows of
 # digits. Circuits are made with whichever gives fewer rows (the same choice on every machine): a two-layer MLP's
-# keys take 3.9 s instead of 29.6 s and its proofs 1.5 s instead of 14 s; a hidden-16 Llama layer keeps the default
-# (2^16 rows otherwise).
+# keys take 5.2 s instead of 29.6 s (both calibrations included) and its proofs 1.9 s instead of 14 s; a hidden-16
+# Llama layer keeps the default (2^16 rows otherwise).
 DECOMPOSITIONS = ((16384, 2), (1024, 3))
 SMALL_CIRCUIT_LOGROWS = 15  # at most this many (log2) with the default: the smaller table may shrink it
 
@@ -154,11 +154,9 @@ class Circuit:
                     settings = made
                 if settings["run_args"]["logrows"] > SMALL_CIRCUIT_LOGROWS:
                     break  # its own rows, not the range checks' table, set its size: a smaller table won't help
-            (root / "settings.json").write_text(json.dumps(settings))
             if logrows is not None:
-                settings = json.loads((root / "settings.json").read_text())
                 settings["run_args"]["logrows"] = logrows
-                (root / "settings.json").write_text(json.dumps(settings))
+            (root / "settings.json").write_text(json.dumps(settings))
             ezkl.compile_circuit(str(root / "block.onnx"), str(root / "block.ezkl"), str(root / "settings.json"))
             rows = json.loads((root / "settings.json").read_text())["run_args"]["logrows"]
             srs = _shared_srs(ezkl, srs_directory, rows)
