@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from tiny_diffusion import as_served
 
 from swarm import AutoDistributedPipeline
 from swarm.blocks.unet import run_head
@@ -34,7 +35,7 @@ def served(request, launcher, models_dir):
     if not path.exists():
         PIPELINES[request.param](path)
     first, second = launcher.start_halves(path, in_process=True)  # levels 0:1 and 1:3
-    local = DiffusionPipeline.from_pretrained(path).unet
+    local = as_served(DiffusionPipeline.from_pretrained(path).unet)
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none").unet
     yield {"name": request.param, "local": local, "remote": remote, "servers": [first, second]}
     remote.shutdown()
@@ -79,7 +80,8 @@ def trainable(served):
         local.requires_grad_(True)
         remote.requires_grad_(True)
     yield [local for local, _ in pairs], [remote for _, remote in pairs]
-    for _, remote in pairs:
+    for local, remote in pairs:
+        local.requires_grad_(False)
         remote.requires_grad_(False)
 
 

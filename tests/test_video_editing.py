@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from tiny_diffusion import as_served
 
 from swarm import AutoDistributedPipeline
 from swarm.client.pipeline import i2vgenxl_pipeline
@@ -21,6 +22,7 @@ def i2v(launcher, models_dir):
     # features of every frame at every injected step take more than a plain generation: more session memory
     first, _ = launcher.start_halves(path, "--max-diffusion-sessions", "64", in_process=True)
     local = i2vgenxl_pipeline(DiffusionPipeline.from_pretrained(path))
+    as_served(local.unet)
     remote = AutoDistributedPipeline.from_pretrained(path, initial_peers=[first.maddr], compression="none")
     yield {"local": local, "remote": remote}
     remote.unet.shutdown()

@@ -7,6 +7,7 @@ offline quick start writes them too); tests import them from there. Here:
   (sd, sdxl: the same configs as the saved pipelines), ``UNet3DConditionModel``, ``UNetSpatioTemporalConditionModel``,
   ``I2VGenXLUNet`` and ``UNetMotionModel``. All have two levels of 32 and 64 channels.
 * :func:`sd15_unet_config` and :func:`save_sd15_size_unet` (~860M parameters).
+* :func:`as_served`, a local reference U-Net computed as the swarm computes it.
 """
 
 from __future__ import annotations
@@ -145,3 +146,15 @@ def save_sd15_size_unet(directory: Path, seed: int = 0, dtype: torch.dtype = tor
     directory = Path(directory)
     unet.save_pretrained(directory)
     return directory
+
+
+def as_served(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` (in place) with its weights held as servers and clients hold theirs: frozen, and in memory torch
+    allocated. Why: on some CPUs (seen on an AMD EPYC with torch 2.13) the kernels round differently for weights
+    that require grad (a Linear on a non-contiguous input, as in the temporal transformers, is then folded into
+    one matrix product) and for weights at other addresses (diffusers keeps safetensors' memory-mapped tensors,
+    not 64-byte aligned, and MKL's products depend on alignment there): ~1e-7 relative, enough to break bitwise
+    equality with a U-Net loaded by diffusers as it is."""
+    for tensor in [*unet.parameters(), *unet.buffers()]:
+        tensor.data = tensor.data.clone()
+    return unet.requires_grad_(False)
