@@ -41,6 +41,11 @@ elif mode == "interrupt":
 '''
 
 
+def light() -> dict[str, str]:
+    """The environment for a script whose zygote imports nothing: these tests' forks need no torch."""
+    return {**os.environ, preloaded.PRELOAD_VARIABLE: ""}
+
+
 @pytest.fixture
 def probe(tmp_path: Path):
     """Start ``python -m probe_module MODE ...`` forked from the zygote, in ``tmp_path``; yields a starter."""
@@ -125,7 +130,7 @@ def test_the_zygote_ends_with_its_parent_and_its_forks_live_on(tmp_path):
     script = ("from pathlib import Path; from swarm.utils import preloaded\n"
               f"p = preloaded.start('probe_module', ['sleep'], Path({log!r}), cwd={cwd!r})\n"
               "print(p.pid, flush=True)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=light())
     fork_pid = int(parent.stdout.readline())
     fork = psutil.Process(fork_pid)
     zygote = fork.parent()
@@ -149,7 +154,7 @@ def test_a_group_sigterm_to_a_script_still_stops_its_forks(tmp_path):
               "    print(swarm.start_dht().proc.pid, flush=True)\n"
               "    time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+                              start_new_session=True, env={**os.environ, preloaded.PRELOAD_VARIABLE: "swarm.dht.node"})
     fork = None
     try:
         fork = psutil.Process(int(parent.stdout.readline()))
@@ -261,7 +266,7 @@ def test_a_forked_script_whose_zygote_ended_forks_from_its_own(tmp_path):
                "preloaded.stop()\n"
                f"Path({str(stopped)!r}).touch()\n"
                "print(p.pid, flush=True)\n")
-    result = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=180)
+    result = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=180, env=light())
     assert result.returncode == 0, result.stderr
     pid = int(result.stdout.split()[-1])
     try:

@@ -44,6 +44,9 @@ from pathlib import Path
 # What the zygote imports once: the heavy imports of every ``swarm.*`` command (torch, transformers and hivemind
 # through the server; diffusers through the U-Net levels).
 PRELOAD = ("swarm.server.server", "swarm.blocks.unet", "swarm.dht.node")
+# Set in the starting process's environment, this replaces PRELOAD (comma-separated; empty: none), for programs
+# whose forks need less (a bootstrap node needs neither transformers nor diffusers).
+PRELOAD_VARIABLE = "SWARM_ZYGOTE_PRELOAD"
 POLL_INTERVAL = 0.05
 SOCKET_VARIABLE = "SWARM_ZYGOTE"  # in a fork's environment: the zygote's socket, for forks that start forks
 
@@ -260,7 +263,8 @@ def serve() -> None:
     """The zygote's main loop: import :data:`PRELOAD`, then answer requests on stdin, and on a Unix socket for its
     forks, until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the script that started it
-    for module in PRELOAD:
+    chosen = os.environ.get(PRELOAD_VARIABLE)
+    for module in PRELOAD if chosen is None else [name.strip() for name in chosen.split(",") if name.strip()]:
         __import__(module)
     directory = tempfile.mkdtemp(prefix="swarm-zygote-")
     path = os.path.join(directory, "socket")
