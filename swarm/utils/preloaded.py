@@ -334,6 +334,8 @@ def _serve(listener: socket.socket, path: str) -> None:
                             code = _run(request["start"], path)
                         finally:
                             os._exit(code)
+                    # an unpolled fork that ended earlier may have had this PID: its status is not this one's
+                    ended.pop(pid, None)
                     reply(fd, {"pid": pid})
                 else:
                     _reap(ended)
