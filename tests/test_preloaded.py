@@ -41,9 +41,10 @@ elif mode == "interrupt":
 '''
 
 
-def light() -> dict[str, str]:
-    """The environment for a script whose zygote imports nothing: these tests' forks need no torch."""
-    return {**os.environ, preloaded.PRELOAD_VARIABLE: ""}
+def light(preload: str = "") -> dict[str, str]:
+    """The environment for a script whose zygote imports only ``preload`` (comma-separated): these tests' forks
+    need no torch."""
+    return {**os.environ, preloaded.PRELOAD_VARIABLE: preload}
 
 
 @pytest.fixture
@@ -136,6 +137,8 @@ def test_the_zygote_ends_with_its_parent_and_its_forks_live_on(tmp_path):
     zygote = fork.parent()
     try:
         assert "swarm.utils.preloaded" in " ".join(zygote.cmdline())
+        # it imported what SWARM_ZYGOTE_PRELOAD named (nothing), not torch
+        assert not any("libtorch" in region.path for region in zygote.memory_maps())
         assert parent.wait(60) == 0
         zygote.wait(15)  # raises psutil.TimeoutExpired if the zygote outlived its parent
         assert fork.is_running()
@@ -154,7 +157,7 @@ def test_a_group_sigterm_to_a_script_still_stops_its_forks(tmp_path):
               "    print(swarm.start_dht().proc.pid, flush=True)\n"
               "    time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True, env={**os.environ, preloaded.PRELOAD_VARIABLE: "swarm.dht.node"})
+                              start_new_session=True, env=light("swarm.dht.node"))
     fork = None
     try:
         fork = psutil.Process(int(parent.stdout.readline()))

@@ -19,8 +19,9 @@ COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tiny_config(family: str) -> PretrainedConfig:
-    if family in ("llama", "llama30", "llama2"):  # llama30: as many blocks as SmolLM2, for routing and failover
-        layers = {"llama30": 30, "llama2": 2}.get(family, 6)  # tests; llama2: for what only the protocol matters
+    # llama30: as many blocks as SmolLM2, for routing and failover tests; llama2: for tests of the protocol alone
+    if family in ("llama", "llama30", "llama2"):
+        layers = {"llama30": 30, "llama2": 2}.get(family, 6)
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **COMMON)
     if family == "llama16":  # hidden 16, 2 blocks: small enough for zero-knowledge circuits in tests
