@@ -402,7 +402,9 @@ def test_a_server_slower_than_it_claims_loses_its_place_with_push_on(launcher, t
     monkeypatch.setenv("SWARM_TEST_FAULT", "slow-pieces:0.05")  # read once, by the next server's handler
     slow = launcher.start_server_in_process(path, "0:3", [first.maddr], "--throughput", "1000000")
     monkeypatch.delenv("SWARM_TEST_FAULT")
-    honest = launcher.start_server_in_process(path, "0:3", [first.maddr], "--throughput", "100")
+    # it claims 50 ms a step: what puts the liar first must outweigh the noise of the client's single ping to each
+    # (claiming 10 ms, a busy host's ping spike once routed around the liar), and stay below its ~150 ms steps
+    honest = launcher.start_server_in_process(path, "0:3", [first.maddr], "--throughput", "20")
     model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[first.maddr], compression="none",
                                                             model_id="tiny-llama", verify_probability=0.0)
     try:
