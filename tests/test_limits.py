@@ -16,7 +16,7 @@ from swarm.rpc import protocol
 from swarm.rpc.client import RemoteError, Stream, call
 from swarm.rpc.protocol import RequestError
 from swarm.server.admission import Admission, PeerLimits
-from swarm.server.sessions import SessionTable
+from swarm.server.sessions import Busy, SessionTable
 from swarm.utils.loop_thread import LoopThread
 
 HIDDEN = 64  # tiny llama
@@ -280,6 +280,24 @@ def test_a_flood_of_expensive_requests_is_refused_by_cost_while_another_peer_is_
     assert refused and all(e.busy and "already take about" in str(e) for e in refused), refused[:3]
     assert len(refused) < 30  # the first one queued, at least
     assert info(loop, bob, server)["served"]["cost_refusals"] - before == len(refused)
+
+
+def test_requests_arriving_together_see_each_others_cost(server):
+    """A request's predicted cost is counted the moment it passes its check, so a burst read in one turn of the
+    server's event loop is bounded like a trickle: here each request alone exceeds the peer's 50 ms, so of 12 that
+    arrive together one is queued and the rest refused (all 12 were queued when the queueing came a turn later)."""
+    handler = server.server.handler
+    message = {"start": 0, "end": 3, "hidden": serialize_tensor(torch.randn(4, 512, HIDDEN)),
+               "position_ids": serialize_tensor(torch.arange(512)[None].expand(4, -1))}
+
+    async def burst() -> list[object]:
+        return await asyncio.gather(*(handler.run("burst-peer", "forward", dict(message), None) for _ in range(12)),
+                                    return_exceptions=True)
+
+    outcomes = server.thread.run(burst())
+    refused = [o for o in outcomes if isinstance(o, Busy)]
+    assert len(refused) == 11 and all("already take about" in str(e) for e in refused), outcomes
+    assert handler.compute_queue.queued_cost.get("burst-peer") is None  # nothing left counted once answered
 
 
 def test_fast_steps_are_paced_not_refused(peers, rate_server, span):

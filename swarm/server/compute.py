@@ -79,10 +79,11 @@ class ComputeQueue:
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
-    async def run(self, peer: str, work: Work, *, batch_key: object = None, payload: object = None,
-                  cost: float = 0.0, timing: dict | None = None) -> Any:
-        """``work``'s result; ``timing`` (if given) gets ``queued`` (s until its first piece ran) and ``compute``
-        (s of compute thread time it took; its share, when merged with others)."""
+    def submit(self, peer: str, work: Work, *, batch_key: object = None, payload: object = None,
+               cost: float = 0.0) -> Job:
+        """Queue ``work`` now, its ``cost`` counted in ``queued_cost`` at once: a caller that checked that cost
+        (the handler's ``charge``) and submits without awaiting in between cannot be overtaken by another
+        request's check. Await its result with :meth:`result`."""
         loop = asyncio.get_running_loop()
         job = Job(peer, work, loop, loop.create_future(), batch_key, payload, cost)
         with self.lock:
@@ -92,6 +93,11 @@ class ComputeQueue:
             self.pending += 1
             self.queued_cost[peer] = self.queued_cost.get(peer, 0.0) + cost
             self.lock.notify()
+        return job
+
+    async def result(self, job: Job, timing: dict | None = None) -> Any:
+        """``job``'s result; ``timing`` (if given) gets ``queued`` (s until its first piece ran) and ``compute``
+        (s of compute thread time it took; its share, when merged with others)."""
         try:
             return await job.future
         finally:
@@ -99,6 +105,12 @@ class ComputeQueue:
                 job.future.cancel()
             if timing is not None and job.started is not None:
                 timing.update(queued=job.started - job.submitted, compute=job.seconds)
+
+    async def run(self, peer: str, work: Work, *, batch_key: object = None, payload: object = None,
+                  cost: float = 0.0, timing: dict | None = None) -> Any:
+        """``work``'s result (:meth:`submit`, then :meth:`result`)."""
+        job = self.submit(peer, work, batch_key=batch_key, payload=payload, cost=cost)
+        return await self.result(job, timing)
 
     def stop(self) -> None:
         with self.lock:

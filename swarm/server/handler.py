@@ -199,8 +199,9 @@ class Handler:
         cost = self.charge(peer, prepared, blocks)
         timing: dict = {}
         run = self.faults.slowed(prepared.run)
-        work = asyncio.ensure_future(self.compute_queue.run(peer, run, batch_key=prepared.batch_key,
-                                                            payload=prepared.payload, cost=cost, timing=timing))
+        # submitted in this turn of the loop, right after its cost was checked: another request's check sees it
+        job = self.compute_queue.submit(peer, run, batch_key=prepared.batch_key, payload=prepared.payload, cost=cost)
+        work = asyncio.ensure_future(self.compute_queue.result(job, timing))
         try:
             if gone is None:
                 result = await work
@@ -219,6 +220,8 @@ class Handler:
         finally:
             if not work.done():
                 work.cancel()
+            if not job.future.done():  # also if its waiter was cancelled before it started
+                job.future.cancel()
         computed = time.perf_counter()
         fields, tensors = prepared.finish(result)
         blocks.measured_request(prepared.flops, timing.get("compute", 0.0))
