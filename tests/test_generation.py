@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB
@@ -36,7 +37,8 @@ def family_swarm(request, tiny_model, tmp_path_factory):
                                                                          blocked_servers=[others[2].peer_id]),
                                                                      compression="none")
         local = AutoModelForCausalLM.from_pretrained(path).eval()
-        yield {"path": path, "peers": [first.maddr], "local": local, "two_hops": two_hops, "three_hops": three_hops}
+        yield {"path": path, "peers": [first.maddr], "local": local, "two_hops": two_hops, "three_hops": three_hops,
+               "other_peers": [others[0].maddr]}
         two_hops.shutdown()
         three_hops.shutdown()
     finally:
@@ -50,6 +52,32 @@ def _prompts(batch: int, length: int, pad: int = 0, seed: int = 0) -> tuple[torc
     if pad:
         ids[-1, :pad], mask[-1, :pad] = 0, 0  # left padding on the last row
     return ids, mask
+
+
+@pytest.mark.parametrize("family_swarm", ["llama"], indirect=True)
+def test_models_of_one_process_share_its_connection_to_a_swarm(family_swarm):
+    """Models a process opens for one swarm share one p2pd and DHT node (a daemon costs ~0.35 CPU-s to start, and
+    its own connection to every server): one shut down leaves the others generating; the last stops the daemon."""
+    two_hops, path, local = family_swarm["two_hops"], family_swarm["path"], family_swarm["local"]
+    node = two_hops.get_remote().manager.node
+    assert family_swarm["three_hops"].get_remote().manager.node is node
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=family_swarm["peers"])
+    assert model.get_remote().manager.node is node and node.users == 3
+    daemon = psutil.Process(node.p2p._child.pid)
+    model.shutdown()
+    model.shutdown()  # a second shutdown lets go of nothing more
+    assert node.users == 2 and daemon.is_running()
+    ids, _ = _prompts(1, 5)
+    assert torch.equal(two_hops.generate(ids, max_new_tokens=3, do_sample=False),
+                       local.generate(ids, max_new_tokens=3, do_sample=False))
+    # bootstrapped from other peers: a node of its own, stopped with its only model
+    alone = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=family_swarm["other_peers"])
+    own = alone.get_remote().manager.node
+    assert own is not node and own.users == 1
+    own_daemon = psutil.Process(own.p2p._child.pid)
+    alone.shutdown()
+    _, running = psutil.wait_procs([own_daemon], timeout=10)
+    assert not running and daemon.is_running()
 
 
 def test_routes_have_two_and_three_hops(family_swarm):

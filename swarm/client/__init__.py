@@ -18,6 +18,7 @@
 - remote_forward.py: stateless forward/backward through a chain (training), as an autograd function
 - routing.py: ``RoutingPolicy`` and the cheapest-chain search over measured costs (pure functions)
 - sequence_manager.py: ``SequenceManager``: the DHT view, RTT pings, per-server statistics, bans with backoff
+- node.py: ``ClientNode``: the p2pd, DHT node and event loop a process's models of one swarm share (refcounted)
 - diffusion.py: ``RemoteUNet``: a diffusers U-Net whose blocks run in the swarm (U-shaped: skips stay on servers),
   one ``LevelsHop`` per server
 - unet_autograd.py: a ``RemoteUNet`` call that needs gradients: recorded evaluations and the backward through

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
+from swarm.client import node as client_node
 from swarm.client.config import ClientConfig
 from swarm.client.routing import (
     DEFAULT_FAILURE_COST,
@@ -29,12 +30,10 @@ from swarm.client.routing import (
     parallel_chains,
 )
 from swarm.dht.identity import Identity
-from swarm.dht.node import start_dht, stop_dht
 from swarm.dht.records import fetch_block_infos, merge_records
 from swarm.dht.schema import ServerInfo
 from swarm.rpc.client import RemoteError, measure_rtt
 from swarm.settlement import load_backend
-from swarm.utils.loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +49,13 @@ class SequenceManager:
     def __init__(self, config: ClientConfig, model_id: str, num_blocks: int, first_block: int = 0):
         self.config, self.model_id, self.num_blocks = config, model_id, num_blocks
         self.first_block = first_block  # blocks before it run on the client (``local_blocks``)
-        self.loop = LoopThread()
         # With settlement, receipts are countersigned with the key of the client's peer id, which servers know it by.
         self.identity = Identity.load_or_create(None) if config.settlement else None
         self.settlement = load_backend(config.settlement, config.settlement_options) if config.settlement else None
-        self.p2p, self.dht = self.loop.run(start_dht(config.initial_peers, host=config.host, client_mode=True,
-                                                     identity=self.identity))
+        # the process's daemon and loop for this swarm, shared with its other models (node.py)
+        self.node = client_node.acquire(config.initial_peers, config.host, self.identity)
+        self.loop, self.p2p, self.dht = self.node.loop, self.node.p2p, self.node.dht
+        self._released = False
         self.servers: dict[str, ServerInfo] = {}
         self.last_update = -math.inf
         self.stats: dict[str, PeerStats] = {}
@@ -265,13 +265,12 @@ class SequenceManager:
         return [hop.span for hop in await self.route(start, end, request)]
 
     def shutdown(self) -> None:
-        """Stop the libp2p daemon and the loop; calling it again does nothing."""
+        """Let go of the libp2p daemon and loop (stopped once no other model of this process uses them); calling it
+        again does nothing."""
         if self.proofs is not None:
             self.proofs.shutdown()
-        if not self.loop.thread.is_alive():
+        if self._released:
             return
-        try:
-            self.loop.run(stop_dht(self.p2p, self.dht), timeout=15)
-        finally:
-            self.loop.stop()
+        self._released = True
+        client_node.release(self.node)
 
