@@ -17,6 +17,9 @@ import pytest
 
 from swarm.utils import preloaded
 
+# a thread count other than the zygote's (the tests' own setting: conftest.py), which a fork must apply itself
+FORK_THREADS = "2" if os.environ.get("OMP_NUM_THREADS") == "1" else "1"
+
 PROBE = '''
 import json, os, sys, time
 import torch
@@ -56,7 +59,7 @@ def probe(tmp_path: Path):
     def start(*args: str) -> tuple[preloaded.PreloadedProcess, Path]:
         log = tmp_path / f"probe-{len(started)}.log"
         log.write_text("")
-        env = {**os.environ, "PROBE_VALUE": "given", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PROBE_VALUE": "given", "OMP_NUM_THREADS": FORK_THREADS}
         env.pop("PROBE_LEAK", None)
         process = preloaded.start("probe_module", list(args), log, env=env, cwd=str(tmp_path))
         started.append(process)
@@ -88,7 +91,7 @@ def test_a_fork_gets_its_arguments_environment_directory_and_session(probe, tmp_
     assert f"cwd {tmp_path}" in output
     assert "name __main__ session True" in output
     assert "stdin ''" in output
-    assert "threads 1" in output  # its own OMP_NUM_THREADS, though torch was loaded before it existed
+    assert f"threads {FORK_THREADS}" in output  # its own OMP_NUM_THREADS, though torch was loaded before it existed
     assert process.poll() is None and os.getpgid(process.pid) == process.pid
     assert psutil.Process(process.pid).name() == "probe_module"
 
