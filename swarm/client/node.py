@@ -1,7 +1,7 @@
 """The libp2p daemon, DHT node and event loop that the models of one client process share, one per swarm.
 
-A p2pd costs about 0.35 CPU-s to start (hivemind's binary unpacks itself, then builds an address-range table) and
-~0.2 CPU-s more to join a swarm, and each keeps a connection of its own to every server. A process that opens
+A p2pd costs about 0.35 CPU-s in its first second (hivemind's binary unpacks itself, then builds an address-range
+table; measured with perf), and each keeps a connection of its own to every server. A process that opens
 several models of one swarm (a pipeline and a language model, the API gateway, a notebook re-running its cells, a
 test suite) uses one node for all of them instead: models share it while any of them is open, and the last
 ``release`` stops it. Routing state, bans and sessions stay each model's own (``SequenceManager``); servers see the
@@ -50,7 +50,7 @@ def acquire(initial_peers: Sequence[str], host: str, identity=None) -> ClientNod
     from swarm.dht.node import start_dht
 
     key = None if identity is not None else (tuple(initial_peers), host)
-    with _lock:  # one start per swarm even when two threads open models at once
+    with _lock:  # one start per swarm even when two threads open models at once (others wait for it, ~1 s)
         node = _nodes.get(key) if key is not None else None
         if node is not None and node.alive:
             node.users += 1
