@@ -524,10 +524,9 @@ def test_one_peer_cannot_take_every_generation(served_pipeline):
             assert len(streams) <= 16, "no limit per peer"
 
     # the hog is a peer of its own (this process's models share one: swarm/client/node.py)
-    loop = LoopThread()
-    p2p, node = loop.run(start_dht(served_pipeline["peers"], host="127.0.0.1", client_mode=True))
-    streams: list[Stream] = []
+    loop, dht, streams = LoopThread(), None, []
     try:
+        dht = p2p, _ = loop.run(start_dht(served_pipeline["peers"], host="127.0.0.1", client_mode=True))
         streams, error = loop.run(hog())
         assert "per-peer cache limit" in str(error) and error.busy, error
         other = AutoDistributedPipeline.from_pretrained(served_pipeline["path"], initial_peers=served_pipeline["peers"],
@@ -540,5 +539,6 @@ def test_one_peer_cannot_take_every_generation(served_pipeline):
     finally:
         for stream in streams:
             stream.close()
-        loop.run(stop_dht(p2p, node))
+        if dht is not None:
+            loop.run(stop_dht(*dht))
         loop.stop()

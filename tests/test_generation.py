@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psutil
 import pytest
 import torch
@@ -75,8 +77,22 @@ def test_models_of_one_process_share_its_connection_to_a_swarm(family_swarm):
     own = alone.get_remote().manager.node
     assert own is not node and own.users == 1
     own_daemon = psutil.Process(own.p2p._child.pid)
+    # its daemon killed: the next model of that swarm gets a new node instead of the dead one
+    own_daemon.kill()
+    own_daemon.wait(10)
+    deadline = time.monotonic() + 10
+    while own.alive and time.monotonic() < deadline:  # hivemind's loop notices the exit
+        time.sleep(0.05)
+    again = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=family_swarm["other_peers"],
+                                                            compression="none")
+    fresh = again.get_remote().manager.node
+    assert fresh is not own and fresh.users == 1
+    assert torch.equal(again.generate(ids, max_new_tokens=3, do_sample=False),
+                       local.generate(ids, max_new_tokens=3, do_sample=False))
+    fresh_daemon = psutil.Process(fresh.p2p._child.pid)
     alone.shutdown()
-    _, running = psutil.wait_procs([own_daemon], timeout=10)
+    again.shutdown()
+    _, running = psutil.wait_procs([fresh_daemon], timeout=10)
     assert not running and daemon.is_running()
 
 
