@@ -3,6 +3,7 @@ around by replaying the session on another server, with the same tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -85,6 +86,32 @@ def test_p2pd_dies_with_a_killed_server(launcher, tiny_model):
     with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
         daemon.wait(10)
     assert not daemon.is_running(), "p2pd outlived its killed server"
+
+
+def test_a_start_interrupted_while_its_daemon_comes_up_leaves_no_daemon():
+    """Ctrl-C or SIGTERM during a client's open cancels ``start_dht`` while hivemind waits for its new daemon: that
+    daemon has no control connection yet, so nothing else would end it (it lingered past its process's exit)."""
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    loop = LoopThread()
+    daemons: list[psutil.Process] = []
+    try:
+        future = asyncio.run_coroutine_threadsafe(start_dht([], host="127.0.0.1", client_mode=True), loop.loop)
+        deadline = time.monotonic() + 20
+        while not daemons and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                daemons = [child for child in me.children() if child.pid not in before and child.name() == "p2pd"]
+            time.sleep(0.005)
+        assert daemons, "start_dht started no p2pd"
+        assert not future.done(), "the daemon was up before the test could interrupt its start"
+        future.cancel()
+        _, alive = psutil.wait_procs(daemons, timeout=5)
+        assert not alive, "p2pd outlived its cancelled start"
+    finally:
+        loop.stop()
+        for daemon in daemons:  # when the test fails: nothing outlives it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                daemon.kill()
 
 
 def test_killed_server_is_replaced_mid_session_with_the_same_tokens(launcher, tiny_model):

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 from collections.abc import Sequence
 from contextlib import nullcontext, suppress
+from contextvars import ContextVar
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -16,6 +17,19 @@ from swarm.utils.multiaddrs import ip_and_port
 from swarm.utils.ports import check_can_listen
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+_starting: ContextVar[list[P2P] | None] = ContextVar("swarm_p2p_starting", default=None)
+
+
+class _TrackedP2P(P2P):
+    """hivemind's P2P, made known to ``start_dht`` as soon as it exists. ``P2P.create`` cancelled while its daemon
+    comes up (Ctrl-C or SIGTERM during a client's open) does not stop that daemon, and nothing refers to it any more;
+    having no control connection yet, it would outlive its process by up to its idle timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if (started := _starting.get()) is not None:
+            started.append(self)
 
 
 def _own_group_for_p2pd() -> None:
@@ -92,19 +106,29 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     loopback = is_loopback(host)
     check_can_listen(host, port)
     _own_group_for_p2pd()
-    with identity.key_file() if identity else nullcontext(None) as key_path:
-        p2p = await P2P.create(
-            initial_peers=list(initial_peers) or None,
-            host_maddrs=host_maddrs(host, port),
-            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-            identity_path=str(key_path) if key_path else None,
-            # hivemind checks that a key is not in use by starting a second daemon: slow, and pointless for new keys
-            check_if_identity_free=identity is not None and not identity.created,
-            nat_port_map=not loopback,
-            auto_nat=not loopback,
-            use_relay=not loopback,
-            dht_mode="client" if client_mode else "server",
-        )
+    started: list[P2P] = []
+    token = _starting.set(started)
+    try:
+        with identity.key_file() if identity else nullcontext(None) as key_path:
+            p2p = await _TrackedP2P.create(
+                initial_peers=list(initial_peers) or None,
+                host_maddrs=host_maddrs(host, port),
+                announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+                identity_path=str(key_path) if key_path else None,
+                # hivemind checks that a key is not in use by starting a second daemon: slow, pointless for new keys
+                check_if_identity_free=identity is not None and not identity.created,
+                nat_port_map=not loopback,
+                auto_nat=not loopback,
+                use_relay=not loopback,
+                dht_mode="client" if client_mode else "server",
+            )
+    except BaseException:
+        for instance in started:  # the daemon (and hivemind's identity check's own) ends with the failed start
+            with suppress(Exception):
+                instance._terminate()
+        raise
+    finally:
+        _starting.reset(token)
     try:
         node = await DHTNode.create(p2p=p2p, initial_peers=list(initial_peers) or None, client_mode=client_mode,
                                     cache_locally=False, num_workers=8,
