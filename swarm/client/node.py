@@ -1,11 +1,12 @@
 """The libp2p daemon, DHT node and event loop that the models of one client process share, one per swarm.
 
-A p2pd costs about 0.35 CPU-s in its first second (hivemind's binary unpacks itself, then builds an address-range
-table; measured with perf), and each keeps a connection of its own to every server. A process that opens
-several models of one swarm (a pipeline and a language model, the API gateway, a notebook re-running its cells, a
-test suite) uses one node for all of them instead: models share it while any of them is open, and the last
-``release`` stops it. Routing state, bans and sessions stay each model's own (``SequenceManager``); servers see the
-process as one peer, and count its sessions and requests together, as they would for one machine.
+A p2pd costs about 0.25 CPU-s in its first second (building an address-range table, measured with perf; 0.35 when
+it also decompresses itself, see swarm/dht/p2pd.py), and each keeps a connection of its own to every server. A
+process that opens several models of one swarm (a pipeline and a language model, the API gateway, a notebook
+re-running its cells, a test suite) uses one node for all of them instead: models share it while any of them is
+open, and the last ``release`` stops it. Routing state, bans and sessions stay each model's own
+(``SequenceManager``); servers see the process as one peer, and count its sessions and requests together, as they
+would for one machine.
 
 A model with an identity of its own (settlement: servers bill the key its receipts are signed with) gets a node of
 its own.

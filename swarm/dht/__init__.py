@@ -3,6 +3,7 @@
 - schema.py: ``ServerInfo`` (one record per block and server), ``ModelInfo`` (the index of served models), keys
 - records.py: ``announce_span``, ``fetch_block_infos``, ``fetch_models``
 - node.py: ``start_dht``: a libp2p daemon plus a DHT node in the caller's event loop
+- p2pd.py: ``daemon_program``: hivemind's UPX-packed p2pd, started from a copy decompressed once per machine
 - relay.py: relays for servers behind NAT: a dial-back probe, and a reverse tunnel to the server's libp2p port
   (``RelayService`` on public peers, ``Reservation`` on the NATed server), announced under ``RELAYS_KEY``;
   ``order_relays``: the initial peers' relays first

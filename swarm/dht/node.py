@@ -12,6 +12,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from swarm.dht.identity import Identity
+from swarm.dht.p2pd import daemon_program
 from swarm.dht.validation import SignedRecordValidator
 from swarm.utils.multiaddrs import ip_and_port
 from swarm.utils.ports import check_can_listen
@@ -33,7 +34,8 @@ class _TrackedP2P(P2P):
 
 
 def _own_group_for_p2pd() -> None:
-    """Make hivemind start its p2pd daemon in a session (and so a process group) of its own.
+    """Make hivemind start its p2pd daemon in a session (and so a process group) of its own, from the decompressed
+    copy of its binary (swarm/dht/p2pd.py).
 
     In the caller's group, a terminal's Ctrl-C (SIGINT to the whole foreground group) could stop the daemon at once,
     racing the server's offline announcement through it, or leave an interactive client (the chat's "Ctrl-C stops
@@ -48,6 +50,7 @@ def _own_group_for_p2pd() -> None:
     async def create_subprocess_exec(program, *args, **kwargs):
         if str(program).endswith("p2pd"):
             kwargs.setdefault("start_new_session", True)  # uvloop (uvicorn's loop) has no process_group
+            program = await asyncio.to_thread(daemon_program, str(program))  # its decompressed copy (p2pd.py)
         return await original(program, *args, **kwargs)
 
     create_subprocess_exec._swarm_p2pd = True
