@@ -43,8 +43,6 @@ os.environ["HF_HOME"] = str(RUN_CACHE / "huggingface")  # offline anyway; nothin
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import save_tiny_model  # noqa: E402
-
 from swarm.local_swarm import LocalSwarm, Terminated  # noqa: E402
 
 
@@ -100,6 +98,8 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(models_dir):
     """tiny_model("llama") -> directory of a saved tiny random model (made once per session)."""
+    from tiny_models import save_tiny_model  # here, not at the top: pytest-xdist's controller needs no torch
+
     made: dict[str, Path] = {}
 
     def get(family: str) -> Path:
