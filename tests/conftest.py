@@ -23,6 +23,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # runs three workers on two cores, each with servers and clients of its own, and two OpenMP threads per process then
 # contend for the cores (suite CPU 893 -> 826 s, wall 470 -> 431 s). Set before torch is imported (below).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Likewise one thread for ezkl's provers (rayon): tests/test_zk.py 16.9 -> 15.1 CPU-s.
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
 # A run started in the background by a non-interactive shell (`make test &`) has SIGINT ignored, and every process
 # the tests start would inherit that: the Ctrl-C tests would then test nothing but the shell. A Python handler is
 # reset to the default in the processes we exec, so this gives them the SIGINT a terminal user's processes have.
