@@ -9,7 +9,6 @@ import json
 import threading
 import time
 
-import openai
 import pytest
 import requests
 import torch
@@ -28,6 +27,8 @@ MAX_TOKENS = 5000  # its --max-tokens: above the tiny model's context of 4096, t
 @pytest.fixture(scope="module")
 def swarm(launcher, tmp_path_factory, embedded_model):
     """Two servers of a tiny chat model, a reference client (bit-exact wire) and the gateway in front of them."""
+    import openai  # here, not at the top: only the worker that runs these tests imports it (~0.8 CPU-s)
+
     path = save_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
     first = launcher.start_server_in_process(path, "0:2", [])
     second = launcher.start_server_in_process(path, "2:4", [first.maddr])
@@ -189,6 +190,8 @@ def assert_openai_error(response: requests.Response, status: int, param: str | N
 
 
 def test_invalid_requests_get_openai_errors_and_the_gateway_keeps_serving(swarm):
+    import openai
+
     client = swarm["client"]
     error = assert_openai_error(post_raw(swarm, "/completions", b'{"model": "tiny-chat", "prompt": '), 400)
     assert "JSON" in error["message"]
