@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 import torch
+from hivemind.p2p import P2P
 from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
@@ -88,24 +89,31 @@ def test_p2pd_dies_with_a_killed_server(launcher, tiny_model):
     assert not daemon.is_running(), "p2pd outlived its killed server"
 
 
-def test_a_start_interrupted_while_its_daemon_comes_up_leaves_no_daemon():
+def test_a_start_interrupted_while_its_daemon_comes_up_leaves_no_daemon(monkeypatch):
     """Ctrl-C or SIGTERM during a client's open cancels ``start_dht`` while hivemind waits for its new daemon: that
     daemon has no control connection yet, so nothing else would end it (it lingered past its process's exit)."""
+    read_outputs = P2P._read_outputs
+
+    async def slow_to_report_ready(self, ready):  # the daemon runs, but its start waits on: no race with the test
+        await asyncio.sleep(60)
+        await read_outputs(self, ready)
+
+    monkeypatch.setattr(P2P, "_read_outputs", slow_to_report_ready)
     me = psutil.Process()
     before = {child.pid for child in me.children()}
     loop = LoopThread()
     daemons: list[psutil.Process] = []
     try:
         future = asyncio.run_coroutine_threadsafe(start_dht([], host="127.0.0.1", client_mode=True), loop.loop)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while not daemons and time.monotonic() < deadline:
             with contextlib.suppress(psutil.NoSuchProcess):
                 daemons = [child for child in me.children() if child.pid not in before and child.name() == "p2pd"]
-            time.sleep(0.005)
+            time.sleep(0.01)
         assert daemons, "start_dht started no p2pd"
-        assert not future.done(), "the daemon was up before the test could interrupt its start"
+        assert not future.done()
         future.cancel()
-        _, alive = psutil.wait_procs(daemons, timeout=5)
+        _, alive = psutil.wait_procs(daemons, timeout=10)
         assert not alive, "p2pd outlived its cancelled start"
     finally:
         loop.stop()
