@@ -129,7 +129,8 @@ def unpack(packed: str, out: str) -> None:
                 raise RuntimeError(f"no 64-bit ELF header at {base:#x} once decompressed")
             phoff, = struct.unpack_from("<Q", elf, 32)
             entry_size, count = struct.unpack_from("<HH", elf, 54)
-            headers = _program_headers(elf[:64] + bytes(phoff - 64) + read(base + phoff, entry_size * count))
+            # the first segment maps the file from its start: header and program headers lie as in the file
+            headers = _program_headers(read(base, phoff + entry_size * count))
             loads = [h for h in headers if h[0] == _PT_LOAD]
             rip = registers[_RIP]
             if not any(flags & _PF_X and vaddr <= rip < vaddr + size for _, flags, _, vaddr, size, _ in loads):
