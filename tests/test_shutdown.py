@@ -113,6 +113,7 @@ def test_a_start_interrupted_while_its_daemon_comes_up_leaves_no_daemon(monkeypa
         assert daemons, "start_dht started no p2pd"
         assert not future.done()
         future.cancel()
+        loop.stop()  # at once, as a client's open does when interrupted (swarm/client/node.py)
         _, alive = psutil.wait_procs(daemons, timeout=10)
         assert not alive, "p2pd outlived its cancelled start"
     finally:

@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+STOP_GRACE = 2.0  # s that cancelled tasks get to finish their cleanup when the loop stops
 
 
 class LoopThread:
@@ -37,13 +38,27 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
+        """Cancel the loop's tasks (hivemind's DHT node runs some in the background), let them finish, then stop.
+
+        Stopping at once would leave a cancelled task suspended in whatever cleanup takes it more than a turn of
+        the loop: ``asyncio.wait_for`` waits for its inner future's cancellation, so a ``start_dht`` interrupted
+        inside it never reached the code that ends the daemon it started (which then outlived the process)."""
         if not self.loop.is_running():
             return
 
         def _stop() -> None:
-            for task in asyncio.all_tasks(self.loop):  # background tasks of hivemind's DHT node
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
                 task.cancel()
-            self.loop.call_soon(self.loop.stop)
+            if not tasks:
+                self.loop.stop()
+                return
+
+            async def finish() -> None:
+                await asyncio.wait(tasks, timeout=STOP_GRACE)
+                self.loop.stop()
+
+            self.loop.create_task(finish())
 
         self.loop.call_soon_threadsafe(_stop)
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=STOP_GRACE + 5)
