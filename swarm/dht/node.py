@@ -128,9 +128,9 @@ async def start_dht(initial_peers: Sequence[str] = (), *, host: str = "0.0.0.0",
     except BaseException:
         for instance in started:  # the daemon (and hivemind's identity check's own) ends with the failed start
             with suppress(Exception):
-                instance._terminate()  # at once, whatever happens to the wait below
-        with suppress(Exception):  # reaped, so that its pipes are closed while the loop still runs
-            await asyncio.wait_for(asyncio.gather(*(instance.shutdown() for instance in started)), 5.0)
+                instance._terminate()
+            with suppress(Exception):  # killed (it never served anyone) and its pipes closed now, not at exit
+                instance._child._transport.close()
         raise
     finally:
         _starting.reset(token)
