@@ -15,6 +15,7 @@ from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
 from swarm import AutoDistributedModelForCausalLM
+from swarm.blocks.served import Bounds
 from swarm.blocks.span import BlockSpan
 from swarm.compression import deserialize_tensor, serialize_tensor
 from swarm.dht.node import start_dht, stop_dht
@@ -139,6 +140,19 @@ def test_sessions_of_very_different_lengths_are_not_padded_together(span):
     steps = [DecodeStep(None, span, None, 0, 6, position, torch.zeros(1, 1, HIDDEN), torch.zeros(1, 1), None)
              for position in (5, 1000, 400, 600, 10)]
     assert [[step.position for step in chunk] for chunk in _by_length(steps)] == [[1000, 600], [400], [10, 5]]
+
+
+@pytest.mark.parametrize("rows, tokens, serial", [(1, 1, True), (4, 1, True), (1, 4, True), (8, 1, False),
+                                                  (1, 5, False)])
+def test_decode_sized_requests_run_on_one_thread(span, rows, tokens, serial):
+    """Steps and forwards of up to four positions are bound by reading the weights, not by arithmetic: the compute
+    thread runs them alone (swarm/server/compute.py); larger ones get the thread pool."""
+    bounds = Bounds()
+    session = span.open_session({"start": 0, "end": 6, "max_length": 16, "batch_size": rows}, bounds)
+    message = {"start": 0, "end": 6, "position": 0, "hidden": serialize_tensor(torch.randn(rows, tokens, HIDDEN)),
+               "position_ids": serialize_tensor(torch.arange(tokens).expand(rows, tokens).contiguous())}
+    assert span.prepare("step", message, session, bounds).serial is serial
+    assert span.prepare("forward", message, None, bounds).serial is serial
 
 
 # ---- a real server

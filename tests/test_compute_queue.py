@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from swarm.server.compute import ComputeQueue, single
 
@@ -156,3 +157,59 @@ def test_predicted_costs_are_counted_while_jobs_wait_or_run():
 
     counted, left = asyncio.run(main())
     assert counted == 1.5 and left == {}
+
+
+def threads_seen() -> tuple[int, int]:
+    """torch's thread count in this thread, and MKL's (its own per-thread setting, which matmuls follow)."""
+    from swarm.utils.threads import _mapped_library
+
+    return torch.get_num_threads(), _mapped_library("libtorch_cpu").MKL_Get_Max_Threads()
+
+
+@pytest.fixture
+def two_torch_threads():
+    """A process default of two torch threads (the tests run with one), which a new compute thread starts with."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_small_work_runs_on_the_compute_thread_alone_and_the_rest_on_the_pool(two_torch_threads):
+    async def main():
+        queue = ComputeQueue()
+        try:
+            return [await queue.run("alice", single(threads_seen), serial=serial) for serial in (True, False, True)]
+        finally:
+            queue.stop()
+
+    assert asyncio.run(main()) == [(1, 1), (2, 2), (1, 1)]
+    assert threads_seen() == (2, 2)  # the caller's thread keeps its setting
+
+
+@pytest.mark.parametrize("jobs, expected", [(4, 1), (5, 2)])
+def test_merged_small_steps_run_serially_up_to_four_rows(two_torch_threads, jobs, expected):
+    seen: list[int] = []
+
+    def runner(group):
+        seen.append(threads_seen()[0])
+        return [(len(group), None)] * len(group)
+
+    blocker = threading.Event()  # holds the compute thread so that the steps wait together and are merged
+
+    async def main():
+        queue = ComputeQueue(batch_runner=runner)
+        try:
+            hold = asyncio.ensure_future(queue.run("other", single(blocker.wait)))
+            await asyncio.sleep(0.05)
+            tasks = [asyncio.ensure_future(queue.run(f"peer{i}", single(lambda: 1), batch_key="step", serial=True))
+                     for i in range(jobs)]
+            await asyncio.sleep(0.05)
+            blocker.set()
+            await hold
+            return await asyncio.gather(*tasks)
+        finally:
+            queue.stop()
+
+    assert asyncio.run(main()) == [jobs] * jobs  # merged into one call
+    assert seen == [expected]

@@ -178,3 +178,29 @@ def test_edited_history_in_a_session_equals_local(family_swarm):
         again = model.generate(edited, max_new_tokens=4, **greedy)
     assert torch.equal(again, local.generate(edited, max_new_tokens=4, **greedy))
     assert not model.get_remote().manager.banned()
+
+
+@pytest.mark.parametrize("family_swarm", ["llama"], indirect=True)
+def test_the_clients_part_of_a_decode_step_runs_on_one_thread(family_swarm):
+    """Embeddings, final norm and LM head of a decode step run on the caller's thread alone (reading whole matrices
+    for little arithmetic, a thread pool only waits for cores the servers take turns on); a prefill keeps the
+    caller's thread count, and so does the caller after the call."""
+    model = family_swarm["two_hops"]
+    seen: list[tuple[int, int]] = []  # (positions, torch threads) of each call of the LM head
+
+    def record(module, args):
+        seen.append((args[0].shape[:2].numel(), torch.get_num_threads()))
+
+    handle = model.lm_head.register_forward_pre_hook(record)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids, mask = _prompts(1, 6)
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=None)
+        model(torch.cat([ids, ids], dim=1))  # a forward of 12 positions
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+        handle.remove()
+    # the prefill's head sees its last position only, but its call holds 6 positions: the pool
+    assert [threads for _, threads in seen] == [2, 1, 1, 2] and after == 2, seen

@@ -65,6 +65,7 @@ class Prepared:
     dtype: torch.dtype = torch.float32  # of the caller's tensors: outputs are sent back in it
     batch_key: object = None  # decode steps with equal keys may run merged (swarm/server/batching.py)
     payload: object = None  # what the batch runner needs
+    serial: bool = False  # small enough to run best on one thread (swarm/server/compute.py)
     extra: dict = field(default_factory=dict)  # kind-specific facts the server loop reports (e.g. pushable)
 
 

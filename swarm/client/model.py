@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
 from swarm.blocks import compat
 from swarm.blocks.checkpoint import Checkpoint
 from swarm.blocks.families import BlockFamily, family_for
-from swarm.blocks.span import BlockSpan, build_skeleton, load_config, span_config
+from swarm.blocks.span import SERIAL_POSITIONS, BlockSpan, build_skeleton, load_config, span_config
 from swarm.blocks.weights import reference_weights
 from swarm.client import speculative
 from swarm.client.config import ClientConfig
@@ -39,6 +39,7 @@ from swarm.client.routing import RemoteSpan, RouteRequest
 from swarm.client.trace import Trace, enabled_by_env
 from swarm.client.verification import LocalArbiter
 from swarm.hub.source import ModelSource, default_model_id, resolve_model
+from swarm.utils.threads import torch_threads_of_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -357,9 +358,15 @@ class DistributedModelForCausalLM(_DistributedModelWithHead, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, logits_to_keep: int = 0,
                 **kwargs: object) -> CausalLMOutputWithPast:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds).last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        positions = reference.shape[:2].numel() if reference is not None else SERIAL_POSITIONS + 1
+        # A decode step's local parts (embeddings, final norm, LM head) read whole matrices for little arithmetic:
+        # on one thread they take the same time, and a thread pool would wait for a worker the scheduler gave to a
+        # server taking its turn on the same cores (swarm/server/compute.py)
+        with torch_threads_of_this_thread(1) if positions <= SERIAL_POSITIONS else contextlib.nullcontext():
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                inputs_embeds=inputs_embeds).last_hidden_state
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         step_times = self.__dict__.get("_step_times")
         if step_times is not None and not step_times:  # the prefill is done: time to first token, for the selector
             step_times.append(time.perf_counter())

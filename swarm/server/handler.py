@@ -200,7 +200,8 @@ class Handler:
         timing: dict = {}
         run = self.faults.slowed(prepared.run)
         # submitted in this turn of the loop, right after its cost was checked: another request's check sees it
-        job = self.compute_queue.submit(peer, run, batch_key=prepared.batch_key, payload=prepared.payload, cost=cost)
+        job = self.compute_queue.submit(peer, run, batch_key=prepared.batch_key, payload=prepared.payload, cost=cost,
+                                        serial=prepared.serial)
         work = asyncio.ensure_future(self.compute_queue.result(job, timing))
         try:
             if gone is None:
