@@ -6,7 +6,8 @@ runs in a new ``python benchmarks/generation.py --worker ...`` process, local an
 same machine load, and the medians are compared.
 
 Workloads (batch 1, greedy): decode of 64 tokens after a 16-token prompt (tokens/s after the first token, step p50,
-time to first token), the same after a 128-token prompt, and a batch forward of 8 x 128 tokens (tokens/s, no cache).
+time to first token), the same after a 128-token prompt, and a batch forward of 8 x 128 tokens (tokens/s, no cache;
+the median of 3 passes).
 A third kind of worker measures local decode in a process that also holds a swarm client which has generated once
 (``live_client_ratio``: 1.0 means the client costs the process nothing).
 
@@ -14,7 +15,7 @@ The last lines are ``decode_ratio=`` and ``forward_ratio=`` (swarm tokens/s / lo
 ``ttft_ratio=`` (swarm time to first token / local: lower is better) and ``live_client_ratio=`` (local decode beside a
 live client / in a fresh process).
 
-Takes about 4 minutes on the 2-core machine with ``--runs 3``, starts 2 servers (each with its libp2p daemon) and
+Takes about 5 minutes on the 2-core machine with ``--runs 3``, starts 2 servers (each with its libp2p daemon) and
 ``3 x runs`` worker processes one after another.
 """
 
@@ -74,11 +75,16 @@ def worker(args: argparse.Namespace) -> None:
         return {"ttft": clock.times[0] - started, "decode_tps": len(steps) / (clock.times[-1] - clock.times[0]),
                 "step_p50": statistics.median(steps)}
 
-    def forward(model) -> float:
+    def forward(model, repeats: int = 1) -> float:
+        """Tokens/s of the batch forward: the median of ``repeats`` passes (one pass is ~2 s and varies by ~10%
+        with the host's load)."""
+        seconds = []
         with torch.no_grad():
-            started = time.perf_counter()
-            model(batch)
-            return batch.numel() / (time.perf_counter() - started)
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model(batch)
+                seconds.append(time.perf_counter() - started)
+        return batch.numel() / statistics.median(seconds)
 
     result: dict[str, float] = {}
     if args.worker == "live-client":
@@ -94,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
     result.update(decode_tps=short["decode_tps"], step_p50=short["step_p50"], ttft=short["ttft"],
                   decode_tps_128=long["decode_tps"], ttft_128=long["ttft"])
     if args.worker != "live-client":
-        result["forward_tps"] = forward(model)
+        result["forward_tps"] = forward(model, repeats=3)
     if remote is not None:
         remote.shutdown()
     print("RESULT " + json.dumps(result), flush=True)
