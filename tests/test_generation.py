@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from swarm import AutoDistributedModel, AutoDistributedModelForCausalLM, RoutingPolicy
 from swarm.local_swarm import LocalSwarm
@@ -182,25 +182,38 @@ def test_edited_history_in_a_session_equals_local(family_swarm):
 
 @pytest.mark.parametrize("family_swarm", ["llama"], indirect=True)
 def test_the_clients_part_of_a_decode_step_runs_on_one_thread(family_swarm):
-    """Embeddings, final norm and LM head of a decode step run on the caller's thread alone (reading whole matrices
-    for little arithmetic, a thread pool only waits for cores the servers take turns on); a prefill keeps the
-    caller's thread count, and so does the caller after the call."""
+    """Generating up to four rows, the client's per-token work (LM head, logits processors) runs on the caller's
+    thread alone: a thread pool would wait for cores the servers take turns on. A forward of more positions, or a
+    generation of more rows, keeps the caller's thread count, and so does the caller after the call."""
     model = family_swarm["two_hops"]
-    seen: list[tuple[int, int]] = []  # (positions, torch threads) of each call of the LM head
+    heads: list[tuple[int, int]] = []  # (positions, torch threads) of each call of the LM head
+    processors: list[int] = []  # torch threads of each call of a logits processor
 
-    def record(module, args):
-        seen.append((args[0].shape[:2].numel(), torch.get_num_threads()))
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            processors.append(torch.get_num_threads())
+            return scores
 
-    handle = model.lm_head.register_forward_pre_hook(record)
+    handle = model.lm_head.register_forward_pre_hook(
+        lambda module, args: heads.append((args[0].shape[:2].numel(), torch.get_num_threads())))
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        kwargs = dict(max_new_tokens=3, do_sample=False, eos_token_id=None,
+                      logits_processor=LogitsProcessorList([Record()]))
         ids, mask = _prompts(1, 6)
-        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=None)
-        model(torch.cat([ids, ids], dim=1))  # a forward of 12 positions
+        model.generate(ids, attention_mask=mask, **kwargs)
+        one_row = heads[:], processors[:]
+        heads.clear(), processors.clear()
+        ids, mask = _prompts(5, 6)
+        model.generate(ids, attention_mask=mask, **kwargs)
+        five_rows = heads[:], processors[:]
+        heads.clear()
+        model(torch.cat([ids[:1], ids[:1]], dim=1))  # a forward of 12 positions
         after = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
         handle.remove()
-    # the prefill's head sees its last position only, but its call holds 6 positions: the pool
-    assert [threads for _, threads in seen] == [2, 1, 1, 2] and after == 2, seen
+    assert one_row == ([(1, 1)] * 3, [1] * 3)  # the prefill's head sees its last position only
+    assert five_rows == ([(5, 2)] * 3, [2] * 3)
+    assert heads == [(12, 2)] and after == 2
