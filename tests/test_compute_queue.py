@@ -88,29 +88,37 @@ def test_an_error_goes_to_its_own_caller_only():
     asyncio.run(main())
 
 
+def run_queued_together(batch_runner, submit) -> list:
+    """Hold a new queue's compute thread with a blocking job while ``submit(queue)`` queues its jobs (coroutines of
+    ``queue.run``), so that they wait together and may be merged; then release the thread and return their results."""
+    gate = threading.Event()
+
+    async def main():
+        queue = ComputeQueue(batch_runner=batch_runner)
+        try:
+            blocker = asyncio.ensure_future(queue.run("zed", single(gate.wait)))
+            await asyncio.sleep(0.02)  # the thread is busy: the jobs below wait together
+            jobs = [asyncio.ensure_future(job) for job in submit(queue)]
+            await asyncio.sleep(0.02)
+            gate.set()
+            await blocker
+            return await asyncio.gather(*jobs)
+        finally:
+            queue.stop()
+
+    return asyncio.run(main())
+
+
 def test_waiting_jobs_with_one_batch_key_run_merged():
     batches: list[list[str]] = []
-    gate = threading.Event()
 
     def runner(jobs):
         batches.append([job.payload for job in jobs])
         return [(job.payload.upper(), None) for job in jobs]
 
-    async def main():
-        queue = ComputeQueue(batch_runner=runner)
-        try:
-            blocker = asyncio.create_task(queue.run("zed", single(gate.wait)))
-            await asyncio.sleep(0.02)  # the thread is busy: the steps below wait together
-            steps = [asyncio.create_task(queue.run(peer, single(lambda: None), batch_key="decode", payload=peer))
-                     for peer in ("a", "b", "c")]
-            await asyncio.sleep(0.02)
-            gate.set()
-            await blocker
-            return await asyncio.gather(*steps)
-        finally:
-            queue.stop()
-
-    assert asyncio.run(main()) == ["A", "B", "C"]
+    results = run_queued_together(runner, lambda queue: [
+        queue.run(peer, single(lambda: None), batch_key="decode", payload=peer) for peer in ("a", "b", "c")])
+    assert results == ["A", "B", "C"]
     assert batches == [["a", "b", "c"]]
 
 
@@ -195,21 +203,7 @@ def test_merged_small_steps_run_serially_up_to_four_rows(two_torch_threads, jobs
         seen.append(threads_seen()[0])
         return [(len(group), None)] * len(group)
 
-    blocker = threading.Event()  # holds the compute thread so that the steps wait together and are merged
-
-    async def main():
-        queue = ComputeQueue(batch_runner=runner)
-        try:
-            hold = asyncio.ensure_future(queue.run("other", single(blocker.wait)))
-            await asyncio.sleep(0.05)
-            tasks = [asyncio.ensure_future(queue.run(f"peer{i}", single(lambda: 1), batch_key="step", serial=True))
-                     for i in range(jobs)]
-            await asyncio.sleep(0.05)
-            blocker.set()
-            await hold
-            return await asyncio.gather(*tasks)
-        finally:
-            queue.stop()
-
-    assert asyncio.run(main()) == [jobs] * jobs  # merged into one call
+    results = run_queued_together(runner, lambda queue: [
+        queue.run(f"peer{i}", single(lambda: 1), batch_key="step", serial=True) for i in range(jobs)])
+    assert results == [jobs] * jobs  # merged into one call
     assert seen == [expected]
