@@ -60,7 +60,8 @@ def _mkl_set_local() -> Callable[[int], int] | None:
 def set_torch_threads_of_this_thread(threads: int) -> bool:
     """torch ops called from this thread use ``threads`` threads (its OpenMP and MKL settings), without touching
     the process-wide default that ``torch.set_num_threads`` also sets (which threads started later inherit).
-    False where the runtimes are not libgomp and MKL: nothing was changed."""
+    False where torch's OpenMP runtime is not libgomp: nothing was changed (MKL's setting is left as it is where
+    torch does not export MKL's setter)."""
     import torch
 
     torch.get_num_threads()  # ATen's per-thread initialisation, which would reset what is set below on first use
