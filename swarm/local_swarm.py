@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -308,8 +309,24 @@ def peers_or_local_swarm(stack: contextlib.ExitStack, model: str | os.PathLike |
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's range of ephemeral ports: one
+    from that range, free when checked, can be handed to any process that binds port 0 (every p2pd does) before the
+    caller binds it (a gateway lost its port that way on a loaded test run)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default start
+    chooser = random.SystemRandom()  # not the random module's state, which tests may seed alike in each process
+    for _ in range(100):
+        port = chooser.randrange(max(1024, ephemeral // 2), ephemeral)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range below is full: an ephemeral one, as before
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,17 @@ def test_demo_answers_from_an_empty_home_and_a_scratch_directory(embedded_model,
     assert list(home.iterdir()) == [], "the demo wrote into HOME"
     # nothing new in the project's tree (source files aside: someone may be editing the project while it runs)
     assert {path for path in project_files() - before if path.suffix != ".py"} == set()
+
+
+def test_ports_for_services_are_free_and_outside_the_ephemeral_range():
+    """The ports tests give their services are below the range the kernel hands to port-0 binds (every p2pd makes
+    one), so no daemon can take one between the choice and the service's bind."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < ephemeral for port in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_services_write_nothing_in_the_working_directory(tiny_model, embedded_model, tmp_path, monkeypatch):
